@@ -1,0 +1,12 @@
+"""The backends, one module per pool type, and the one registry of them."""
+
+from __future__ import annotations
+
+from .base import Backend, Snapshot
+from .dir import DirBackend
+
+BACKENDS: dict[str, type[Backend]] = {
+    "dir": DirBackend,
+}
+
+__all__ = ["BACKENDS", "Backend", "Snapshot"]

@@ -1,0 +1,107 @@
+"""What every backend is: a table of optional callbacks, as in libvirt.
+
+Only ``refresh`` is required. A callback a backend does not have raises
+Unsupported, which the user sees as EOPNOTSUPP. Backends get parsed
+definitions (vsfs.model), never XML, and know nothing of FUSE.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vsfs.errors import NotFound, Unsupported
+from vsfs.model import Permissions, PoolDef, PoolStatus, Volume, VolumeDef
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What one refresh found: the pool's sizes and every volume."""
+
+    status: PoolStatus
+    volumes: tuple[Volume, ...]
+    live_perms: Permissions | None = None
+
+
+class Backend(ABC):
+    pool_type: ClassVar[str]
+    # How often (s) the manager asks ``changed`` whether a refresh is due;
+    # 0 means only explicit refreshes see outside changes.
+    poll_interval: ClassVar[float] = 0.0
+
+    def __init__(self, pool: PoolDef) -> None:
+        self.pool = pool
+
+    @classmethod
+    def validate(cls, pool: PoolDef) -> None:
+        """Raise Invalid when the definition cannot work for this type."""
+
+    # ---- pools
+
+    async def is_running(self) -> bool:
+        """Whether the pool is already active at mount time (e.g. still mounted)."""
+        return False
+
+    async def build(self, overwrite: bool) -> None:
+        raise Unsupported(f"{self.pool_type} pools cannot be built")
+
+    async def start(self) -> None:
+        """Activate the pool; the default has nothing to do."""
+
+    async def stop(self) -> None:
+        """Deactivate the pool; the default has nothing to do."""
+
+    async def delete(self) -> None:
+        raise Unsupported(f"{self.pool_type} pools cannot be deleted")
+
+    @abstractmethod
+    async def refresh(self) -> Snapshot:
+        """Read the pool's sizes and all its volumes: one pass, not one per volume."""
+
+    async def status(self) -> PoolStatus:
+        """The pool's sizes alone; backends with a cheaper way override this."""
+        return (await self.refresh()).status
+
+    async def changed(self) -> bool:
+        """Cheap check whether the volumes may have changed behind our back."""
+        return False
+
+    # ---- volumes
+
+    async def volume(self, name: str) -> Volume:
+        """Re-read one volume (after it was written to, say)."""
+        for vol in (await self.refresh()).volumes:
+            if vol.name == name:
+                return vol
+        raise NotFound(f"no volume {name!r} in pool {self.pool.name!r}")
+
+    async def create_volume(self, vdef: VolumeDef) -> Volume:
+        """Create a volume; on failure nothing of it may be left behind."""
+        raise Unsupported(f"{self.pool_type} pools cannot create volumes")
+
+    async def clone_volume(self, vdef: VolumeDef, source: Volume) -> Volume:
+        """Create ``vdef`` holding a copy of ``source`` (which may be in another pool)."""
+        raise Unsupported(f"{self.pool_type} pools cannot clone volumes")
+
+    async def snapshot_volume(self, vol: Volume, name: str) -> Volume:
+        raise Unsupported(f"{self.pool_type} pools cannot snapshot volumes")
+
+    async def delete_volume(self, vol: Volume) -> None:
+        raise Unsupported(f"{self.pool_type} pools cannot delete volumes")
+
+    async def rename_volume(self, vol: Volume, new_name: str) -> Volume:
+        raise Unsupported(f"{self.pool_type} pools cannot rename volumes")
+
+    async def resize_volume(self, vol: Volume, capacity: int) -> Volume:
+        raise Unsupported(f"{self.pool_type} pools cannot resize volumes")
+
+    async def wipe_volume(self, vol: Volume) -> None:
+        raise Unsupported(f"{self.pool_type} pools cannot wipe volumes")
+
+    def open_volume(self, vol: Volume, flags: int) -> int:
+        """A file descriptor on the volume's bytes, for uploads. Blocking."""
+        if vol.type not in ("file", "block"):
+            raise Unsupported(f"volume {vol.name!r} holds no bytes to write")
+        return os.open(vol.path, flags | os.O_CLOEXEC)

@@ -1,0 +1,515 @@
+"""``dir`` pools: a directory of image files (libvirt's storage_backend_fs, dir part)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import stat
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import trio
+
+from vsfs.errors import (
+    BackendFailed,
+    Exists,
+    Invalid,
+    NoSpace,
+    NotEmpty,
+    NotFound,
+    Unsupported,
+)
+from vsfs.model import BackingStore, Permissions, PoolDef, PoolStatus, Volume, VolumeDef
+from vsfs.proc import run
+
+from .base import Backend, Snapshot
+
+log = logging.getLogger(__name__)
+
+# libvirt's defaults (VIR_STORAGE_DEFAULT_POOL_PERM_MODE / _VOL_PERM_MODE).
+DEFAULT_POOL_MODE = 0o711
+DEFAULT_VOL_MODE = 0o600
+
+# Header magics of the image formats qemu-img knows, as libvirt's
+# virStorageFileProbeFormat matches them: a file whose header matches none is raw.
+_MAGICS: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"QFI\xfb", "qcow2"),
+    (0, b"QED\x00", "qed"),
+    (0, b"KDMV", "vmdk"),
+    (0, b"# Disk DescriptorFile", "vmdk"),
+    (0, b"conectix", "vpc"),
+    (0, b"vhdxfile", "vhdx"),
+    (64, b"\x7f\x10\xda\xbe", "vdi"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (0, b"Bochs Virtual HD Image", "bochs"),
+    (0, b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop", "cloop"),
+)
+_HEADER_BYTES = 512
+# qemu-img names some formats differently from libvirt's volume XML.
+_QEMU_TO_LIBVIRT = {"vpc": "vpc", "file": "raw"}
+# What `qemu-img create -f` can make; "raw" and "dir" we make ourselves.
+QEMU_CREATE_FORMATS = frozenset({"qcow2", "qcow", "qed", "vmdk", "vpc", "vdi", "vhdx", "luks"})
+
+
+def probe_header(header: bytes) -> str:
+    for offset, magic, fmt in _MAGICS:
+        if header[offset:offset + len(magic)] == magic:
+            return fmt
+    return "raw"
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """What the header of one file said, valid while (ino, size, mtime) hold."""
+
+    sig: tuple[int, int, int]
+    format: str
+    capacity: int
+    backing: BackingStore | None
+
+
+async def qemu_img_info(path: str) -> dict[str, object]:
+    out = await run(["qemu-img", "info", "-U", "--output=json", path], timeout=60)
+    info = json.loads(out)
+    if not isinstance(info, dict):
+        raise BackendFailed(f"qemu-img info {path}: unexpected output")
+    return info
+
+
+class DirBackend(Backend):
+    pool_type: ClassVar[str] = "dir"
+    poll_interval: ClassVar[float] = 1.0
+
+    def __init__(self, pool: PoolDef) -> None:
+        super().__init__(pool)
+        self._probes: dict[str, _Probe] = {}
+        self._dir_sig: tuple[int, int] | None = None
+
+    @classmethod
+    def validate(cls, pool: PoolDef) -> None:
+        if not pool.target_path:
+            raise Invalid(f"a {pool.type} pool needs <target><path>")
+
+    @property
+    def root(self) -> str:
+        assert self.pool.target_path is not None
+        return self.pool.target_path
+
+    def path_of(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    # ---------------------------------------------------------------- pools
+
+    async def build(self, overwrite: bool) -> None:
+        await trio.to_thread.run_sync(self._build_sync)
+
+    def _build_sync(self) -> None:
+        perms = self.pool.target_perms
+        mode = perms.mode if perms.mode is not None else DEFAULT_POOL_MODE
+        created = not os.path.lexists(self.root)
+        try:
+            os.makedirs(self.root, mode=0o755, exist_ok=True)
+        except FileExistsError:
+            raise Exists(f"{self.root} exists and is not a directory") from None
+        except OSError as e:
+            raise BackendFailed(f"mkdir {self.root}: {e.strerror}") from None
+        try:
+            os.chmod(self.root, mode)
+            if perms.owner is not None or perms.group is not None:
+                os.chown(self.root, -1 if perms.owner is None else perms.owner,
+                         -1 if perms.group is None else perms.group)
+        except OSError as e:
+            if created:
+                os.rmdir(self.root)
+            raise BackendFailed(f"setting permissions of {self.root}: {e.strerror}") from None
+
+    async def start(self) -> None:
+        def check() -> None:
+            if not os.path.isdir(self.root):
+                raise BackendFailed(
+                    f"target directory {self.root} does not exist (build the pool first)")
+        await trio.to_thread.run_sync(check)
+
+    async def delete(self) -> None:
+        def rmdir() -> None:
+            try:
+                os.rmdir(self.root)
+            except FileNotFoundError:
+                raise NotFound(f"{self.root} does not exist") from None
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise NotEmpty(f"{self.root} still holds volumes") from None
+                raise BackendFailed(f"rmdir {self.root}: {e.strerror}") from None
+        await trio.to_thread.run_sync(rmdir)
+
+    def _status_sync(self) -> PoolStatus:
+        try:
+            st = os.statvfs(self.root)
+        except OSError as e:
+            raise BackendFailed(f"statvfs {self.root}: {e.strerror}") from None
+        # As libvirt's virStorageBackendFileSystemRefresh computes them.
+        return PoolStatus(
+            capacity=st.f_blocks * st.f_frsize,
+            allocation=(st.f_blocks - st.f_bfree) * st.f_frsize,
+            available=st.f_bavail * st.f_frsize,
+        )
+
+    async def status(self) -> PoolStatus:
+        return await trio.to_thread.run_sync(self._status_sync)
+
+    def _dir_signature(self) -> tuple[int, int]:
+        st = os.stat(self.root)
+        return (st.st_ino, st.st_mtime_ns)
+
+    async def changed(self) -> bool:
+        try:
+            sig = await trio.to_thread.run_sync(self._dir_signature)
+        except OSError:
+            return True
+        return sig != self._dir_sig
+
+    async def refresh(self) -> Snapshot:
+        snap, todo = await trio.to_thread.run_sync(self._scan_sync)
+        if not todo:
+            return snap
+        # Files whose header names an image format: ask qemu-img for the rest.
+        vols = {v.name: v for v in snap.volumes}
+        for name in todo:
+            with contextlib.suppress(BackendFailed, FileNotFoundError):
+                vols[name] = await self._probe_image(vols[name])
+        return Snapshot(snap.status, tuple(vols[n] for n in sorted(vols)), snap.live_perms)
+
+    def _scan_sync(self) -> tuple[Snapshot, list[str]]:
+        try:
+            sig = self._dir_signature()
+            entries = list(os.scandir(self.root))
+        except OSError as e:
+            raise BackendFailed(f"reading {self.root}: {e.strerror}") from None
+        status = self._status_sync()
+        root_st = os.stat(self.root)
+        vols: list[Volume] = []
+        todo: list[str] = []
+        seen: set[str] = set()
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue  # hidden files are not volumes (and not valid volume names)
+            try:
+                st = entry.stat(follow_symlinks=False)
+                vol, need_probe = self._volume_from_stat(entry.name, st)
+            except OSError:
+                continue  # vanished while we looked
+            if vol is None:
+                continue
+            seen.add(entry.name)
+            vols.append(vol)
+            if need_probe:
+                todo.append(entry.name)
+        for gone in set(self._probes) - seen:
+            del self._probes[gone]
+        self._dir_sig = sig
+        vols.sort(key=lambda v: v.name)
+        live = Permissions(stat.S_IMODE(root_st.st_mode), root_st.st_uid, root_st.st_gid)
+        return Snapshot(status, tuple(vols), live), todo
+
+    def _stat_volume(self, name: str, st: os.stat_result) -> Volume:
+        """A raw file volume as its stat shows it; callers adjust type and format."""
+        path = self.path_of(name)
+        return Volume(
+            name=name, key=path, path=path, type="file", format="raw", capacity=st.st_size,
+            allocation=st.st_blocks * 512, physical=st.st_size, mode=stat.S_IMODE(st.st_mode),
+            owner=st.st_uid, group=st.st_gid, atime_ns=st.st_atime_ns,
+            mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
+        )
+
+    def _volume_from_stat(self, name: str, st: os.stat_result) -> tuple[Volume | None, bool]:
+        """A volume from its stat; True when its image header must be probed."""
+        if stat.S_ISDIR(st.st_mode):
+            return replace(self._stat_volume(name, st), type="dir", format="dir"), False
+        if not stat.S_ISREG(st.st_mode):
+            return None, False
+        vol = self._stat_volume(name, st)
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._probes.get(name)
+        if cached is None or cached.sig != sig:
+            fmt = self._read_header_format(vol.path)
+            if fmt != "raw":
+                # Not probed yet: report the header's format with the file's size.
+                return replace(vol, format=fmt), True
+            cached = _Probe(sig, "raw", st.st_size, None)
+            self._probes[name] = cached
+        return replace(vol, format=cached.format, capacity=cached.capacity,
+                       backing=cached.backing), False
+
+    @staticmethod
+    def _read_header_format(path: str) -> str:
+        try:
+            with open(path, "rb") as f:
+                return probe_header(f.read(_HEADER_BYTES))
+        except OSError:
+            return "raw"
+
+    async def _probe_image(self, vol: Volume) -> Volume:
+        info = await qemu_img_info(vol.path)
+        st = await trio.to_thread.run_sync(os.stat, vol.path)
+        fmt = str(info.get("format", "raw"))
+        fmt = _QEMU_TO_LIBVIRT.get(fmt, fmt)
+        capacity = int(info.get("virtual-size", st.st_size))  # type: ignore[call-overload]
+        backing = None
+        bpath = info.get("full-backing-filename") or info.get("backing-filename")
+        if isinstance(bpath, str):
+            bfmt = info.get("backing-filename-format")
+            backing = BackingStore(bpath, str(bfmt) if bfmt else None)
+        self._probes[vol.name] = _Probe((st.st_ino, st.st_size, st.st_mtime_ns), fmt, capacity,
+                                        backing)
+        return replace(self._stat_volume(vol.name, st), format=fmt, capacity=capacity,
+                       backing=backing)
+
+    async def volume(self, name: str) -> Volume:
+        path = self.path_of(name)
+        try:
+            st = await trio.to_thread.run_sync(os.lstat, path)
+        except FileNotFoundError:
+            raise NotFound(f"no volume {name!r} in pool {self.pool.name!r}") from None
+        vol, need_probe = await trio.to_thread.run_sync(self._volume_from_stat, name, st)
+        if vol is None:
+            raise NotFound(f"{path} is not a volume")
+        return await self._probe_image(vol) if need_probe else vol
+
+    # ---------------------------------------------------------------- volumes
+
+    def _owner_for(self, vdef: VolumeDef) -> tuple[int, int, int]:
+        """Mode, uid and gid of a new volume: its XML, else the pool's, else the directory's."""
+        st = os.stat(self.root)
+        pp = self.pool.target_perms
+        uid = next(v for v in (vdef.perms.owner, pp.owner, st.st_uid) if v is not None)
+        gid = next(v for v in (vdef.perms.group, pp.group, st.st_gid) if v is not None)
+        mode = vdef.perms.mode
+        if mode is None:
+            mode = 0o755 if vdef.format == "dir" else DEFAULT_VOL_MODE
+        return mode, uid, gid
+
+    async def create_volume(self, vdef: VolumeDef) -> Volume:
+        fmt = vdef.format or ("dir" if vdef.type == "dir" else "raw")
+        if vdef.backing is not None and fmt not in QEMU_CREATE_FORMATS:
+            raise Invalid(f"a backing store needs an image format such as qcow2, not {fmt}")
+        if fmt == "dir":
+            await trio.to_thread.run_sync(self._mkdir_volume, vdef)
+        elif fmt == "raw":
+            await trio.to_thread.run_sync(self._create_raw, vdef)
+        elif fmt in QEMU_CREATE_FORMATS:
+            await self._create_image(vdef, fmt)
+        else:
+            raise Unsupported(f"cannot create volumes of format {fmt!r} in a {self.pool_type} pool")
+        return await self.volume(vdef.name)
+
+    def _claim(self, vdef: VolumeDef) -> tuple[str, int, int, int]:
+        mode, uid, gid = self._owner_for(vdef)
+        path = self.path_of(vdef.name)
+        if os.path.lexists(path):
+            raise Exists(f"{path} already exists")
+        return path, mode, uid, gid
+
+    def _mkdir_volume(self, vdef: VolumeDef) -> None:
+        path, mode, uid, gid = self._claim(vdef)
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:
+            raise Exists(f"{path} already exists") from None
+        try:
+            os.chmod(path, mode)
+            os.lchown(path, uid, gid)
+        except OSError as e:
+            os.rmdir(path)
+            raise BackendFailed(f"{path}: {e.strerror}") from None
+
+    def _create_raw(self, vdef: VolumeDef) -> None:
+        path, mode, uid, gid = self._claim(vdef)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        except FileExistsError:
+            raise Exists(f"{path} already exists") from None
+        except OSError as e:
+            raise BackendFailed(f"creating {path}: {e.strerror}") from None
+        try:
+            os.fchmod(fd, mode)  # the umask must not narrow what was asked for
+            os.fchown(fd, uid, gid)
+            os.ftruncate(fd, vdef.capacity)
+            if vdef.allocation:
+                os.posix_fallocate(fd, 0, min(vdef.allocation, vdef.capacity))
+        except OSError as e:
+            os.unlink(path)
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise NoSpace(f"{path}: {e.strerror}") from None
+            raise BackendFailed(f"creating {path}: {e.strerror}") from None
+        finally:
+            os.close(fd)
+
+    async def _create_image(self, vdef: VolumeDef, fmt: str) -> None:
+        path, mode, uid, gid = await trio.to_thread.run_sync(self._claim, vdef)
+        argv = ["qemu-img", "create", "-q", "-f", fmt]
+        if vdef.allocation and vdef.allocation >= vdef.capacity and fmt in ("qcow2", "qed"):
+            argv += ["-o", "preallocation=falloc"]
+        if vdef.backing is not None:
+            argv += ["-b", vdef.backing.path, "-F", vdef.backing.format or "raw"]
+        argv += [path, str(vdef.capacity)]
+        try:
+            await run(argv)
+            await trio.to_thread.run_sync(self._set_perms, path, mode, uid, gid)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
+
+    @staticmethod
+    def _set_perms(path: str, mode: int, uid: int, gid: int) -> None:
+        try:
+            os.chmod(path, mode)
+            os.lchown(path, uid, gid)
+        except OSError as e:
+            raise BackendFailed(f"{path}: {e.strerror}") from None
+
+    async def clone_volume(self, vdef: VolumeDef, source: Volume) -> Volume:
+        if source.type == "dir":
+            raise Unsupported("directory volumes cannot be cloned")
+        fmt = vdef.format or source.format
+        path, mode, uid, gid = await trio.to_thread.run_sync(self._claim, vdef)
+        if fmt == "raw" and source.format == "raw":
+            # Shares extents where the filesystem can (xfs, btrfs), else a sparse copy.
+            argv = ["cp", "--reflink=auto", "--sparse=always", "--no-preserve=all", "-T",
+                    source.path, path]
+        else:
+            argv = ["qemu-img", "convert", "-U", "-q", "-f", source.format, "-O", fmt,
+                    source.path, path]
+        try:
+            await run(argv, timeout=3600)
+            await trio.to_thread.run_sync(self._set_perms, path, mode, uid, gid)
+            if vdef.capacity > source.capacity:
+                vol = await self.volume(vdef.name)
+                await self.resize_volume(vol, vdef.capacity)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
+        return await self.volume(vdef.name)
+
+    async def snapshot_volume(self, vol: Volume, name: str) -> Volume:
+        if vol.type != "file":
+            raise Unsupported(f"volume {vol.name!r} is not an image file")
+        vdef = VolumeDef(name=name, capacity=vol.capacity, format="qcow2",
+                         perms=Permissions(vol.mode, vol.owner, vol.group),
+                         backing=BackingStore(vol.path, vol.format))
+        return await self.create_volume(vdef)
+
+    async def delete_volume(self, vol: Volume) -> None:
+        def remove() -> None:
+            try:
+                if vol.type == "dir":
+                    os.rmdir(vol.path)
+                else:
+                    os.unlink(vol.path)
+            except FileNotFoundError:
+                raise NotFound(f"{vol.path} is already gone") from None
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise NotEmpty(f"directory volume {vol.path} is not empty") from None
+                raise BackendFailed(f"removing {vol.path}: {e.strerror}") from None
+            self._probes.pop(vol.name, None)
+        await trio.to_thread.run_sync(remove)
+
+    async def rename_volume(self, vol: Volume, new_name: str) -> Volume:
+        new_path = self.path_of(new_name)
+
+        def rename() -> None:
+            if os.path.lexists(new_path):
+                raise Exists(f"{new_path} already exists")
+            try:
+                os.rename(vol.path, new_path)
+            except OSError as e:
+                raise BackendFailed(f"renaming {vol.path}: {e.strerror}") from None
+            probe = self._probes.pop(vol.name, None)
+            if probe is not None:
+                self._probes[new_name] = probe
+        await trio.to_thread.run_sync(rename)
+        return await self.volume(new_name)
+
+    async def resize_volume(self, vol: Volume, capacity: int) -> Volume:
+        if vol.type != "file":
+            raise Unsupported(f"volume {vol.name!r} cannot be resized")
+        if vol.format == "raw":
+            await trio.to_thread.run_sync(self._resize_raw, vol, capacity)
+        else:
+            if capacity < vol.capacity:
+                await self._check_image_tail_empty(vol, capacity)
+            argv = ["qemu-img", "resize", "-q", "-f", vol.format]
+            if capacity < vol.capacity:
+                argv.append("--shrink")
+            await run([*argv, vol.path, str(capacity)])
+        return await self.volume(vol.name)
+
+    @staticmethod
+    def _resize_raw(vol: Volume, capacity: int) -> None:
+        fd = os.open(vol.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if capacity < size:
+                try:
+                    data_at = os.lseek(fd, capacity, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno != errno.ENXIO:
+                        raise
+                    data_at = None  # only holes past the new end
+                if data_at is not None and data_at < size:
+                    raise Invalid(
+                        f"shrinking {vol.name} to {capacity} bytes would discard data "
+                        f"at offset {data_at}; wipe that part first")
+            os.ftruncate(fd, capacity)
+        except OSError as e:
+            raise BackendFailed(f"resizing {vol.path}: {e.strerror}") from None
+        finally:
+            os.close(fd)
+
+    async def _check_image_tail_empty(self, vol: Volume, capacity: int) -> None:
+        out = await run(["qemu-img", "map", "-U", "--output=json", "-f", vol.format, vol.path])
+        for ext in json.loads(out):
+            end = int(ext["start"]) + int(ext["length"])
+            if ext.get("data") and end > capacity:
+                raise Invalid(f"shrinking {vol.name} to {capacity} bytes would discard data")
+
+    async def wipe_volume(self, vol: Volume) -> None:
+        if vol.type != "file":
+            raise Unsupported(f"volume {vol.name!r} cannot be wiped")
+        if vol.format == "raw":
+            def zero() -> None:
+                # Dropping every block and restoring the size reads back as zeros
+                # and costs no writes, like a discard of the whole volume.
+                fd = os.open(vol.path, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    size = os.fstat(fd).st_size
+                    os.ftruncate(fd, 0)
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            await trio.to_thread.run_sync(zero)
+            return
+        # An image format: a fresh empty image of the same size and backing store.
+        tmp = self.path_of(f".{vol.name}.wipe")
+        argv = ["qemu-img", "create", "-q", "-f", vol.format]
+        if vol.backing is not None:
+            argv += ["-b", vol.backing.path, "-F", vol.backing.format or "raw"]
+        try:
+            await run([*argv, tmp, str(vol.capacity)])
+            await trio.to_thread.run_sync(
+                self._set_perms, tmp, vol.mode or DEFAULT_VOL_MODE,
+                vol.owner if vol.owner is not None else -1,
+                vol.group if vol.group is not None else -1)
+            await trio.to_thread.run_sync(os.replace, tmp, vol.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise

@@ -1,0 +1,319 @@
+"""The ``vsfs`` command: mount, umount and a ready-made demo."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .errors import VsfsError
+from .fuse_ops import Operations
+from .manager import Manager, default_state_dir
+from .state import StateDir
+from .tree import Tree
+from .xmlio import parse_pool
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class Refused(Exception):
+    """A reason not to go on, printed as one line."""
+
+
+def _default_log_file() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/log/vsfs/vsfs.log")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "vsfs" / "vsfs.log"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vsfs", description="Host storage as a FUSE filesystem.")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("mount", help="mount vsfs (returns once it answers)")
+    m.add_argument("mountpoint", type=Path)
+    m.add_argument("--state-dir", type=Path, default=None,
+                   help="pool definitions (default: /var/lib/vsfs/storage for root, "
+                        "$XDG_DATA_HOME/vsfs/storage otherwise)")
+    m.add_argument("--foreground", action="store_true", help="stay attached; log to stderr")
+    m.add_argument("--allow-other", action="store_true",
+                   help="let other users browse (they cannot change anything)")
+    m.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    m.add_argument("--log-file", type=Path, default=None)
+    m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    u = sub.add_parser("umount", help="unmount vsfs")
+    u.add_argument("mountpoint", type=Path)
+    d = sub.add_parser("demo", help="mount vsfs with a ready demo pool and show what to try")
+    d.add_argument("mountpoint", type=Path, nargs="?", default=None)
+    d.add_argument("--state-dir", type=Path, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "mount":
+            return cmd_mount(args)
+        if args.command == "umount":
+            return cmd_umount(args.mountpoint)
+        return cmd_demo(args)
+    except Refused as e:
+        print(f"vsfs: {e}", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_mountpoint(mnt: Path) -> None:
+    try:
+        st = os.stat(mnt)
+    except FileNotFoundError:
+        raise Refused(f"mount point {mnt} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise Refused(f"{mnt} holds a dead vsfs mount; run 'vsfs umount {mnt}' "
+                          "first") from None
+        raise Refused(f"mount point {mnt}: {e.strerror}") from None
+    if not os.path.isdir(mnt):
+        raise Refused(f"mount point {mnt} is not a directory")
+    if os.path.ismount(mnt):
+        raise Refused(f"{mnt} is already a mount point")
+    try:
+        if os.listdir(mnt):
+            raise Refused(f"mount point {mnt} is not empty")
+    except PermissionError:
+        raise Refused(f"mount point {mnt}: permission denied") from None
+    del st
+    if not os.path.exists("/dev/fuse"):
+        raise Refused("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        raise Refused("fusermount3 is missing: install the fuse3 package")
+
+
+def prepare_state(path: Path) -> StateDir:
+    state = StateDir(path)
+    try:
+        state.ensure()
+    except VsfsError as e:
+        raise Refused(e.message) from None
+    return state
+
+
+# ---------------------------------------------------------------- mount
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    mnt: Path = args.mountpoint.absolute()
+    state_dir: Path = (args.state_dir or default_state_dir()).absolute()
+    check_mountpoint(mnt)
+    prepare_state(state_dir)
+    if args.foreground:
+        return run_daemon(mnt, state_dir, args)
+    return spawn_daemon(mnt, state_dir, args)
+
+
+def spawn_daemon(mnt: Path, state_dir: Path, args: argparse.Namespace) -> int:
+    log_file: Path = (args.log_file or _default_log_file()).absolute()
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Refused(f"log file {log_file}: {e.strerror}") from None
+    r, w = os.pipe()
+    argv = [sys.executable, "-m", "vsfs", "mount", str(mnt), "--foreground",
+            "--state-dir", str(state_dir), "--log-level", args.log_level,
+            "--log-file", str(log_file), "--ready-fd", str(w)]
+    if args.allow_other:
+        argv.append("--allow-other")
+    child = subprocess.Popen(argv, pass_fds=(w,), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    os.close(w)
+    with os.fdopen(r, "rb") as ready:
+        message = ready.read().decode(errors="replace").strip()
+    if message != "ok":
+        try:
+            _, err = child.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            _, err = child.communicate()
+        lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
+        reason = message.removeprefix("error: ") or (lines[-1] if lines else "daemon died")
+        raise Refused(f"mounting {mnt} failed: {reason}")
+    assert child.stderr is not None
+    child.stderr.close()
+    # The daemon answers: a listing goes through its main loop.
+    os.listdir(mnt)
+    print(f"vsfs mounted at {mnt} (log: {log_file})")
+    return 0
+
+
+def _setup_logging(level: str, log_file: Path | None) -> None:
+    handler: logging.Handler
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def run_daemon(mnt: Path, state_dir: Path, args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level, args.log_file)
+    ready_fd: int | None = args.ready_fd
+
+    def tell(message: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            os.write(ready_fd, message.encode() + b"\n")
+            os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        trio.run(serve, mnt, state_dir, args.allow_other, tell)
+    except Refused as e:
+        log.error("%s", e)
+        tell(f"error: {e}")
+        raise
+    except BaseException as e:
+        log.exception("vsfs stopped on an error")
+        tell(f"error: {e!r}")
+        return 1
+    return 0
+
+
+async def serve(mnt: Path, state_dir: Path, allow_other: bool,
+                tell: Callable[[str], None]) -> None:
+    manager = Manager(StateDir(state_dir))
+    tree = Tree(manager)
+    ops = Operations(tree, os.getuid(), os.getgid())
+    manager.set_invalidator(ops.invalidate)
+    await manager.load()
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=vsfs", "subtype=vsfs"}
+    if allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, str(mnt), options)
+    except RuntimeError as e:
+        raise Refused(f"cannot mount {mnt}: {e}") from None
+    ops.mounted = True
+    log.info("mounted %s (state directory %s)", mnt, state_dir)
+    clean = False
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_on_signals)
+            nursery.start_soon(manager.poll)
+            tell("ok")
+            await pyfuse3.main()
+            clean = True
+            nursery.cancel_scope.cancel()
+    finally:
+        ops.mounted = False
+        pyfuse3.close(unmount=clean)
+        log.info("unmounted %s", mnt)
+
+
+async def _on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+
+
+# ---------------------------------------------------------------- umount
+
+
+def cmd_umount(mnt: Path) -> int:
+    mnt = mnt.absolute()
+    tool = shutil.which("fusermount3")
+    cmds = [[tool, "-u", str(mnt)]] if tool else []
+    if os.geteuid() == 0:
+        cmds.append(["umount", str(mnt)])
+    errors = []
+    for argv in cmds:
+        res = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if res.returncode == 0:
+            return 0
+        errors.append(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed")
+    raise Refused(f"unmounting {mnt} failed: {errors[0] if errors else 'no fusermount3'}")
+
+
+# ---------------------------------------------------------------- demo
+
+DEMO_POOL = """<pool type='dir'>
+  <name>demo</name>
+  <target>
+    <path>{path}</path>
+  </target>
+</pool>
+"""
+
+DEMO_QCOW2 = """<volume>
+  <name>base.qcow2</name>
+  <capacity unit='G'>2</capacity>
+  <target><format type='qcow2'/></target>
+</volume>
+"""
+
+
+def _demo_paths() -> tuple[Path, Path]:
+    if os.geteuid() == 0:
+        return Path("/mnt/vsfs"), Path("/var/lib/vsfs/demo-images")
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path.home() / "vsfs", Path(data) / "vsfs" / "demo-images"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    default_mnt, images = _demo_paths()
+    mnt: Path = (args.mountpoint or default_mnt).absolute()
+    state_dir: Path = (args.state_dir or default_state_dir()).absolute()
+    if os.path.ismount(mnt) and os.path.exists(mnt / "pools"):
+        print(f"vsfs is already mounted at {mnt}")
+    else:
+        mnt.mkdir(parents=True, exist_ok=True)
+        state = prepare_state(state_dir)
+        if not (state_dir / "demo.xml").exists():
+            images.mkdir(parents=True, exist_ok=True)
+            pool = parse_pool(DEMO_POOL.format(path=images).encode())
+            state.save(pool)
+            state.set_autostart("demo", True)
+        ns = argparse.Namespace(allow_other=False, log_level="INFO", log_file=None)
+        check_mountpoint(mnt)
+        spawn_daemon(mnt, state_dir, ns)
+    vols = mnt / "pools" / "demo" / "volumes"
+    if (mnt / "pools" / "demo").exists() and vols.exists() and not os.listdir(vols):
+        # Made through the mount itself, as a user would.
+        with open(vols / "disk1.img", "wb") as f:
+            f.truncate(1 << 30)
+        with open(mnt / "pools" / "demo" / "define", "w") as f:
+            f.write(DEMO_QCOW2)
+    print(f"""
+Mounted at {mnt}. Try:
+  ls -l {mnt}/pools/demo/volumes/
+  cat {mnt}/pools/demo/xml {mnt}/pools/demo/free
+  truncate -s 5G {mnt}/pools/demo/volumes/web.img
+  cat {mnt}/pools/demo/volinfo/web.img/xml
+  echo 8G > {mnt}/pools/demo/volinfo/web.img/capacity
+  echo 'snapshot web-snap' > {mnt}/pools/demo/volinfo/web.img/ctl
+  qemu-img info {mnt}/pools/demo/volumes/web-snap
+  rm {mnt}/pools/demo/volumes/web-snap
+  cat {mnt}/README
+Unmount with: vsfs umount {mnt}""")
+    return 0

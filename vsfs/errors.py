@@ -1,0 +1,62 @@
+"""The one exception family of vsfs.
+
+Each error carries the errno that the contract (INTERFACE.md, "Errors") gives
+it. Only the FUSE adapter turns these into ``FUSEError``; everything below it
+raises these and nothing else on purpose.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class VsfsError(Exception):
+    """A refused or failed action, with the errno a shell user expects."""
+
+    errno: int = errno.EIO
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Invalid(VsfsError):
+    errno = errno.EINVAL
+
+
+class Exists(VsfsError):
+    errno = errno.EEXIST
+
+
+class NotFound(VsfsError):
+    errno = errno.ENOENT
+
+
+class Busy(VsfsError):
+    errno = errno.EBUSY
+
+
+class NotEmpty(VsfsError):
+    errno = errno.ENOTEMPTY
+
+
+class NoSpace(VsfsError):
+    errno = errno.ENOSPC
+
+
+class Unsupported(VsfsError):
+    errno = errno.EOPNOTSUPP
+
+
+class Denied(VsfsError):
+    errno = errno.EACCES
+
+
+class CrossDevice(VsfsError):
+    errno = errno.EXDEV
+
+
+class BackendFailed(VsfsError):
+    """A command or system call of the backend failed; the message says why."""
+
+    errno = errno.EIO

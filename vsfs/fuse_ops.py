@@ -1,0 +1,456 @@
+"""The FUSE adapter: the only module that imports pyfuse3.
+
+It translates: inode numbers and file handles to tree paths and nodes,
+vsfs errors to FUSEError with the contract's errno (and the reason into the
+caller's MNT/error). It holds no storage logic.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import pyfuse3
+import trio
+
+from .errors import Invalid, VsfsError
+from .manager import Upload
+from .tree import Dir, File, Link, Node, Tree, UploadFile
+from .xmlio import DocumentFeeder
+
+log = logging.getLogger(__name__)
+
+# Entries we change ourselves are invalidated explicitly; these bound how long
+# the kernel trusts an entry that changed behind our back.
+TIMEOUT = 1.0
+
+R = TypeVar("R")
+
+Key = tuple[tuple[str, ...], str]
+
+
+def _kind(node: Node) -> str:
+    if isinstance(node, Dir):
+        return "dir"
+    if isinstance(node, Link):
+        return "link"
+    if isinstance(node, UploadFile):
+        return "upload"
+    return "file"
+
+
+def _name(raw: bytes) -> str:
+    return os.fsdecode(raw)
+
+
+@dataclass
+class Handle:
+    uid: int
+    node: Node
+    content: bytes = b""
+    feeder: DocumentFeeder | None = None
+    failed: bool = False
+    wrote: bool = False
+    upload: Upload | None = None
+
+
+@dataclass
+class DirHandle:
+    entries: list[tuple[str, Node]] = field(default_factory=list)
+    path: tuple[str, ...] = ()
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 requests in, tree calls and FUSEErrors out."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, tree: Tree, uid: int, gid: int) -> None:
+        super().__init__()
+        self.tree = tree
+        self.uid = uid
+        self.gid = gid
+        self._stamp_ns = time.time_ns()
+        self._next_ino = pyfuse3.ROOT_INODE + 1
+        self._ino_of: dict[Key, int] = {((), "dir"): pyfuse3.ROOT_INODE}
+        self._key_of: dict[int, Key] = {pyfuse3.ROOT_INODE: ((), "dir")}
+        self._lookups: dict[int, int] = {pyfuse3.ROOT_INODE: 1}
+        self._handles: dict[int, Handle] = {}
+        self._dirs: dict[int, DirHandle] = {}
+        self._next_fh = 1
+        self.mounted = False
+
+    # ---------------------------------------------------------------- plumbing
+
+    def invalidate(self, path: tuple[str, ...]) -> None:
+        """Tell the kernel to forget a cached entry (from the manager)."""
+        if not self.mounted or not path:
+            return
+        parent = self._ino_of.get((path[:-1], "dir"))
+        if parent is None:
+            return
+        try:
+            pyfuse3.invalidate_entry_async(parent, os.fsencode(path[-1]), ignore_enoent=True)
+        except Exception:  # the kernel may be going away; nothing to undo
+            log.debug("invalidate %s failed", "/".join(path), exc_info=True)
+
+    def _register(self, path: tuple[str, ...], node: Node, kind: str | None = None) -> int:
+        key = (path, kind or _kind(node))
+        ino = self._ino_of.get(key)
+        if ino is None:
+            ino = self._next_ino
+            self._next_ino += 1
+            self._ino_of[key] = ino
+            self._key_of[ino] = key
+            self._lookups[ino] = 0
+        return ino
+
+    def _ref(self, ino: int) -> None:
+        self._lookups[ino] = self._lookups.get(ino, 0) + 1
+
+    def _path(self, ino: int) -> tuple[str, ...]:
+        key = self._key_of.get(ino)
+        if key is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return key[0]
+
+    def _node(self, ino: int) -> tuple[tuple[str, ...], Node]:
+        key = self._key_of.get(ino)
+        if key is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        node = self.tree.resolve(key[0])
+        if node is None or _kind(node) != key[1]:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return key[0], node
+
+    def _dir(self, ino: int) -> tuple[tuple[str, ...], Dir]:
+        path, node = self._node(ino)
+        if not isinstance(node, Dir):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return path, node
+
+    def _attrs(self, ino: int, node: Node, volatile: bool = False) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.generation = 0
+        a.entry_timeout = 0 if volatile or isinstance(node, UploadFile) else TIMEOUT
+        a.attr_timeout = 0 if isinstance(node, UploadFile) else TIMEOUT
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_nlink = 1
+        size = 0
+        if isinstance(node, Dir):
+            a.st_mode = stat.S_IFDIR | node.mode
+            a.st_nlink = 2
+        elif isinstance(node, Link):
+            a.st_mode = stat.S_IFLNK | 0o777
+            size = len(os.fsencode(node.target))
+        elif isinstance(node, UploadFile):
+            a.st_mode = stat.S_IFREG | node.mode
+            if node.upload is not None:
+                size = os.fstat(node.upload.fd).st_size
+        else:
+            assert isinstance(node, File)
+            a.st_mode = stat.S_IFREG | node.mode
+            size = node.size
+        a.st_size = size
+        a.st_blksize = 4096
+        a.st_blocks = (size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._stamp_ns
+        return a
+
+    def _fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _fail(self, uid: int, e: BaseException) -> pyfuse3.FUSEError:
+        if isinstance(e, VsfsError):
+            self.tree.record_error(uid, e.message)
+            log.info("refused (%s): %s", errno.errorcode.get(e.errno, e.errno), e.message)
+            return pyfuse3.FUSEError(e.errno)
+        log.exception("internal error")
+        self.tree.record_error(uid, f"internal error: {e!r}")
+        return pyfuse3.FUSEError(errno.EIO)
+
+    # ---------------------------------------------------------------- metadata
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        path, parent = self._dir(parent_inode)
+        sname = _name(name)
+        if sname == ".":
+            child_path, node = path, parent
+        elif sname == "..":
+            child_path = path[:-1]
+            node = self.tree.resolve(child_path)  # type: ignore[assignment]
+        else:
+            child_path = (*path, sname)
+            node = parent.child(sname)  # type: ignore[assignment]
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        ino = self._register(child_path, node)
+        self._ref(ino)
+        return self._attrs(ino, node, parent.volatile)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            left = self._lookups.get(ino, 0) - n
+            if left > 0 or ino == pyfuse3.ROOT_INODE:
+                self._lookups[ino] = max(left, 0)
+                continue
+            self._lookups.pop(ino, None)
+            key = self._key_of.pop(ino, None)
+            if key is not None and self._ino_of.get(key) == ino:
+                del self._ino_of[key]
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        path, node = self._node(inode)
+        parent = self.tree.resolve(path[:-1]) if path else None
+        return self._attrs(inode, node, isinstance(parent, Dir) and parent.volatile)
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        _, node = self._node(inode)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_size:
+            if isinstance(node, UploadFile) and node.upload is not None:
+                try:
+                    await self.tree.m.upload_truncate(node.upload, attr.st_size)
+                except Exception as e:
+                    raise self._fail(ctx.uid, e) from None
+            elif not (isinstance(node, File) and node.write is not None and attr.st_size == 0):
+                # Truncating a value file to 0 is what `echo x > file` does first.
+                raise pyfuse3.FUSEError(errno.EACCES)
+        return self._attrs(inode, node)
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        _, node = self._node(inode)
+        if not isinstance(node, Link):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(node.target)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        return s
+
+    # ---------------------------------------------------------------- directories
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        path, node = self._dir(inode)
+        fh = self._fh()
+        # One snapshot per open: readdir offsets index into it, so they stay stable.
+        self._dirs[fh] = DirHandle(self.tree.children(node), path)
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._dirs[fh]
+        parent = self.tree.resolve(handle.path)
+        volatile = isinstance(parent, Dir) and parent.volatile
+        for i in range(start_id, len(handle.entries)):
+            name, node = handle.entries[i]
+            ino = self._register((*handle.path, name), node)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name),
+                                         self._attrs(ino, node, volatile), i + 1):
+                return
+            self._ref(ino)
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    async def _dir_op(self, ctx: pyfuse3.RequestContext, op: Callable[[], Awaitable[R]]) -> R:
+        try:
+            return await op()
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            raise self._fail(ctx.uid, e) from None
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        path, parent = self._dir(parent_inode)
+        if parent.mkdir is None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        mkdir = parent.mkdir
+        await self._dir_op(ctx, lambda: mkdir(_name(name)))
+        # The new entry is a symlink to the new directory; the kernel expects a
+        # directory from mkdir, so hand it one that it must not cache.
+        node = Dir(0o755)
+        ino = self._register((*path, _name(name)), node, kind="mkdir")
+        self._ref(ino)
+        attrs = self._attrs(ino, node, volatile=True)
+        attrs.attr_timeout = 0
+        return attrs
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        _, parent = self._dir(parent_inode)
+        if parent.rmdir is None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        rmdir = parent.rmdir
+        await self._dir_op(ctx, lambda: rmdir(_name(name)))
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        _, parent = self._dir(parent_inode)
+        if parent.unlink is None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        unlink = parent.unlink
+        await self._dir_op(ctx, lambda: unlink(_name(name)))
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        _, parent = self._dir(parent_inode_old)
+        new_path, _ = self._dir(parent_inode_new)
+        if parent.rename is None:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if flags & ~pyfuse3.RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE has no meaning here
+        rename = parent.rename
+        await self._dir_op(ctx, lambda: rename(_name(name_old), new_path, _name(name_new)))
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.tree.record_error(ctx.uid, "symlinks cannot be made here")
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.tree.record_error(ctx.uid, "hard links cannot be made here")
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self.tree.record_error(ctx.uid, "device nodes cannot be made here")
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # ---------------------------------------------------------------- files
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext,
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        path, parent = self._dir(parent_inode)
+        if parent.create is None:
+            self.tree.record_error(ctx.uid, f"files cannot be created in /{'/'.join(path)}")
+            raise pyfuse3.FUSEError(errno.EACCES)
+        create = parent.create
+        upload = await self._dir_op(
+            ctx, lambda: create(_name(name), flags & (os.O_ACCMODE | os.O_APPEND)))
+        node = UploadFile(0o600, upload=upload)
+        ino = self._register((*path, _name(name)), node)
+        self._ref(ino)
+        fh = self._fh()
+        self._handles[fh] = Handle(ctx.uid, node, upload=upload)
+        return pyfuse3.FileInfo(fh=fh), self._attrs(ino, node)
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        path, node = self._node(inode)
+        if isinstance(node, Dir):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        acc = flags & os.O_ACCMODE
+        writing = acc in (os.O_WRONLY, os.O_RDWR)
+        reading = acc in (os.O_RDONLY, os.O_RDWR)
+        fh = self._fh()
+        if isinstance(node, UploadFile):
+            self._handles[fh] = Handle(ctx.uid, node, upload=node.upload)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        assert isinstance(node, File)
+        if writing and node.write is None:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        handle = Handle(ctx.uid, node)
+        if reading:
+            if path == ("error",):
+                handle.content = self.tree.error_text(ctx.uid)
+            elif node.read is not None:
+                read = node.read
+                # Rendered once per open: later reads of this open see one snapshot.
+                handle.content = await self._dir_op(ctx, read)
+            elif not writing:
+                raise pyfuse3.FUSEError(errno.EACCES)
+        if writing and node.xml:
+            handle.feeder = DocumentFeeder()
+        self._handles[fh] = handle
+        static = node.size > 0
+        return pyfuse3.FileInfo(fh=fh, direct_io=not static, keep_cache=static)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles[fh]
+        if handle.upload is not None:
+            fd = handle.upload.fd
+            return await trio.to_thread.run_sync(os.pread, fd, size, off)
+        return handle.content[off:off + size]
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles[fh]
+        if handle.upload is not None:
+            return await self._write_upload(handle, handle.upload, off, buf)
+        node = handle.node
+        assert isinstance(node, File) and node.write is not None
+        if handle.failed:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        handle.wrote = True
+        try:
+            if handle.feeder is not None:
+                feeder = handle.feeder
+                if off != len(feeder.data) and not feeder.complete:
+                    raise Invalid("write the XML document in order, from its start")
+                was_complete = feeder.complete
+                if feeder.feed(bytes(buf)) and not was_complete:
+                    # The bytes so far form a whole document: act on it now, so the
+                    # writer sees the outcome from write() and not only from close().
+                    await node.write(bytes(feeder.data))
+            else:
+                await node.write(bytes(buf))
+        except Exception as e:
+            handle.failed = True
+            raise self._fail(handle.uid, e) from None
+        return len(buf)
+
+    async def _write_upload(self, handle: Handle, upload: Upload, off: int, buf: bytes) -> int:
+        try:
+            return await trio.to_thread.run_sync(os.pwrite, upload.fd, buf, off)
+        except OSError as e:
+            upload.failed = True
+            self.tree.record_error(handle.uid, f"writing volume {upload.name}: {e.strerror}")
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+
+    async def flush(self, fh: int) -> None:
+        handle = self._handles.get(fh)
+        if handle is not None and handle.upload is not None:
+            try:
+                await self.tree.m.finish_upload(handle.upload)
+            except Exception as e:
+                raise self._fail(handle.uid, e) from None
+            return
+        if handle is None or handle.feeder is None or handle.failed:
+            return
+        if handle.wrote and not handle.feeder.complete:
+            handle.failed = True
+            self.tree.record_error(handle.uid, "incomplete XML document: nothing was done")
+            log.info("refused: incomplete XML document")
+            raise pyfuse3.FUSEError(errno.EINVAL)
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None or handle.upload is None:
+            return
+        if any(h.upload is handle.upload for h in self._handles.values()):
+            return  # another open of the same new volume is still writing
+        try:
+            await self.tree.m.close_upload(handle.upload)
+        except Exception as e:  # release cannot report; the reason is kept for the user
+            self._fail(handle.uid, e)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handles.get(fh)
+        if handle is not None and handle.upload is not None:
+            fd = handle.upload.fd
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)

@@ -1,0 +1,574 @@
+"""The storage service: pools, their state and volumes, and every action on them.
+
+This is where the contract's rules live (what may happen to an active pool,
+ENOSPC, EEXIST, rollback of half-done work). It knows nothing of FUSE; the
+tree calls it and the FUSE adapter only translates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import trio
+
+from .backends import BACKENDS, Backend
+from .backends.base import Snapshot
+from .errors import (
+    Busy,
+    CrossDevice,
+    Exists,
+    Invalid,
+    NoSpace,
+    NotFound,
+    Unsupported,
+    VsfsError,
+)
+from .model import (
+    Permissions,
+    PoolDef,
+    PoolState,
+    PoolStatus,
+    Volume,
+    VolumeDef,
+    check_name,
+)
+from .state import StateDir
+from .xmlio import parse_pool, parse_volume
+
+log = logging.getLogger(__name__)
+
+# Pool types libvirt knows; the ones without a backend yet are EOPNOTSUPP, others EINVAL.
+LIBVIRT_POOL_TYPES = frozenset({
+    "dir", "fs", "netfs", "logical", "disk", "iscsi", "iscsi-direct", "scsi", "mpath",
+    "rbd", "sheepdog", "gluster", "zfs", "vstorage",
+})
+
+# Called with the path (inside the mount) of an entry that vanished or changed.
+Invalidator = Callable[[tuple[str, ...]], None]
+
+
+@dataclass
+class PoolEntry:
+    pool: PoolDef
+    backend: Backend
+    autostart: bool = False
+    state: PoolState = PoolState.INACTIVE
+    status: PoolStatus = field(default_factory=PoolStatus)
+    live_perms: Permissions | None = None
+    volumes: dict[str, Volume] = field(default_factory=dict)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def running(self) -> bool:
+        return self.state in (PoolState.RUNNING, PoolState.DEGRADED)
+
+
+@dataclass
+class Upload:
+    """A volume being created through a file handle (``truncate``, ``cp``)."""
+
+    pool: str
+    name: str
+    fd: int
+    failed: bool = False
+    finished: bool = False
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("yes", "1", "true", "on"):
+        return True
+    if value in ("no", "0", "false", "off"):
+        return False
+    raise Invalid(f"expected yes or no, not {text.strip()!r}")
+
+
+class Manager:
+    def __init__(self, state: StateDir, invalidate: Invalidator | None = None) -> None:
+        self.state = state
+        self.pools: dict[str, PoolEntry] = {}
+        self.uploads: dict[tuple[str, str], Upload] = {}
+        self._invalidate = invalidate
+        self._define_lock = trio.Lock()
+
+    def set_invalidator(self, invalidate: Invalidator) -> None:
+        self._invalidate = invalidate
+
+    def _gone(self, *path: str) -> None:
+        if self._invalidate is not None:
+            self._invalidate(path)
+
+    # ---------------------------------------------------------------- loading
+
+    async def load(self) -> None:
+        """Read every definition, adopt pools that are already up, start autostart ones."""
+        await trio.to_thread.run_sync(self.state.ensure)
+        stored = await trio.to_thread.run_sync(lambda: list(self.state.load()))
+        for sp in stored:
+            cls = BACKENDS.get(sp.pool.type)
+            if cls is None:
+                log.error("pool %s: type %r is not supported; left out", sp.pool.name,
+                          sp.pool.type)
+                continue
+            self.pools[sp.pool.name] = PoolEntry(sp.pool, cls(sp.pool), sp.autostart)
+        for entry in self.pools.values():
+            try:
+                if await entry.backend.is_running():
+                    await self._activate(entry, start=False)
+                elif entry.autostart:
+                    await self._activate(entry, start=True)
+            except VsfsError as e:
+                log.error("pool %s: autostart failed: %s", entry.pool.name, e)
+
+    # ---------------------------------------------------------------- lookups
+
+    def entry(self, name: str) -> PoolEntry:
+        try:
+            return self.pools[name]
+        except KeyError:
+            raise NotFound(f"no pool named {name!r}") from None
+
+    def running_entry(self, name: str) -> PoolEntry:
+        entry = self.entry(name)
+        if not entry.running:
+            raise Invalid(f"pool {name!r} is not active (echo start > pools/{name}/ctl)")
+        return entry
+
+    def volume(self, pool: str, name: str) -> Volume:
+        entry = self.running_entry(pool)
+        try:
+            return entry.volumes[name]
+        except KeyError:
+            raise NotFound(f"no volume {name!r} in pool {pool!r}") from None
+
+    def all_volumes(self) -> Iterator[tuple[str, Volume]]:
+        for name, entry in self.pools.items():
+            if entry.running:
+                for vol in entry.volumes.values():
+                    yield name, vol
+
+    def by_uuid(self, uuid: str) -> str | None:
+        for name, entry in self.pools.items():
+            if entry.pool.uuid == uuid:
+                return name
+        return None
+
+    def by_key(self, key: str) -> tuple[str, Volume] | None:
+        return next(((p, v) for p, v in self.all_volumes() if v.key == key), None)
+
+    def by_path(self, path: str) -> tuple[str, Volume] | None:
+        return next(((p, v) for p, v in self.all_volumes() if v.path == path), None)
+
+    def in_use(self, pool: str, vol: Volume) -> str | None:
+        """Why ``vol`` may not be deleted or renamed now, if anything."""
+        if (pool, vol.name) in self.uploads:
+            return f"volume {vol.name!r} is still being written"
+        for other_pool, other in self.all_volumes():
+            if other.backing is not None and other.backing.path == vol.path:
+                return f"volume {vol.name!r} is the backing store of {other_pool}/{other.name}"
+        return None
+
+    # ---------------------------------------------------------------- pools
+
+    async def define_pool(self, xml: bytes) -> PoolDef:
+        pool = parse_pool(xml)
+        cls = self._backend_class(pool)
+        async with self._define_lock:
+            if pool.name in self.pools:
+                raise Exists(f"pool {pool.name!r} already exists")
+            self._check_unique(pool)
+            await trio.to_thread.run_sync(self.state.save, pool)
+            self.pools[pool.name] = PoolEntry(pool, cls(pool))
+        log.info("pool %s defined (%s)", pool.name, pool.type)
+        return pool
+
+    def _backend_class(self, pool: PoolDef) -> type[Backend]:
+        cls = BACKENDS.get(pool.type)
+        if cls is None:
+            if pool.type in LIBVIRT_POOL_TYPES:
+                raise Unsupported(f"pools of type {pool.type!r} are not supported yet")
+            raise Invalid(f"unknown pool type {pool.type!r}")
+        cls.validate(pool)
+        return cls
+
+    def _check_unique(self, pool: PoolDef, replacing: str | None = None) -> None:
+        for name, entry in self.pools.items():
+            if name == replacing:
+                continue
+            if entry.pool.uuid == pool.uuid:
+                raise Exists(f"pool {name!r} already has UUID {pool.uuid}")
+            if (pool.target_path is not None and entry.pool.target_path == pool.target_path
+                    and pool.type in ("dir", "fs", "netfs") and entry.pool.type == pool.type):
+                raise Exists(f"pool {name!r} already uses target {pool.target_path}")
+
+    async def redefine_pool(self, name: str, xml: bytes) -> PoolDef:
+        entry = self.entry(name)
+        new = parse_pool(xml)
+        if new.name != name:
+            raise Invalid(f"the XML names pool {new.name!r}, not {name!r}; pools are not "
+                          "renamed through xml")
+        if b"<uuid" not in xml:
+            new = replace(new, uuid=entry.pool.uuid)
+        elif new.uuid != entry.pool.uuid:
+            raise Invalid(f"pool {name!r} has UUID {entry.pool.uuid}, not {new.uuid}")
+        cls = self._backend_class(new)
+        async with entry.lock:
+            if entry.state != PoolState.INACTIVE:
+                raise Busy(f"pool {name!r} is active; stop it before redefining it")
+            self._check_unique(new, replacing=name)
+            await trio.to_thread.run_sync(self.state.save, new)
+            entry.pool = new
+            entry.backend = cls(new)
+        log.info("pool %s redefined", name)
+        return new
+
+    async def undefine_pool(self, name: str) -> None:
+        entry = self.entry(name)
+        async with entry.lock:
+            if entry.state != PoolState.INACTIVE:
+                raise Busy(f"pool {name!r} is active; stop it before undefining it")
+            await trio.to_thread.run_sync(self.state.remove, name)
+            del self.pools[name]
+        self._gone("pools", name)
+        log.info("pool %s undefined", name)
+
+    async def set_autostart(self, name: str, on: bool) -> None:
+        entry = self.entry(name)
+        async with entry.lock:
+            await trio.to_thread.run_sync(self.state.set_autostart, name, on)
+            entry.autostart = on
+
+    async def pool_command(self, name: str, line: str) -> None:
+        words = line.split()
+        if not words:
+            raise Invalid("empty command; expected start, stop, build, refresh or delete")
+        cmd, args = words[0], words[1:]
+        entry = self.entry(name)
+        if cmd == "build":
+            overwrite = self._build_flags(args)
+            async with entry.lock:
+                if entry.state != PoolState.INACTIVE:
+                    raise Busy(f"pool {name!r} is active; stop it before building it")
+                entry.state = PoolState.BUILDING
+                try:
+                    await entry.backend.build(overwrite)
+                finally:
+                    entry.state = PoolState.INACTIVE
+            log.info("pool %s built", name)
+            return
+        if args:
+            raise Invalid(f"{cmd!r} takes no arguments")
+        if cmd == "start":
+            async with entry.lock:
+                if entry.running:
+                    raise Busy(f"pool {name!r} is already active")
+                await self._activate(entry, start=True)
+        elif cmd == "stop":
+            async with entry.lock:
+                if not entry.running:
+                    raise Invalid(f"pool {name!r} is not active")
+                busy = next((u for u in self.uploads.values() if u.pool == name), None)
+                if busy is not None:
+                    raise Busy(f"volume {busy.name!r} of pool {name!r} is still being written")
+                await entry.backend.stop()
+                self._deactivate(entry)
+            log.info("pool %s stopped", name)
+        elif cmd == "refresh":
+            async with entry.lock:
+                if not entry.running:
+                    raise Invalid(f"pool {name!r} is not active")
+                await self._refresh(entry)
+        elif cmd == "delete":
+            async with entry.lock:
+                if entry.state != PoolState.INACTIVE:
+                    raise Busy(f"pool {name!r} is active; stop it before deleting its storage")
+                await entry.backend.delete()
+            log.info("pool %s: storage deleted", name)
+        else:
+            raise Invalid(f"unknown command {cmd!r}; expected start, stop, build, refresh "
+                          "or delete")
+
+    @staticmethod
+    def _build_flags(args: list[str]) -> bool:
+        overwrite = False
+        for arg in args:
+            if arg == "--overwrite":
+                overwrite = True
+            elif arg == "--no-overwrite":
+                overwrite = False
+            else:
+                raise Invalid(f"unknown build option {arg!r}; expected --overwrite or "
+                              "--no-overwrite")
+        return overwrite
+
+    async def _activate(self, entry: PoolEntry, start: bool) -> None:
+        if start:
+            await entry.backend.start()
+        try:
+            snap = await entry.backend.refresh()
+        except BaseException:
+            if start:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await entry.backend.stop()
+                    except VsfsError as e:
+                        log.error("pool %s: undoing start failed: %s", entry.pool.name, e)
+            raise
+        self._apply(entry, snap)
+        entry.state = PoolState.RUNNING
+        log.info("pool %s active with %d volumes", entry.pool.name, len(entry.volumes))
+
+    def _deactivate(self, entry: PoolEntry) -> None:
+        names = list(entry.volumes)
+        entry.volumes.clear()
+        entry.status = PoolStatus()
+        entry.live_perms = None
+        entry.state = PoolState.INACTIVE
+        for vname in names:
+            self._gone("pools", entry.pool.name, "volumes", vname)
+            self._gone("pools", entry.pool.name, "volinfo", vname)
+
+    def _apply(self, entry: PoolEntry, snap: Snapshot) -> None:
+        new = {v.name: v for v in snap.volumes}
+        for vname in entry.volumes.keys() - new.keys():
+            self._gone("pools", entry.pool.name, "volumes", vname)
+            self._gone("pools", entry.pool.name, "volinfo", vname)
+        entry.volumes = new
+        entry.status = snap.status
+        entry.live_perms = snap.live_perms
+
+    async def _refresh(self, entry: PoolEntry) -> None:
+        snap = await entry.backend.refresh()
+        self._apply(entry, snap)
+
+    async def poll(self) -> None:
+        """Pick up changes made by other tools, as often as each backend asks."""
+        while True:
+            await trio.sleep(1.0)
+            for entry in list(self.pools.values()):
+                if not entry.running or entry.backend.poll_interval <= 0 or entry.lock.locked():
+                    continue
+                try:
+                    async with entry.lock:
+                        if entry.running and await entry.backend.changed():
+                            await self._refresh(entry)
+                except VsfsError as e:
+                    log.warning("pool %s: refresh failed: %s", entry.pool.name, e)
+
+    async def pool_status(self, name: str) -> PoolStatus:
+        """Current sizes of a running pool (cheap: no volume listing)."""
+        entry = self.entry(name)
+        if entry.running:
+            entry.status = await entry.backend.status()
+        return entry.status
+
+    # ---------------------------------------------------------------- volumes
+
+    async def _check_space(self, entry: PoolEntry, needed: int) -> None:
+        status = await entry.backend.status()
+        entry.status = status
+        if needed > status.available:
+            raise NoSpace(f"pool {entry.pool.name!r} has {status.available} bytes free, "
+                          f"{needed} needed")
+
+    async def create_volume(self, pool: str, vdef: VolumeDef) -> Volume:
+        check_name(vdef.name, "volume name")
+        entry = self.running_entry(pool)
+        async with entry.lock:
+            if not entry.running:
+                raise Invalid(f"pool {pool!r} is not active")
+            if vdef.name in entry.volumes:
+                raise Exists(f"volume {vdef.name!r} already exists in pool {pool!r}")
+            await self._check_space(entry, vdef.capacity)
+            vol = await entry.backend.create_volume(vdef)
+            entry.volumes[vol.name] = vol
+        log.info("volume %s/%s created (%s, %d bytes)", pool, vol.name, vol.format, vol.capacity)
+        return vol
+
+    async def create_volume_xml(self, pool: str, xml: bytes) -> Volume:
+        return await self.create_volume(pool, parse_volume(xml))
+
+    async def begin_upload(self, pool: str, name: str, flags: int) -> Upload:
+        """Create an empty raw volume and open it, for ``truncate`` and ``cp``."""
+        vol = await self.create_volume(pool, VolumeDef(name=name, capacity=0, format="raw"))
+        entry = self.entry(pool)
+        try:
+            fd = await trio.to_thread.run_sync(entry.backend.open_volume, vol, flags)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._discard(entry, vol)
+            raise
+        upload = Upload(pool, name, fd)
+        self.uploads[(pool, name)] = upload
+        return upload
+
+    async def upload_truncate(self, upload: Upload, size: int) -> None:
+        entry = self.entry(upload.pool)
+        try:
+            cur = (await trio.to_thread.run_sync(os.fstat, upload.fd)).st_size
+            if size > cur:
+                await self._check_space(entry, size - cur)
+            await trio.to_thread.run_sync(os.ftruncate, upload.fd, size)
+        except BaseException:
+            upload.failed = True
+            raise
+
+    async def finish_upload(self, upload: Upload) -> None:
+        """Settle a volume made through a file handle, once its writer closes it.
+
+        Runs on the first close (flush, which the writer waits for), so that when
+        ``truncate`` or ``cp`` returns the volume is either complete and listed as
+        a symlink, or gone. The descriptor itself stays open until release.
+        """
+        if upload.finished:
+            return
+        upload.finished = True
+        self.uploads.pop((upload.pool, upload.name), None)
+        entry = self.pools.get(upload.pool)
+        vol = entry.volumes.get(upload.name) if entry is not None else None
+        if entry is not None and vol is not None:
+            async with entry.lock:
+                if upload.failed:
+                    await self._discard(entry, vol)
+                    log.info("volume %s/%s removed: its upload failed", upload.pool,
+                             upload.name)
+                else:
+                    try:
+                        entry.volumes[upload.name] = await entry.backend.volume(upload.name)
+                    except NotFound:
+                        entry.volumes.pop(upload.name, None)
+        self._gone("pools", upload.pool, "volumes", upload.name)
+
+    async def close_upload(self, upload: Upload) -> None:
+        try:
+            await self.finish_upload(upload)
+        finally:
+            await trio.to_thread.run_sync(os.close, upload.fd)
+
+    async def _discard(self, entry: PoolEntry, vol: Volume) -> None:
+        try:
+            await entry.backend.delete_volume(vol)
+        except NotFound:
+            pass
+        except VsfsError as e:
+            log.error("volume %s/%s: could not remove it: %s", entry.pool.name, vol.name, e)
+        entry.volumes.pop(vol.name, None)
+
+    async def delete_volume(self, pool: str, name: str) -> None:
+        entry = self.running_entry(pool)
+        async with entry.lock:
+            vol = self.volume(pool, name)
+            why = self.in_use(pool, vol)
+            if why is not None:
+                raise Busy(why)
+            await entry.backend.delete_volume(vol)
+            entry.volumes.pop(name, None)
+        self._gone("pools", pool, "volinfo", name)
+        log.info("volume %s/%s deleted", pool, name)
+
+    async def rename_volume(self, pool: str, name: str, new_pool: str, new_name: str) -> None:
+        check_name(new_name, "volume name")
+        if new_pool != pool:
+            raise CrossDevice("volumes move between pools with 'clone NEW POOL', not mv")
+        entry = self.running_entry(pool)
+        async with entry.lock:
+            vol = self.volume(pool, name)
+            if new_name == name:
+                return
+            if new_name in entry.volumes:
+                raise Exists(f"volume {new_name!r} already exists in pool {pool!r}")
+            why = self.in_use(pool, vol)
+            if why is not None:
+                raise Busy(why)
+            new = await entry.backend.rename_volume(vol, new_name)
+            del entry.volumes[name]
+            entry.volumes[new_name] = new
+        self._gone("pools", pool, "volumes", name)
+        self._gone("pools", pool, "volinfo", name)
+        log.info("volume %s/%s renamed to %s", pool, name, new_name)
+
+    async def resize_volume(self, pool: str, name: str, capacity: int) -> Volume:
+        entry = self.running_entry(pool)
+        async with entry.lock:
+            vol = self.volume(pool, name)
+            if capacity > vol.capacity:
+                await self._check_space(entry, capacity - vol.capacity)
+            new = await entry.backend.resize_volume(vol, capacity)
+            entry.volumes[name] = new
+        log.info("volume %s/%s resized to %d bytes", pool, name, capacity)
+        return new
+
+    async def refresh_volume(self, pool: str, name: str) -> Volume:
+        """Re-read one volume for a value file (sizes change as guests write)."""
+        entry = self.running_entry(pool)
+        try:
+            vol = await entry.backend.volume(name)
+        except NotFound:
+            entry.volumes.pop(name, None)
+            raise
+        entry.volumes[name] = vol
+        return vol
+
+    async def volume_command(self, pool: str, name: str, line: str) -> None:
+        words = line.split()
+        if not words:
+            raise Invalid("empty command; expected wipe, clone NEW [POOL], snapshot NEW or delete")
+        cmd, args = words[0], words[1:]
+        if cmd == "delete" and not args:
+            await self.delete_volume(pool, name)
+        elif cmd == "wipe" and (not args or args == ["zero"]):
+            entry = self.running_entry(pool)
+            async with entry.lock:
+                vol = self.volume(pool, name)
+                await entry.backend.wipe_volume(vol)
+                entry.volumes[name] = await entry.backend.volume(name)
+            log.info("volume %s/%s wiped", pool, name)
+        elif cmd == "clone" and len(args) in (1, 2):
+            await self.clone_volume(pool, name, args[1] if len(args) == 2 else pool, args[0])
+        elif cmd == "snapshot" and len(args) == 1:
+            await self.snapshot_volume(pool, name, args[0])
+        elif cmd in ("delete", "wipe", "clone", "snapshot"):
+            raise Invalid(f"bad arguments for {cmd!r}; expected wipe, clone NEW [POOL], "
+                          "snapshot NEW or delete")
+        else:
+            raise Invalid(f"unknown command {cmd!r}; expected wipe, clone NEW [POOL], "
+                          "snapshot NEW or delete")
+
+    async def clone_volume(self, pool: str, name: str, dest_pool: str, new_name: str) -> Volume:
+        check_name(new_name, "volume name")
+        src = self.volume(pool, name)
+        dest = self.running_entry(dest_pool)
+        async with dest.lock:
+            if new_name in dest.volumes:
+                raise Exists(f"volume {new_name!r} already exists in pool {dest_pool!r}")
+            await self._check_space(dest, src.capacity)
+            vdef = VolumeDef(name=new_name, capacity=src.capacity,
+                             format=src.format if src.format != "dir" else None,
+                             perms=Permissions(src.mode, src.owner, src.group))
+            vol = await dest.backend.clone_volume(vdef, src)
+            dest.volumes[new_name] = vol
+        log.info("volume %s/%s cloned to %s/%s", pool, name, dest_pool, new_name)
+        return vol
+
+    async def snapshot_volume(self, pool: str, name: str, new_name: str) -> Volume:
+        check_name(new_name, "volume name")
+        entry = self.running_entry(pool)
+        async with entry.lock:
+            vol = self.volume(pool, name)
+            if new_name in entry.volumes:
+                raise Exists(f"volume {new_name!r} already exists in pool {pool!r}")
+            snap = await entry.backend.snapshot_volume(vol, new_name)
+            entry.volumes[new_name] = snap
+        log.info("volume %s/%s: snapshot %s made", pool, name, new_name)
+        return snap
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/vsfs/storage")
+    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(data) / "vsfs" / "storage"

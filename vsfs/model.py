@@ -1,0 +1,146 @@
+"""Pools and volumes as plain data, the way libvirt's storage model has them.
+
+Definitions (what a user asked for) are frozen; runtime facts (sizes, state)
+live in separate objects that a backend's refresh produces.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .errors import Invalid
+
+NAME_MAX = 255
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Refuse names that cannot be a single path component we own."""
+    if not name:
+        raise Invalid(f"empty {what}")
+    if "/" in name:
+        raise Invalid(f"{what} {name!r} contains '/'")
+    if "\0" in name:
+        raise Invalid(f"{what} {name!r} contains a NUL byte")
+    if name.startswith("."):
+        raise Invalid(f"{what} {name!r} starts with '.'")
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        raise Invalid(f"{what} is longer than {NAME_MAX} bytes")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise Invalid(f"{what} {name!r} contains a control character")
+    return name
+
+
+class PoolState(enum.Enum):
+    INACTIVE = "inactive"
+    BUILDING = "building"
+    RUNNING = "running"
+    DEGRADED = "degraded"
+    INACCESSIBLE = "inaccessible"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """``<permissions>``: None means "not given" (libvirt's -1)."""
+
+    mode: int | None = None
+    owner: int | None = None
+    group: int | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceHost:
+    name: str
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class SourceDevice:
+    path: str
+    part_separator: bool | None = None
+
+
+@dataclass(frozen=True)
+class SourceAuth:
+    type: str
+    username: str
+    secret_uuid: str | None = None
+    secret_usage: str | None = None
+
+
+@dataclass(frozen=True)
+class PoolSource:
+    hosts: tuple[SourceHost, ...] = ()
+    devices: tuple[SourceDevice, ...] = ()
+    dir: str | None = None
+    name: str | None = None
+    format: str | None = None
+    vendor: str | None = None
+    product: str | None = None
+    initiator_iqn: str | None = None
+    auth: SourceAuth | None = None
+    protocol_ver: str | None = None
+
+
+@dataclass(frozen=True)
+class PoolDef:
+    """A pool definition, as parsed from ``<pool>`` XML."""
+
+    type: str
+    name: str
+    uuid: str
+    source: PoolSource = field(default_factory=PoolSource)
+    target_path: str | None = None
+    target_perms: Permissions = field(default_factory=Permissions)
+    cow: bool | None = None
+    # Namespaced extras libvirt keeps (fs:mount_opts, rbd:config_opts).
+    mount_opts: tuple[str, ...] = ()
+    config_opts: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    capacity: int = 0
+    allocation: int = 0
+    available: int = 0
+
+
+@dataclass(frozen=True)
+class BackingStore:
+    path: str
+    format: str | None = None
+
+
+@dataclass(frozen=True)
+class VolumeDef:
+    """A request to create a volume, as parsed from ``<volume>`` XML or a shell verb."""
+
+    name: str
+    capacity: int
+    allocation: int | None = None
+    format: str | None = None
+    type: str | None = None
+    perms: Permissions = field(default_factory=Permissions)
+    backing: BackingStore | None = None
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A volume as a backend sees it now."""
+
+    name: str
+    key: str
+    path: str
+    type: str  # file | dir | block | network
+    format: str
+    capacity: int
+    allocation: int
+    physical: int
+    mode: int | None = None
+    owner: int | None = None
+    group: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    ctime_ns: int | None = None
+    backing: BackingStore | None = None

@@ -1,0 +1,39 @@
+"""The one way vsfs runs an outside command."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+from collections.abc import Sequence
+
+import trio
+
+from .errors import BackendFailed
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 120.0
+
+
+async def run(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> str:
+    """Run ``argv`` and return its standard output.
+
+    A non-zero exit or a time-out raises BackendFailed carrying the command's
+    own error message, which ends up in ``MNT/error``.
+    """
+    log.debug("run: %s", shlex.join(argv))
+    try:
+        with trio.fail_after(timeout):
+            result = await trio.run_process(
+                list(argv), capture_stdout=True, capture_stderr=True, check=False,
+                stdin=subprocess.DEVNULL,
+            )
+    except trio.TooSlowError:
+        raise BackendFailed(f"{argv[0]}: no answer after {timeout:g} s") from None
+    except OSError as e:
+        raise BackendFailed(f"{argv[0]}: {e.strerror}") from None
+    if result.returncode != 0:
+        err = result.stderr.decode(errors="replace").strip() or f"exit status {result.returncode}"
+        raise BackendFailed(f"{argv[0]}: {err.splitlines()[-1]}")
+    return result.stdout.decode(errors="replace")

@@ -1,0 +1,441 @@
+"""The filesystem tree as plain Python objects.
+
+Every path resolves to a Dir, a File or a Link, made on demand from the
+manager's in-memory state (no backend command runs to resolve a path or list a
+directory). Nothing here imports pyfuse3: the FUSE adapter walks these objects
+and only translates.
+
+FILES is the one table of what the tree holds; the mounted README and the
+checks in the tests are made from it, so the documentation cannot drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from .errors import Invalid, Unsupported
+from .manager import Manager, Upload, parse_bool
+from .model import Volume, VolumeDef, check_name
+from .units import parse_size
+from .xmlio import format_pool, format_volume
+
+Render = Callable[[], Awaitable[bytes]]
+Apply = Callable[[bytes], Awaitable[None]]
+
+DIR_MODE = 0o755
+RO_MODE = 0o444
+RW_MODE = 0o644
+WO_MODE = 0o200
+
+# (path pattern, access, what it is): the mounted README and docs/ are made from this.
+FILES: tuple[tuple[str, str, str], ...] = (
+    ("README", "r", "this page"),
+    ("error", "r", "the last error caused by the reading user (empty when none)"),
+    ("by-uuid/<uuid>", "link", "-> ../pools/<pool>: a pool by its UUID"),
+    ("by-key/<key>", "link", "-> the volume's entry; '/' in a key is written '\\x2f'"),
+    ("by-path/<local path>", "link", "-> the volume's entry, e.g. by-path/var/lib/images/a.img"),
+    ("pools/define", "w", "write a <pool> XML document to define a pool"),
+    ("pools/<pool>/", "dir", "one per defined pool; rmdir undefines an inactive pool"),
+    ("pools/<pool>/xml", "rw", "the pool's live XML; write a <pool> document to redefine it"),
+    ("pools/<pool>/define", "w", "write a <volume> XML document to create a volume"),
+    ("pools/<pool>/ctl", "w", "start | stop | build [--overwrite] | refresh | delete"),
+    ("pools/<pool>/state", "r", "inactive | building | running | degraded | inaccessible"),
+    ("pools/<pool>/type", "r", "dir, fs, netfs, logical, disk, iscsi, ..."),
+    ("pools/<pool>/uuid", "r", "the pool's UUID"),
+    ("pools/<pool>/autostart", "rw", "yes | no (1/0/true/false accepted)"),
+    ("pools/<pool>/capacity", "r", "bytes"),
+    ("pools/<pool>/allocation", "r", "bytes"),
+    ("pools/<pool>/free", "r", "bytes available for new volumes"),
+    ("pools/<pool>/target", "link", "-> the pool's target path, where it has one"),
+    ("pools/<pool>/volumes/<vol>", "link", "-> the volume's local path"),
+    ("pools/<pool>/volinfo/<vol>/xml", "r", "the volume's XML"),
+    ("pools/<pool>/volinfo/<vol>/capacity", "rw", "bytes; write a size to resize"),
+    ("pools/<pool>/volinfo/<vol>/allocation", "r", "bytes actually used"),
+    ("pools/<pool>/volinfo/<vol>/format", "r", "raw, qcow2, dir, ..."),
+    ("pools/<pool>/volinfo/<vol>/path", "r", "the local path"),
+    ("pools/<pool>/volinfo/<vol>/key", "r", "the volume's unique key"),
+    ("pools/<pool>/volinfo/<vol>/ctl", "w",
+     "wipe | clone NEW [POOL] | snapshot NEW | delete"),
+)
+
+VERBS: tuple[tuple[str, str], ...] = (
+    ("cat pool.xml > pools/define", "define a pool (it appears inactive)"),
+    ("echo build > pools/P/ctl", "create its storage (a directory for dir pools)"),
+    ("echo start > pools/P/ctl", "start it; stop, refresh and delete likewise"),
+    ("echo yes > pools/P/autostart", "start it whenever vsfs is mounted"),
+    ("rmdir pools/P", "undefine an inactive pool (its storage stays)"),
+    ("truncate -s 10G pools/P/volumes/V", "create a sparse raw volume"),
+    ("mkdir pools/P/volumes/V", "create a directory volume"),
+    ("cp disk.img pools/P/volumes/V", "create a volume holding a copy of the file"),
+    ("cat vol.xml > pools/P/define", "create a volume from XML (qcow2, backing store, ...)"),
+    ("rm pools/P/volumes/V", "delete the volume"),
+    ("mv pools/P/volumes/A pools/P/volumes/B", "rename it"),
+    ("echo 20G > pools/P/volinfo/V/capacity", "resize it"),
+    ("echo 'clone NEW [POOL]' > pools/P/volinfo/V/ctl", "copy it"),
+    ("echo 'snapshot NEW' > pools/P/volinfo/V/ctl", "a qcow2 overlay backed by it"),
+    ("echo wipe > pools/P/volinfo/V/ctl", "zero it"),
+)
+
+
+def readme_text() -> str:
+    width = max(len(p) for p, _, _ in FILES)
+    lines = [
+        "vsfs: host storage as files (libvirt's pools and volumes).",
+        "",
+        "Files (one value per file, newline-terminated; r = read, w = write):",
+    ]
+    lines += [f"  {p:<{width}}  {a:<4} {d}" for p, a, d in FILES]
+    vwidth = max(len(v) for v, _ in VERBS)
+    lines += ["", "Verbs:"]
+    lines += [f"  {v:<{vwidth}}  {d}" for v, d in VERBS]
+    lines += [
+        "",
+        "Sizes: bytes, or K/M/G/T (1024) and KB/MB/GB/TB (1000).",
+        "A refused action fails with an errno and leaves its reason in 'error'.",
+        "Full reference: docs/reference.md in the vsfs sources.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+README_BYTES = readme_text().encode()
+
+
+def escape_key(key: str) -> str:
+    return key.replace("\\", "\\x5c").replace("/", "\\x2f")
+
+
+def unescape_key(name: str) -> str:
+    return name.replace("\\x2f", "/").replace("\\x5c", "\\")
+
+
+def _value(v: object) -> bytes:
+    return f"{v}\n".encode()
+
+
+@dataclass
+class Node:
+    mode: int
+
+
+@dataclass
+class File(Node):
+    read: Render | None = None
+    write: Apply | None = None
+    xml: bool = False
+    # Size of static content; generated files report 0 and are read with direct I/O.
+    size: int = 0
+
+
+@dataclass
+class Link(Node):
+    target: str = ""
+
+
+@dataclass
+class UploadFile(Node):
+    """A volume being created through a file handle: a regular file until closed."""
+
+    upload: Upload | None = None
+
+
+@dataclass
+class Dir(Node):
+    names: Callable[[], Iterable[str]] = lambda: ()
+    child: Callable[[str], Node | None] = lambda name: None
+    create: Callable[[str, int], Awaitable[Upload]] | None = None
+    mkdir: Callable[[str], Awaitable[None]] | None = None
+    unlink: Callable[[str], Awaitable[None]] | None = None
+    rmdir: Callable[[str], Awaitable[None]] | None = None
+    rename: Callable[[str, tuple[str, ...], str], Awaitable[None]] | None = None
+    # Entries that change behind our back are looked up again every time.
+    volatile: bool = False
+
+
+class Tree:
+    """Resolves paths (tuples of names) to nodes."""
+
+    def __init__(self, manager: Manager) -> None:
+        self.m = manager
+        # The last error per user id: MNT/error shows the reader's own.
+        self.errors: dict[int, str] = {}
+
+    def record_error(self, uid: int, message: str) -> None:
+        self.errors[uid] = message
+
+    def resolve(self, path: tuple[str, ...]) -> Node | None:
+        node: Node | None = self.root()
+        for name in path:
+            if not isinstance(node, Dir):
+                return None
+            node = node.child(name)
+        return node
+
+    def children(self, node: Dir) -> list[tuple[str, Node]]:
+        out = []
+        for name in node.names():
+            child = node.child(name)
+            if child is not None:
+                out.append((name, child))
+        return out
+
+    # ---------------------------------------------------------------- root
+
+    def root(self) -> Dir:
+        def child(name: str) -> Node | None:
+            match name:
+                case "README":
+                    return File(RO_MODE, read=self._readme, size=len(README_BYTES))
+                case "error":
+                    return File(RO_MODE)  # filled per reader by the adapter
+                case "by-uuid":
+                    return self._by_uuid()
+                case "by-key":
+                    return self._by_key()
+                case "by-path":
+                    return self._by_path(())
+                case "pools":
+                    return self._pools()
+            return None
+
+        return Dir(DIR_MODE, names=lambda: ("README", "error", "by-uuid", "by-key", "by-path",
+                                            "pools"), child=child)
+
+    async def _readme(self) -> bytes:
+        return README_BYTES
+
+    def error_text(self, uid: int) -> bytes:
+        msg = self.errors.get(uid)
+        return f"{msg}\n".encode() if msg else b""
+
+    # ---------------------------------------------------------------- lookups
+
+    def _by_uuid(self) -> Dir:
+        def child(name: str) -> Node | None:
+            pool = self.m.by_uuid(name)
+            return Link(0o777, target=f"../pools/{pool}") if pool is not None else None
+
+        return Dir(DIR_MODE, names=lambda: [e.pool.uuid for e in self.m.pools.values()],
+                   child=child, volatile=True)
+
+    def _by_key(self) -> Dir:
+        def child(name: str) -> Node | None:
+            found = self.m.by_key(unescape_key(name))
+            if found is None or escape_key(found[1].key) != name:
+                return None
+            return Link(0o777, target=f"../pools/{found[0]}/volumes/{found[1].name}")
+
+        return Dir(DIR_MODE, names=lambda: [escape_key(v.key) for _, v in self.m.all_volumes()],
+                   child=child, volatile=True)
+
+    def _by_path(self, prefix: tuple[str, ...]) -> Dir:
+        def paths() -> Iterable[tuple[tuple[str, ...], str, Volume]]:
+            for pool, vol in self.m.all_volumes():
+                if vol.path.startswith("/"):
+                    yield tuple(c for c in vol.path.split("/") if c), pool, vol
+
+        def names() -> Iterable[str]:
+            n = len(prefix)
+            return sorted({p[n] for p, _, _ in paths() if len(p) > n and p[:n] == prefix})
+
+        def child(name: str) -> Node | None:
+            sub = (*prefix, name)
+            deeper = False
+            for p, pool, vol in paths():
+                if p == sub:
+                    up = "../" * len(sub)
+                    return Link(0o777, target=f"{up}pools/{pool}/volumes/{vol.name}")
+                deeper = deeper or p[:len(sub)] == sub
+            return self._by_path(sub) if deeper else None
+
+        return Dir(DIR_MODE, names=names, child=child, volatile=True)
+
+    # ---------------------------------------------------------------- pools
+
+    def _pools(self) -> Dir:
+        def child(name: str) -> Node | None:
+            if name == "define":
+                return File(WO_MODE, write=self._define_pool, xml=True)
+            return self._pool(name) if name in self.m.pools else None
+
+        async def mkdir(name: str) -> None:
+            check_name(name, "pool name")
+            raise Unsupported("define a pool by writing its XML to pools/define")
+
+        return Dir(DIR_MODE, names=lambda: ["define", *self.m.pools], child=child,
+                   rmdir=self.m.undefine_pool, mkdir=mkdir)
+
+    async def _define_pool(self, data: bytes) -> None:
+        await self.m.define_pool(data)
+
+    def _pool(self, name: str) -> Dir:
+        m = self.m
+
+        async def xml() -> bytes:
+            entry = m.entry(name)
+            if entry.running:
+                await m.pool_status(name)
+                return format_pool(entry.pool, entry.status, entry.live_perms)
+            return format_pool(entry.pool, entry.status)
+
+        async def redefine(data: bytes) -> None:
+            await m.redefine_pool(name, data)
+
+        async def define_volume(data: bytes) -> None:
+            await m.create_volume_xml(name, data)
+
+        async def ctl(data: bytes) -> None:
+            await m.pool_command(name, _line(data))
+
+        async def autostart(data: bytes) -> None:
+            await m.set_autostart(name, parse_bool(_line(data)))
+
+        def size(attr: str) -> Render:
+            async def render() -> bytes:
+                status = await m.pool_status(name)
+                return _value(getattr(status, attr))
+            return render
+
+        def const(fn: Callable[[], object]) -> Render:
+            async def render() -> bytes:
+                return _value(fn())
+            return render
+
+        def entry_names() -> list[str]:
+            entry = m.pools.get(name)
+            base = ["xml", "define", "ctl", "state", "type", "uuid", "autostart", "capacity",
+                    "allocation", "free"]
+            if entry is not None and entry.pool.target_path:
+                base.append("target")
+            return [*base, "volumes", "volinfo"]
+
+        def child(cname: str) -> Node | None:
+            entry = m.pools.get(name)
+            if entry is None:
+                return None
+            match cname:
+                case "xml":
+                    return File(RW_MODE, read=xml, write=redefine, xml=True)
+                case "define":
+                    return File(WO_MODE, write=define_volume, xml=True)
+                case "ctl":
+                    return File(WO_MODE, write=ctl)
+                case "state":
+                    return File(RO_MODE, read=const(lambda: m.entry(name).state.value))
+                case "type":
+                    return File(RO_MODE, read=const(lambda: m.entry(name).pool.type))
+                case "uuid":
+                    return File(RO_MODE, read=const(lambda: m.entry(name).pool.uuid))
+                case "autostart":
+                    return File(RW_MODE, write=autostart,
+                                read=const(lambda: "yes" if m.entry(name).autostart else "no"))
+                case "capacity" | "allocation":
+                    return File(RO_MODE, read=size(cname))
+                case "free":
+                    return File(RO_MODE, read=size("available"))
+                case "target":
+                    tp = entry.pool.target_path
+                    return Link(0o777, target=tp) if tp else None
+                case "volumes":
+                    return self._volumes(name)
+                case "volinfo":
+                    return self._volinfo(name)
+            return None
+
+        return Dir(DIR_MODE, names=entry_names, child=child)
+
+    # ---------------------------------------------------------------- volumes
+
+    def _volume_names(self, pool: str) -> list[str]:
+        entry = self.m.pools.get(pool)
+        return list(entry.volumes) if entry is not None and entry.running else []
+
+    def _volumes(self, pool: str) -> Dir:
+        m = self.m
+
+        def child(name: str) -> Node | None:
+            upload = m.uploads.get((pool, name))
+            if upload is not None:
+                return UploadFile(0o600, upload=upload)
+            entry = m.pools.get(pool)
+            if entry is None or not entry.running:
+                return None
+            vol = entry.volumes.get(name)
+            return Link(0o777, target=vol.path) if vol is not None else None
+
+        async def create(name: str, flags: int) -> Upload:
+            return await m.begin_upload(pool, name, flags)
+
+        async def mkdir(name: str) -> None:
+            entry = m.entry(pool)
+            if entry.pool.type not in ("dir", "fs", "netfs"):
+                raise Unsupported(f"{entry.pool.type} pools have no directory volumes")
+            await m.create_volume(pool, VolumeDef(name=name, capacity=0, format="dir",
+                                                  type="dir"))
+
+        async def unlink(name: str) -> None:
+            await m.delete_volume(pool, name)
+
+        async def rename(name: str, new_parent: tuple[str, ...], new_name: str) -> None:
+            if (len(new_parent) != 3 or new_parent[0] != "pools"
+                    or new_parent[2] != "volumes"):
+                raise Invalid("volumes can only be renamed within a volumes/ directory")
+            await m.rename_volume(pool, name, new_parent[1], new_name)
+
+        return Dir(DIR_MODE, names=lambda: self._volume_names(pool), child=child,
+                   create=create, mkdir=mkdir, unlink=unlink, rename=rename)
+
+    def _volinfo(self, pool: str) -> Dir:
+        def child(name: str) -> Node | None:
+            entry = self.m.pools.get(pool)
+            if entry is None or not entry.running or name not in entry.volumes:
+                return None
+            return self._volinfo_dir(pool, name)
+
+        return Dir(DIR_MODE, names=lambda: self._volume_names(pool), child=child)
+
+    def _volinfo_dir(self, pool: str, name: str) -> Dir:
+        m = self.m
+
+        def field_of(fn: Callable[[Volume], object]) -> Render:
+            async def render() -> bytes:
+                return _value(fn(await m.refresh_volume(pool, name)))
+            return render
+
+        async def xml() -> bytes:
+            return format_volume(await m.refresh_volume(pool, name))
+
+        async def resize(data: bytes) -> None:
+            await m.resize_volume(pool, name, parse_size(_line(data)))
+
+        async def ctl(data: bytes) -> None:
+            await m.volume_command(pool, name, _line(data))
+
+        files: dict[str, Callable[[], Node]] = {
+            "xml": lambda: File(RO_MODE, read=xml),
+            "capacity": lambda: File(RW_MODE, read=field_of(lambda v: v.capacity), write=resize),
+            "allocation": lambda: File(RO_MODE, read=field_of(lambda v: v.allocation)),
+            "format": lambda: File(RO_MODE, read=field_of(lambda v: v.format)),
+            "path": lambda: File(RO_MODE, read=field_of(lambda v: v.path)),
+            "key": lambda: File(RO_MODE, read=field_of(lambda v: v.key)),
+            "ctl": lambda: File(WO_MODE, write=ctl),
+        }
+
+        def child(cname: str) -> Node | None:
+            make = files.get(cname)
+            return make() if make is not None else None
+
+        return Dir(DIR_MODE, names=lambda: list(files), child=child)
+
+
+def _line(data: bytes) -> str:
+    """One written value: the text, without its trailing newline."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Invalid("the value is not UTF-8 text") from None
+    text = text.strip()
+    if "\n" in text:
+        raise Invalid("write one value or command per write")
+    return text

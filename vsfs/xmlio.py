@@ -1,0 +1,424 @@
+"""libvirt-compatible XML in and out.
+
+Input is parsed with a hardened parser (no DTDs, no entity expansion, no
+network, bounded size). Output follows libvirt's ``storagepool.rng`` and
+``storagevol.rng`` so that what vsfs prints validates against them.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid as uuidlib
+from collections.abc import Iterable
+
+from lxml import etree
+
+from .errors import Invalid
+from .model import (
+    BackingStore,
+    Permissions,
+    PoolDef,
+    PoolSource,
+    PoolStatus,
+    SourceAuth,
+    SourceDevice,
+    SourceHost,
+    Volume,
+    VolumeDef,
+    check_name,
+)
+from .units import parse_size
+
+MAX_XML_BYTES = 1 << 20
+
+FS_NS = "http://libvirt.org/schemas/storagepool/fs/1.0"
+RBD_NS = "http://libvirt.org/schemas/storagepool/rbd/1.0"
+
+_HEX = "[0-9a-fA-F]"
+_UUID_RE = re.compile(rf"{_HEX}{{8}}-?{_HEX}{{4}}-?{_HEX}{{4}}-?{_HEX}{{4}}-?{_HEX}{{12}}")
+
+
+def safe_parser() -> etree.XMLParser:
+    """A parser that cannot be made to read files, the network or expand entities."""
+    return etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_comments=True,
+        remove_pis=True,
+    )
+
+
+def parse_document(data: bytes, root: str) -> etree._Element:
+    """Parse one complete document whose root element must be ``root``."""
+    if len(data) > MAX_XML_BYTES:
+        raise Invalid(f"XML document larger than {MAX_XML_BYTES} bytes")
+    if not data.strip():
+        raise Invalid("empty XML document")
+    try:
+        doc = etree.fromstring(data, safe_parser())
+    except etree.XMLSyntaxError as e:
+        raise Invalid(f"malformed XML: {e.msg}") from None
+    info = doc.getroottree().docinfo
+    # lxml-stubs lack DocInfo.doctype; it is the whole <!DOCTYPE ...> line.
+    if getattr(info, "doctype", "") or info.internalDTD is not None:
+        raise Invalid("XML with a DOCTYPE is not accepted")
+    if doc.tag != root:
+        raise Invalid(f"expected a <{root}> document, got <{doc.tag}>")
+    return doc
+
+
+class DocumentFeeder:
+    """Collects written chunks and says when they form one complete document.
+
+    Syntax errors are reported as soon as the bytes show them; a document
+    whose root element has closed is complete (trailing white space allowed).
+    """
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self._parser = etree.XMLPullParser(
+            events=("start", "end"),
+            resolve_entities=False,
+            no_network=True,
+            load_dtd=False,
+        )
+        self._depth = 0
+        self.complete = False
+
+    def feed(self, chunk: bytes) -> bool:
+        if self.complete:
+            if chunk.strip():
+                raise Invalid("data after the end of the XML document")
+            return True
+        self.data += chunk
+        if len(self.data) > MAX_XML_BYTES:
+            raise Invalid(f"XML document larger than {MAX_XML_BYTES} bytes")
+        try:
+            self._parser.feed(chunk)
+            for event, _ in self._parser.read_events():
+                if event == "start":
+                    self._depth += 1
+                else:
+                    self._depth -= 1
+                    if self._depth == 0:
+                        self.complete = True
+        except etree.XMLSyntaxError as e:
+            raise Invalid(f"malformed XML: {e.msg}") from None
+        return self.complete
+
+
+def _text(el: etree._Element | None) -> str | None:
+    if el is None or el.text is None:
+        return None
+    return el.text.strip()
+
+
+def _sized(el: etree._Element | None) -> int | None:
+    if el is None:
+        return None
+    text = _text(el)
+    if not text:
+        raise Invalid(f"<{el.tag}> needs a size")
+    return parse_size(text, el.get("unit"))
+
+
+def _int_or_default(text: str | None, what: str, base: int = 10) -> int | None:
+    if text is None or text in {"", "-1"}:
+        return None
+    try:
+        value = int(text, base)
+    except ValueError:
+        raise Invalid(f"bad {what} {text!r}") from None
+    if value < 0:
+        raise Invalid(f"bad {what} {text!r}")
+    return value
+
+
+def parse_permissions(el: etree._Element | None) -> Permissions:
+    if el is None:
+        return Permissions()
+    mode = _int_or_default(_text(el.find("mode")), "mode", 8)
+    if mode is not None and mode > 0o7777:
+        raise Invalid(f"bad mode {oct(mode)}")
+    return Permissions(
+        mode=mode,
+        owner=_int_or_default(_text(el.find("owner")), "owner"),
+        group=_int_or_default(_text(el.find("group")), "group"),
+        label=_text(el.find("label")),
+    )
+
+
+def _yes_no(value: str | None, what: str) -> bool | None:
+    if value is None:
+        return None
+    if value in ("yes", "no"):
+        return value == "yes"
+    raise Invalid(f"{what} must be 'yes' or 'no', not {value!r}")
+
+
+def normalize_uuid(text: str) -> str:
+    if not _UUID_RE.fullmatch(text.strip()):
+        raise Invalid(f"malformed UUID {text!r}")
+    return str(uuidlib.UUID(text.strip()))
+
+
+def _parse_source(el: etree._Element | None) -> PoolSource:
+    if el is None:
+        return PoolSource()
+    hosts = []
+    for h in el.findall("host"):
+        name = h.get("name")
+        if not name:
+            raise Invalid("<host> needs a name")
+        port = h.get("port")
+        try:
+            port_no = int(port) if port is not None else None
+        except ValueError:
+            raise Invalid(f"bad port {port!r}") from None
+        if port_no is not None and not 0 < port_no < 65536:
+            raise Invalid(f"bad port {port!r}")
+        hosts.append(SourceHost(name, port_no))
+    devices = []
+    for d in el.findall("device"):
+        path = d.get("path")
+        if not path:
+            raise Invalid("<device> needs a path")
+        devices.append(SourceDevice(path, _yes_no(d.get("part_separator"), "part_separator")))
+    dir_el = el.find("dir")
+    fmt = el.find("format")
+    vendor = el.find("vendor")
+    product = el.find("product")
+    auth_el = el.find("auth")
+    auth = None
+    if auth_el is not None:
+        secret = auth_el.find("secret")
+        auth = SourceAuth(
+            type=auth_el.get("type", ""),
+            username=auth_el.get("username", ""),
+            secret_uuid=secret.get("uuid") if secret is not None else None,
+            secret_usage=secret.get("usage") if secret is not None else None,
+        )
+    iqn = el.find("initiator/iqn")
+    proto = el.find("protocol")
+    return PoolSource(
+        hosts=tuple(hosts),
+        devices=tuple(devices),
+        dir=dir_el.get("path") if dir_el is not None else None,
+        name=_text(el.find("name")),
+        format=fmt.get("type") if fmt is not None else None,
+        vendor=vendor.get("name") if vendor is not None else None,
+        product=product.get("name") if product is not None else None,
+        initiator_iqn=iqn.get("name") if iqn is not None else None,
+        auth=auth,
+        protocol_ver=proto.get("ver") if proto is not None else None,
+    )
+
+
+def parse_pool(data: bytes) -> PoolDef:
+    """Parse a ``<pool>`` document (as ``virsh pool-dumpxml`` prints it)."""
+    doc = parse_document(data, "pool")
+    ptype = doc.get("type")
+    if not ptype:
+        raise Invalid("<pool> needs a type attribute")
+    name = _text(doc.find("name"))
+    if not name:
+        raise Invalid("<pool> needs a <name>")
+    check_name(name, "pool name")
+    uuid_text = _text(doc.find("uuid"))
+    pool_uuid = normalize_uuid(uuid_text) if uuid_text else str(uuidlib.uuid4())
+    target = doc.find("target")
+    target_path = _text(target.find("path")) if target is not None else None
+    if target_path is not None and not target_path.startswith("/"):
+        raise Invalid(f"target path {target_path!r} is not absolute")
+    perms = parse_permissions(target.find("permissions") if target is not None else None)
+    cow_el = doc.find("features/cow")
+    mount_opts = tuple(
+        o.get("name", "") for o in doc.findall(f"{{{FS_NS}}}mount_opts/{{{FS_NS}}}option")
+    )
+    config_opts = tuple(
+        (o.get("name", ""), o.get("value", ""))
+        for o in doc.findall(f"{{{RBD_NS}}}config_opts/{{{RBD_NS}}}option")
+    )
+    return PoolDef(
+        type=ptype,
+        name=name,
+        uuid=pool_uuid,
+        source=_parse_source(doc.find("source")),
+        target_path=target_path.rstrip("/") or "/" if target_path else None,
+        target_perms=perms,
+        cow=_yes_no(cow_el.get("state"), "cow state") if cow_el is not None else None,
+        mount_opts=mount_opts,
+        config_opts=config_opts,
+    )
+
+
+def parse_volume(data: bytes) -> VolumeDef:
+    """Parse a ``<volume>`` document (as ``virsh vol-dumpxml`` prints it)."""
+    doc = parse_document(data, "volume")
+    name = _text(doc.find("name"))
+    if not name:
+        raise Invalid("<volume> needs a <name>")
+    check_name(name, "volume name")
+    capacity = _sized(doc.find("capacity"))
+    if capacity is None:
+        raise Invalid("<volume> needs a <capacity>")
+    allocation = _sized(doc.find("allocation"))
+    target = doc.find("target")
+    fmt = target.find("format") if target is not None else None
+    perms = parse_permissions(target.find("permissions") if target is not None else None)
+    backing = None
+    bs = doc.find("backingStore")
+    if bs is not None:
+        bpath = _text(bs.find("path"))
+        if not bpath:
+            raise Invalid("<backingStore> needs a <path>")
+        bfmt = bs.find("format")
+        backing = BackingStore(bpath, bfmt.get("type") if bfmt is not None else None)
+    return VolumeDef(
+        name=name,
+        capacity=capacity,
+        allocation=allocation,
+        format=fmt.get("type") if fmt is not None else None,
+        type=doc.get("type"),
+        perms=perms,
+        backing=backing,
+    )
+
+
+# ---------------------------------------------------------------- output
+
+
+def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
+    el = etree.SubElement(parent, tag, attrs)
+    if text is not None:
+        el.text = text
+    return el
+
+
+def _size(parent: etree._Element, tag: str, value: int) -> None:
+    _sub(parent, tag, str(value), unit="bytes")
+
+
+def _perms(parent: etree._Element, perms: Permissions) -> None:
+    if perms == Permissions():
+        return
+    p = _sub(parent, "permissions")
+    if perms.mode is not None:
+        _sub(p, "mode", f"{perms.mode:04o}")
+    if perms.owner is not None:
+        _sub(p, "owner", str(perms.owner))
+    if perms.group is not None:
+        _sub(p, "group", str(perms.group))
+    if perms.label is not None:
+        _sub(p, "label", perms.label)
+
+
+def _source(parent: etree._Element, src: PoolSource) -> None:
+    s = _sub(parent, "source")
+    for h in src.hosts:
+        attrs = {"name": h.name}
+        if h.port is not None:
+            attrs["port"] = str(h.port)
+        _sub(s, "host", **attrs)
+    for d in src.devices:
+        attrs = {"path": d.path}
+        if d.part_separator is not None:
+            attrs["part_separator"] = "yes" if d.part_separator else "no"
+        _sub(s, "device", **attrs)
+    if src.dir is not None:
+        _sub(s, "dir", path=src.dir)
+    if src.name is not None:
+        _sub(s, "name", src.name)
+    if src.format is not None:
+        _sub(s, "format", type=src.format)
+    if src.protocol_ver is not None:
+        _sub(s, "protocol", ver=src.protocol_ver)
+    if src.initiator_iqn is not None:
+        _sub(_sub(s, "initiator"), "iqn", name=src.initiator_iqn)
+    if src.auth is not None:
+        a = _sub(s, "auth", type=src.auth.type, username=src.auth.username)
+        if src.auth.secret_uuid is not None:
+            _sub(a, "secret", uuid=src.auth.secret_uuid)
+        elif src.auth.secret_usage is not None:
+            _sub(a, "secret", usage=src.auth.secret_usage)
+    if src.vendor is not None:
+        _sub(s, "vendor", name=src.vendor)
+    if src.product is not None:
+        _sub(s, "product", name=src.product)
+
+
+def _serialize(root: etree._Element) -> bytes:
+    etree.indent(root, space="  ")
+    return bytes(etree.tostring(root, encoding="utf-8")) + b"\n"
+
+
+def format_pool(pool: PoolDef, status: PoolStatus | None = None,
+                live_perms: Permissions | None = None) -> bytes:
+    """The pool's XML; with a status, its live sizes too (as pool-dumpxml).
+
+    Without one it is the persistent definition, as libvirt keeps it on disk.
+    """
+    nsmap = {"fs": FS_NS} if pool.mount_opts else ({"rbd": RBD_NS} if pool.config_opts else None)
+    root = etree.Element("pool", {"type": pool.type}, nsmap=nsmap)
+    _sub(root, "name", pool.name)
+    _sub(root, "uuid", pool.uuid)
+    if status is not None:
+        _size(root, "capacity", status.capacity)
+        _size(root, "allocation", status.allocation)
+        _size(root, "available", status.available)
+    if pool.cow is not None:
+        _sub(_sub(root, "features"), "cow", state="yes" if pool.cow else "no")
+    _source(root, pool.source)
+    if pool.target_path is not None or pool.target_perms != Permissions():
+        t = _sub(root, "target")
+        if pool.target_path is not None:
+            _sub(t, "path", pool.target_path)
+        _perms(t, live_perms or pool.target_perms)
+    if pool.mount_opts:
+        m = _sub(root, f"{{{FS_NS}}}mount_opts")
+        for opt in pool.mount_opts:
+            _sub(m, f"{{{FS_NS}}}option", name=opt)
+    if pool.config_opts:
+        c = _sub(root, f"{{{RBD_NS}}}config_opts")
+        for k, v in pool.config_opts:
+            _sub(c, f"{{{RBD_NS}}}option", name=k, value=v)
+    return _serialize(root)
+
+
+def _timestamp(ns: int) -> str:
+    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
+
+
+def format_volume(vol: Volume) -> bytes:
+    root = etree.Element("volume", {"type": vol.type})
+    _sub(root, "name", vol.name)
+    _sub(root, "key", vol.key)
+    _size(root, "capacity", vol.capacity)
+    _size(root, "allocation", vol.allocation)
+    _size(root, "physical", vol.physical)
+    t = _sub(root, "target")
+    _sub(t, "path", vol.path)
+    _sub(t, "format", type=vol.format)
+    _perms(t, Permissions(vol.mode, vol.owner, vol.group))
+    stamps: Iterable[tuple[str, int | None]] = (
+        ("atime", vol.atime_ns), ("mtime", vol.mtime_ns), ("ctime", vol.ctime_ns))
+    if any(v is not None for _, v in stamps):
+        ts = _sub(t, "timestamps")
+        for tag, value in stamps:
+            if value is not None:
+                _sub(ts, tag, _timestamp(value))
+    if vol.backing is not None:
+        b = _sub(root, "backingStore")
+        _sub(b, "path", vol.backing.path)
+        _sub(b, "format", type=vol.backing.format or "raw")
+    return _serialize(root)
+
+
+def format_sources(sources: Iterable[PoolSource]) -> bytes:
+    root = etree.Element("sources")
+    for src in sources:
+        _source(root, src)
+    return _serialize(root)
