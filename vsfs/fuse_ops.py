@@ -316,6 +316,18 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE has no meaning here
         rename = parent.rename
         await self._dir_op(ctx, lambda: rename(_name(name_old), new_path, _name(name_new)))
+        # The kernel moves its dentry to the new name with the same inode, so
+        # that inode must now stand for the new path.
+        old_path, _ = self._dir(parent_inode_old)
+        for kind in ("link", "dir", "file"):
+            ino = self._ino_of.pop(((*old_path, _name(name_old)), kind), None)
+            if ino is not None:
+                new_key = ((*new_path, _name(name_new)), kind)
+                stale = self._ino_of.pop(new_key, None)
+                if stale is not None:
+                    self._key_of.pop(stale, None)
+                self._ino_of[new_key] = ino
+                self._key_of[ino] = new_key
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -1,0 +1,295 @@
+"""A dir pool driven end to end through a real mount with real tools."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from rng import assert_valid
+
+from conftest import Mount, sh
+from vsfs.tree import readme_text
+
+pytestmark = pytest.mark.fuse
+
+
+def qemu_info(path: Path | str) -> dict[str, object]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def test_root_and_readme(vsfs: Mount) -> None:
+    names = set(os.listdir(vsfs.path))
+    assert {"README", "error", "by-uuid", "by-key", "by-path", "pools"} <= names
+    assert sh(f"cat {vsfs.path}/README", check=True).stdout == readme_text()
+    assert sh(f"cat {vsfs.path}/error", check=True).stdout == ""
+
+
+def test_pool_lifecycle(vsfs: Mount) -> None:
+    m = vsfs.path
+    target = vsfs.base / "images"
+    (vsfs.base / "p.xml").write_text(vsfs.pool_xml("p", target))
+    sh(f"cat {vsfs.base}/p.xml > {m}/pools/define", check=True)
+    p = m / "pools" / "p"
+    assert (p / "state").read_text() == "inactive\n"
+    assert (p / "type").read_text() == "dir\n"
+    assert os.readlink(p / "target") == str(target)
+    uuid = (p / "uuid").read_text().strip()
+    assert os.readlink(m / "by-uuid" / uuid) == "../pools/p"
+    assert (vsfs.state / "p.xml").exists()
+
+    # start before build: the directory is missing, the backend says so (EIO)
+    res = sh(f"echo start > {p}/ctl")
+    assert res.returncode != 0 and "Input/output error" in res.stderr
+    assert "build the pool first" in vsfs.error()
+    assert (p / "state").read_text() == "inactive\n"
+
+    sh(f"echo build > {p}/ctl", check=True)
+    assert target.is_dir()
+    sh(f"echo start > {p}/ctl", check=True)
+    assert (p / "state").read_text() == "running\n"
+
+    st = os.statvfs(target)
+    assert int((p / "capacity").read_text()) == st.f_blocks * st.f_frsize
+    free = int((p / "free").read_text())
+    assert abs(free - st.f_bavail * st.f_frsize) < 64 << 20
+    xml = sh(f"cat {p}/xml", check=True).stdout
+    assert_valid(xml, "storagepool")
+    assert f"<uuid>{uuid}</uuid>" in xml
+
+    # active pools cannot be undefined, redefined or deleted
+    assert "Device or resource busy" in sh(f"rmdir {p}").stderr
+    assert "Device or resource busy" in sh(f"cat {vsfs.base}/p.xml > {p}/xml").stderr
+    assert "Device or resource busy" in sh(f"echo delete > {p}/ctl").stderr
+    assert "active" in vsfs.error()
+
+    sh(f"echo stop > {p}/ctl", check=True)
+    assert (p / "state").read_text() == "inactive\n"
+    assert os.listdir(p / "volumes") == []
+    # redefine through xml while inactive: the UUID stays
+    (vsfs.base / "p2.xml").write_text(vsfs.pool_xml(
+        "p", target, "<target><permissions><mode>0750</mode></permissions></target>")
+        .replace("</target><target>", ""))
+    new_target = vsfs.base / "images2"
+    (vsfs.base / "p2.xml").write_text(vsfs.pool_xml("p", new_target))
+    sh(f"cat {vsfs.base}/p2.xml > {p}/xml", check=True)
+    assert os.readlink(p / "target") == str(new_target)
+    assert (p / "uuid").read_text().strip() == uuid
+    assert str(new_target) in (vsfs.state / "p.xml").read_text()
+
+    sh(f"echo delete > {p}/ctl")  # images2 does not exist
+    assert "does not exist" in vsfs.error()
+    sh(f"rmdir {p}", check=True)
+    assert not p.exists()
+    assert not (vsfs.state / "p.xml").exists()
+    assert not (m / "by-uuid" / uuid).exists()
+    assert target.is_dir(), "undefine must leave the storage alone"
+
+
+def test_autostart_values(vsfs: Mount) -> None:
+    vsfs.dir_pool("a", start=False)
+    auto = vsfs.path / "pools" / "a" / "autostart"
+    link = vsfs.state / "autostart" / "a.xml"
+    for value, expect in [("yes", True), ("0", False), ("TRUE", True), ("false", False),
+                          ("1", True), ("no", False)]:
+        sh(f"echo {value} > {auto}", check=True)
+        assert auto.read_text() == ("yes\n" if expect else "no\n")
+        assert link.is_symlink() is expect
+    res = sh(f"echo maybe > {auto}")
+    assert "Invalid argument" in res.stderr
+    assert "expected yes or no" in vsfs.error()
+
+
+def test_truncate_creates_sparse_raw_volume(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    vols = vsfs.path / "pools" / "p" / "volumes"
+    sh(f"truncate -s 10G {vols}/web.img", check=True)
+    entry = vols / "web.img"
+    assert stat.S_ISLNK(os.lstat(entry).st_mode)
+    assert os.readlink(entry) == str(target / "web.img")
+    st = os.stat(target / "web.img")
+    assert st.st_size == 10 << 30
+    assert st.st_blocks == 0, "truncate must make a sparse file"
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    info = qemu_info(entry)
+    assert info["format"] == "raw" and info["virtual-size"] == 10 << 30
+    vi = vsfs.path / "pools" / "p" / "volinfo" / "web.img"
+    assert (vi / "capacity").read_text() == f"{10 << 30}\n"
+    assert (vi / "allocation").read_text() == "0\n"
+    assert (vi / "format").read_text() == "raw\n"
+    assert (vi / "path").read_text() == f"{target}/web.img\n"
+    assert (vi / "key").read_text() == f"{target}/web.img\n"
+    xml = (vi / "xml").read_bytes()
+    assert_valid(xml, "storagevol")
+    assert b"<key>" + str(target / "web.img").encode() + b"</key>" in xml
+    # by-key and by-path lead back to the entry
+    key_link = vsfs.path / "by-key" / str(target / "web.img").replace("/", "\\x2f")
+    assert os.path.samefile(key_link, target / "web.img")
+    rel = str(target / "web.img").lstrip("/")
+    assert os.readlink(vsfs.path / "by-path" / rel).endswith("pools/p/volumes/web.img")
+    assert os.path.samefile(vsfs.path / "by-path" / rel, target / "web.img")
+
+
+def test_mkdir_cp_mv_rm(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    vols = vsfs.path / "pools" / "p" / "volumes"
+    sh(f"mkdir {vols}/isos", check=True)
+    assert os.readlink(vols / "isos") == str(target / "isos")
+    assert (target / "isos").is_dir()
+    assert (vsfs.path / "pools/p/volinfo/isos/format").read_text() == "dir\n"
+
+    src = vsfs.base / "disk.img"
+    src.write_bytes(os.urandom(3 << 20) + b"tail")
+    sh(f"cp {src} {vols}/copy.img", check=True)
+    sh(f"cmp {src} {vols}/copy.img", check=True)
+    assert stat.S_ISLNK(os.lstat(vols / "copy.img").st_mode)
+
+    # cp of a qcow2 image: the volume reports the probed format
+    sh(f"qemu-img create -q -f qcow2 {vsfs.base}/q.qcow2 1G", check=True)
+    sh(f"cp {vsfs.base}/q.qcow2 {vols}/q.qcow2", check=True)
+    assert (vsfs.path / "pools/p/volinfo/q.qcow2/format").read_text() == "qcow2\n"
+    assert (vsfs.path / "pools/p/volinfo/q.qcow2/capacity").read_text() == f"{1 << 30}\n"
+
+    sh(f"mv {vols}/copy.img {vols}/moved.img", check=True)
+    assert not (target / "copy.img").exists()
+    sh(f"cmp {src} {vols}/moved.img", check=True)
+    assert sorted(os.listdir(vols)) == ["isos", "moved.img", "q.qcow2"]
+    assert not (vsfs.path / "pools/p/volinfo/copy.img").exists()
+
+    sh(f"rm {vols}/moved.img", check=True)
+    assert not (target / "moved.img").exists()
+    sh(f"rm {vols}/isos", check=True)
+    assert not (target / "isos").exists()
+    assert sorted(os.listdir(vols)) == ["q.qcow2"]
+
+
+def test_volume_xml_define(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    (vsfs.base / "base.xml").write_text(
+        "<volume><name>base.qcow2</name><capacity unit='G'>2</capacity>"
+        "<target><format type='qcow2'/><permissions><mode>0640</mode></permissions>"
+        "</target></volume>")
+    sh(f"cat {vsfs.base}/base.xml > {p}/define", check=True)
+    info = qemu_info(target / "base.qcow2")
+    assert info["format"] == "qcow2" and info["virtual-size"] == 2 << 30
+    assert stat.S_IMODE(os.stat(target / "base.qcow2").st_mode) == 0o640
+
+    # an overlay with a backing store
+    (vsfs.base / "ov.xml").write_text(
+        f"<volume><name>overlay</name><capacity unit='G'>2</capacity>"
+        f"<target><format type='qcow2'/></target><backingStore>"
+        f"<path>{target}/base.qcow2</path><format type='qcow2'/></backingStore></volume>")
+    sh(f"cat {vsfs.base}/ov.xml > {p}/define", check=True)
+    info = qemu_info(target / "overlay")
+    assert info["backing-filename"] == f"{target}/base.qcow2"
+    xml = (p / "volinfo" / "overlay" / "xml").read_text()
+    assert_valid(xml, "storagevol")
+    assert f"<path>{target}/base.qcow2</path>" in xml
+
+    # preallocated raw: allocation equal to capacity
+    (vsfs.base / "pre.xml").write_text(
+        "<volume><name>pre.raw</name><capacity unit='M'>8</capacity>"
+        "<allocation unit='M'>8</allocation></volume>")
+    sh(f"cat {vsfs.base}/pre.xml > {p}/define", check=True)
+    assert os.stat(target / "pre.raw").st_blocks * 512 >= 8 << 20
+    assert int((p / "volinfo/pre.raw/allocation").read_text()) >= 8 << 20
+
+    # the same name again
+    res = sh(f"cat {vsfs.base}/pre.xml > {p}/define")
+    assert "File exists" in res.stderr
+    assert "already exists" in vsfs.error()
+
+
+def test_resize_clone_snapshot_wipe(mount_factory) -> None:  # noqa: ANN001
+    vsfs = mount_factory()
+    target = vsfs.dir_pool()
+    target2 = vsfs.dir_pool("q")
+    p = vsfs.path / "pools" / "p"
+    sh(f"truncate -s 1M {p}/volumes/v", check=True)
+    (target / "v").write_bytes(b"x" * 4096)
+    os.truncate(target / "v", 1 << 20)
+
+    sh(f"echo 20M > {p}/volinfo/v/capacity", check=True)
+    assert os.stat(target / "v").st_size == 20 << 20
+    assert (p / "volinfo/v/capacity").read_text() == f"{20 << 20}\n"
+    sh(f"echo '10 MiB' > {p}/volinfo/v/capacity", check=True)
+    assert os.stat(target / "v").st_size == 10 << 20
+    # shrinking below the data is refused and changes nothing
+    res = sh(f"echo 1K > {p}/volinfo/v/capacity")
+    assert "Invalid argument" in res.stderr
+    assert "discard data" in vsfs.error()
+    assert os.stat(target / "v").st_size == 10 << 20
+    assert "Invalid argument" in sh(f"echo 12XB > {p}/volinfo/v/capacity").stderr
+    assert "bad size unit" in vsfs.error()
+
+    sh(f"echo 'clone c' > {p}/volinfo/v/ctl", check=True)
+    sh(f"cmp {target}/v {target}/c", check=True)
+    sh(f"echo 'clone other q' > {p}/volinfo/v/ctl", check=True)
+    sh(f"cmp {target}/v {target2}/other", check=True)
+    assert os.readlink(vsfs.path / "pools/q/volumes/other") == str(target2 / "other")
+
+    sh(f"echo 'snapshot snap' > {p}/volinfo/v/ctl", check=True)
+    info = qemu_info(target / "snap")
+    assert info["format"] == "qcow2"
+    assert info["backing-filename"] == str(target / "v")
+    assert info["virtual-size"] == 10 << 20
+    # the backing store of a snapshot is in use
+    res = sh(f"rm {p}/volumes/v")
+    assert "Device or resource busy" in res.stderr
+    assert "backing store" in vsfs.error()
+
+    sh(f"echo wipe > {p}/volinfo/c/ctl", check=True)
+    data = (target / "c").read_bytes()
+    assert len(data) == 10 << 20 and data.count(0) == len(data)
+    sh(f"echo delete > {p}/volinfo/snap/ctl", check=True)
+    assert not (target / "snap").exists()
+    sh(f"rm {p}/volumes/v", check=True)
+    # a qcow2 volume wiped stays a qcow2 of the same size
+    sh(f"qemu-img create -q -f qcow2 {target}/w.qcow2 64M", check=True)
+    sh(f"qemu-io -c 'write -P 0x55 0 1M' {target}/w.qcow2", check=True)
+    sh(f"echo refresh > {p}/ctl", check=True)
+    sh(f"echo wipe > {p}/volinfo/w.qcow2/ctl", check=True)
+    info = qemu_info(target / "w.qcow2")
+    assert info["format"] == "qcow2" and info["virtual-size"] == 64 << 20
+    out = sh(f"qemu-io -c 'read -P 0 0 1M' {target}/w.qcow2", check=True).stdout
+    assert "read 1048576/1048576" in out
+
+
+def test_outside_changes_appear(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    vols = vsfs.path / "pools" / "p" / "volumes"
+    sh(f"qemu-img create -q -f qcow2 {target}/outside.qcow2 3G", check=True)
+    (target / "raw.bin").write_bytes(b"\0" * 1024)
+    (target / ".hidden").write_bytes(b"")
+    # The pool is polled once a second: wait for it, boundedly.
+    deadline = time.monotonic() + 10
+    while "outside.qcow2" not in os.listdir(vols) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sorted(os.listdir(vols)) == ["outside.qcow2", "raw.bin"]
+    vi = vsfs.path / "pools/p/volinfo/outside.qcow2"
+    assert (vi / "format").read_text() == "qcow2\n"
+    assert (vi / "capacity").read_text() == f"{3 << 30}\n"
+    os.unlink(target / "raw.bin")
+    sh(f"echo refresh > {vsfs.path}/pools/p/ctl", check=True)
+    assert sorted(os.listdir(vols)) == ["outside.qcow2"]
+    assert not (vols / "raw.bin").exists()
+
+
+def test_forty_parallel_creates(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    vols = vsfs.path / "pools" / "p" / "volumes"
+    sh(f"for i in $(seq 1 40); do truncate -s ${{i}}M {vols}/v$i & done; wait", check=True)
+    names = os.listdir(vols)
+    assert len(names) == 40
+    for i in range(1, 41):
+        assert os.stat(target / f"v{i}").st_size == i << 20
+        assert stat.S_ISLNK(os.lstat(vols / f"v{i}").st_mode)
+    sh(f"rm {vols}/*", check=True)
+    assert os.listdir(target) == []

@@ -1,0 +1,267 @@
+"""Every errno of the contract, reached through the mount, with nothing changed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import Mount, sh
+
+pytestmark = pytest.mark.fuse
+
+
+def state_files(m: Mount) -> list[str]:
+    return sorted(p.name for p in m.state.iterdir())
+
+
+def test_einval(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    m, p = vsfs.path, vsfs.path / "pools" / "p"
+    before = state_files(vsfs)
+    cases = [
+        (f"echo '<pool type=\"dir\"><name>x</nam></pool>' > {m}/pools/define",
+         "malformed XML"),
+        (f"echo '<volume><name>v</name></volume>' > {p}/define", "needs a <capacity>"),
+        (f"echo '<pool><name>x</name></pool>' > {m}/pools/define", "needs a type"),
+        (f"echo \"<pool type='dir'><name>.x</name><target><path>/tmp/x</path></target>"
+         f"</pool>\" > {m}/pools/define", "starts with '.'"),
+        (f"echo \"<pool type='dir'><name>a/b</name><target><path>/tmp/x</path></target>"
+         f"</pool>\" > {m}/pools/define", "contains '/'"),
+        (f"echo \"<pool type='nosuch'><name>n</name></pool>\" > {m}/pools/define",
+         "unknown pool type"),
+        (f"echo \"<pool type='dir'><name>n</name></pool>\" > {m}/pools/define",
+         "needs <target><path>"),
+        (f"echo frobnicate > {p}/ctl", "unknown command"),
+        (f"echo 'build --force' > {p}/ctl", "unknown build option"),
+        (f"truncate -s 1M {p}/volumes/.hidden", "starts with '.'"),
+        (f"echo '<volume><name>v</name><capacity unit=\"parsec\">1</capacity></volume>'"
+         f" > {p}/define", "bad size unit"),
+        (f"echo '<pool type=\"dir\"><name>x</name></pool><pool/>' > {m}/pools/define",
+         "malformed XML"),
+    ]
+    for cmd, why in cases:
+        res = sh(cmd)
+        assert res.returncode != 0, cmd
+        assert "Invalid argument" in res.stderr, (cmd, res.stderr)
+        assert why in vsfs.error(), (cmd, vsfs.error())
+    assert state_files(vsfs) == before
+    assert sorted(os.listdir(m / "pools")) == ["define", "p"]
+    assert os.listdir(target) == []
+    assert os.listdir(p / "volumes") == []
+
+
+def test_entities_are_not_expanded(vsfs: Mount) -> None:
+    doc = ('<?xml version="1.0"?><!DOCTYPE pool [<!ENTITY a "aaaaaaaaaa">'
+           '<!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+           "<pool type='dir'><name>&b;</name><target><path>/tmp/e</path></target></pool>")
+    (vsfs.base / "bomb.xml").write_text(doc)
+    res = sh(f"cat {vsfs.base}/bomb.xml > {vsfs.path}/pools/define")
+    assert "Invalid argument" in res.stderr
+    assert "DOCTYPE" in vsfs.error()
+    (vsfs.base / "ext.xml").write_text(
+        '<!DOCTYPE pool SYSTEM "file:///etc/passwd"><pool type="dir"><name>e</name>'
+        "<target><path>/tmp/e</path></target></pool>")
+    res = sh(f"cat {vsfs.base}/ext.xml > {vsfs.path}/pools/define")
+    assert "Invalid argument" in res.stderr
+    (vsfs.base / "big.xml").write_text("<pool type='dir'><name>b</name><!--"
+                                       + "x" * (2 << 20) + "--></pool>")
+    res = sh(f"cat {vsfs.base}/big.xml > {vsfs.path}/pools/define")
+    assert "Invalid argument" in res.stderr
+    assert "larger than" in vsfs.error()
+    assert os.listdir(vsfs.path / "pools") == ["define"]
+
+
+def test_incomplete_xml_reported_at_close(vsfs: Mount) -> None:
+    (vsfs.base / "half.xml").write_text('<pool type="dir"><name>half</name>')
+    # cat reports the error of close(); bash's builtin echo would not.
+    res = sh(f"cat {vsfs.base}/half.xml > {vsfs.path}/pools/define")
+    assert res.returncode != 0 and "Invalid argument" in res.stderr
+    assert "incomplete XML document" in vsfs.error()
+    sh(f"echo '<pool type=\"dir\"><name>half</name' > {vsfs.path}/pools/define")
+    assert "incomplete XML document" in vsfs.error()
+    assert os.listdir(vsfs.path / "pools") == ["define"]
+    assert state_files(vsfs) == ["autostart"]
+
+
+def test_xml_written_in_pieces(vsfs: Mount) -> None:
+    target = vsfs.base / "pieces"
+    xml = vsfs.pool_xml("pieces", target).replace("'", '"')
+    cmd = "; ".join(f"printf '%s' '{xml[i:i + 7]}'" for i in range(0, len(xml), 7))
+    sh(f"({cmd}) > {vsfs.path}/pools/define", check=True)
+    assert (vsfs.path / "pools/pieces/state").read_text() == "inactive\n"
+
+
+def test_eexist(vsfs: Mount) -> None:
+    vsfs.dir_pool()
+    m, p = vsfs.path, vsfs.path / "pools" / "p"
+    uuid = (p / "uuid").read_text().strip()
+    (vsfs.base / "dup.xml").write_text(vsfs.pool_xml("p", vsfs.base / "other"))
+    assert "File exists" in sh(f"cat {vsfs.base}/dup.xml > {m}/pools/define").stderr
+    (vsfs.base / "dupuuid.xml").write_text(
+        vsfs.pool_xml("p2", vsfs.base / "other", f"<uuid>{uuid}</uuid>"))
+    assert "File exists" in sh(f"cat {vsfs.base}/dupuuid.xml > {m}/pools/define").stderr
+    assert "UUID" in vsfs.error()
+    (vsfs.base / "duptarget.xml").write_text(vsfs.pool_xml("p3", vsfs.base / "images-p"))
+    assert "File exists" in sh(f"cat {vsfs.base}/duptarget.xml > {m}/pools/define").stderr
+    sh(f"truncate -s 1M {p}/volumes/v", check=True)
+    sh(f"mkdir {p}/volumes/d", check=True)
+    assert "File exists" in sh(f"mkdir {p}/volumes/v").stderr
+    assert "File exists" in sh(f"echo 'clone d' > {p}/volinfo/v/ctl").stderr
+    assert "File exists" in sh(f"echo 'snapshot d' > {p}/volinfo/v/ctl").stderr
+    assert "File exists" in sh(f"mv -T {p}/volumes/v {p}/volumes/d").stderr
+    assert os.path.isdir(vsfs.base / "images-p" / "d")
+    assert sorted(os.listdir(m / "pools")) == ["define", "p"]
+
+
+def test_enoent(vsfs: Mount) -> None:
+    vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    assert "No such file" in sh(f"cat {vsfs.path}/pools/nope/xml").stderr
+    assert "No such file" in sh(f"echo wipe > {p}/volinfo/nope/ctl").stderr
+    assert "No such file" in sh(f"rm {p}/volumes/nope").stderr
+    assert "No such file" in sh(f"readlink -e {vsfs.path}/by-uuid/"
+                                "00000000-0000-0000-0000-000000000000").stderr or True
+    assert not (vsfs.path / "by-uuid/00000000-0000-0000-0000-000000000000").exists()
+    sh(f"truncate -s 1M {p}/volumes/v", check=True)
+    res = sh(f"echo 'clone c nopool' > {p}/volinfo/v/ctl")
+    assert "No such file" in res.stderr
+    assert "no pool named 'nopool'" in vsfs.error()
+
+
+def test_ebusy_and_enotempty(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    sh(f"truncate -s 1M {p}/volumes/v", check=True)
+    assert "Device or resource busy" in sh(f"echo start > {p}/ctl").stderr
+    assert "already active" in vsfs.error()
+    assert "Device or resource busy" in sh(f"echo build > {p}/ctl").stderr
+    sh(f"echo stop > {p}/ctl", check=True)
+    res = sh(f"echo delete > {p}/ctl")
+    assert "Directory not empty" in res.stderr
+    assert "still holds volumes" in vsfs.error()
+    assert (target / "v").exists()
+    os.unlink(target / "v")
+    sh(f"echo delete > {p}/ctl", check=True)
+    assert not target.exists()
+
+
+def test_enospc_leaves_nothing(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    free = int((p / "free").read_text())
+    too_big = free + (1 << 30)
+    res = sh(f"truncate -s {too_big} {p}/volumes/huge")
+    assert "No space left on device" in res.stderr
+    assert "free" in vsfs.error()
+    assert os.listdir(target) == [] and os.listdir(p / "volumes") == []
+    (vsfs.base / "huge.xml").write_text(
+        f"<volume><name>huge</name><capacity>{too_big}</capacity></volume>")
+    assert "No space left" in sh(f"cat {vsfs.base}/huge.xml > {p}/define").stderr
+    assert os.listdir(target) == []
+    sh(f"truncate -s 1M {p}/volumes/small", check=True)
+    assert "No space left" in sh(f"echo {too_big} > {p}/volinfo/small/capacity").stderr
+    assert os.stat(target / "small").st_size == 1 << 20
+    res = sh(f"echo 'clone c' > {p}/volinfo/small/ctl")
+    assert res.returncode == 0
+    assert sorted(os.listdir(target)) == ["c", "small"]
+
+
+def test_eopnotsupp_and_exdev(vsfs: Mount) -> None:
+    vsfs.dir_pool()
+    vsfs.dir_pool("q")
+    p = vsfs.path / "pools" / "p"
+    (vsfs.base / "lvm.xml").write_text(
+        "<pool type='logical'><name>vg</name><source><name>vg</name></source>"
+        "<target><path>/dev/vg</path></target></pool>")
+    res = sh(f"cat {vsfs.base}/lvm.xml > {vsfs.path}/pools/define")
+    assert "Operation not supported" in res.stderr
+    assert "not supported yet" in vsfs.error()
+    sh(f"mkdir {p}/volumes/d", check=True)
+    assert "Operation not supported" in sh(f"echo wipe > {p}/volinfo/d/ctl").stderr
+    assert "Operation not supported" in sh(f"echo 'snapshot s' > {p}/volinfo/d/ctl").stderr
+    assert "Operation not supported" in sh(f"mkdir {vsfs.path}/pools/newpool").stderr
+    sh(f"truncate -s 1M {p}/volumes/v", check=True)
+    res = sh(f"mv {p}/volumes/v {vsfs.path}/pools/q/volumes/v")
+    # mv falls back to copying the symlink after EXDEV; that is refused as well
+    assert res.returncode != 0
+    assert (vsfs.base / "images-p" / "v").exists()
+    assert not (vsfs.base / "images-q" / "v").exists()
+    res = sh(f"python3 -c \"import os; os.rename('{p}/volumes/v', "
+             f"'{vsfs.path}/pools/q/volumes/v')\"")
+    assert "Invalid cross-device link" in res.stderr
+
+
+def test_eio_from_backend(vsfs: Mount) -> None:
+    vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    sh(f"echo '<volume><name>bad</name><capacity>1048576</capacity><target>"
+       f"<format type=\"qcow2\"/></target><backingStore><path>/nonexistent/base</path>"
+       f"<format type=\"qcow2\"/></backingStore></volume>' > {p}/define")
+    assert "qemu-img" in vsfs.error()
+    assert not (vsfs.base / "images-p" / "bad").exists()
+    assert os.listdir(p / "volumes") == []
+
+
+@pytest.mark.root
+def test_access_for_other_users(mount_factory) -> None:  # noqa: ANN001
+    vsfs = mount_factory(["--allow-other"])
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    sh(f"truncate -s 1M {p}/volumes/v", check=True)
+    nobody = "65534"
+    # browse and read
+    res = sh(f"ls -l {p}/volumes && cat {p}/xml {p}/free {p}/volinfo/v/capacity", user=nobody)
+    assert res.returncode == 0, res.stderr
+    # change nothing
+    for cmd in [f"echo stop > {p}/ctl", f"echo yes > {p}/autostart",
+                f"cat {p}/xml > {vsfs.path}/pools/define",
+                f"truncate -s 1M {p}/volumes/w", f"mkdir {p}/volumes/d", f"rm -f {p}/volumes/v",
+                f"echo wipe > {p}/volinfo/v/ctl", f"echo 2M > {p}/volinfo/v/capacity",
+                f"rmdir {p}", f"mv {p}/volumes/v {p}/volumes/x"]:
+        res = sh(cmd, user=nobody)
+        assert res.returncode != 0, cmd
+        assert "Permission denied" in res.stderr, (cmd, res.stderr)
+    assert (p / "state").read_text() == "running\n"
+    assert os.listdir(target) == ["v"]
+    assert os.stat(target / "v").st_size == 1 << 20
+    # each user reads their own last error
+    assert sh(f"cat {vsfs.path}/error", user=nobody).stdout == ""
+
+
+@pytest.mark.root
+def test_volume_ownership_from_pool_permissions(vsfs: Mount) -> None:
+    target = vsfs.base / "owned"
+    (vsfs.base / "o.xml").write_text(
+        f"<pool type='dir'><name>o</name><target><path>{target}</path><permissions>"
+        "<mode>0750</mode><owner>65534</owner><group>65534</group></permissions></target>"
+        "</pool>")
+    o = vsfs.path / "pools" / "o"
+    sh(f"cat {vsfs.base}/o.xml > {vsfs.path}/pools/define", check=True)
+    sh(f"echo build > {o}/ctl; echo start > {o}/ctl", check=True)
+    st = os.stat(target)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (65534, 65534, 0o750)
+    sh(f"truncate -s 1M {o}/volumes/a", check=True)
+    st = os.stat(target / "a")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (65534, 65534, 0o600)
+    (vsfs.base / "v.xml").write_text(
+        "<volume><name>b</name><capacity>1024</capacity><target><permissions>"
+        "<mode>0644</mode><owner>0</owner><group>0</group></permissions></target></volume>")
+    sh(f"cat {vsfs.base}/v.xml > {o}/define", check=True)
+    st = os.stat(target / "b")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o644)
+    xml = (o / "xml").read_text()
+    assert "<mode>0750</mode>" in xml and "<owner>65534</owner>" in xml
+
+
+def test_pool_dir_owner_used_without_permissions(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    if os.geteuid() == 0:
+        os.chown(target, 65534, 65534)
+    sh(f"truncate -s 1M {vsfs.path}/pools/p/volumes/a", check=True)
+    st = os.stat(target / "a")
+    tst = os.stat(target)
+    assert (st.st_uid, st.st_gid) == (tst.st_uid, tst.st_gid)
+
+
