@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import Mount, sh
 from rng import assert_valid
 
-from conftest import Mount, sh
 from vsfs.tree import readme_text
 
 pytestmark = pytest.mark.fuse
@@ -207,7 +207,7 @@ def test_volume_xml_define(vsfs: Mount) -> None:
     assert "already exists" in vsfs.error()
 
 
-def test_resize_clone_snapshot_wipe(mount_factory) -> None:  # noqa: ANN001
+def test_resize_clone_snapshot_wipe(mount_factory) -> None:
     vsfs = mount_factory()
     target = vsfs.dir_pool()
     target2 = vsfs.dir_pool("q")

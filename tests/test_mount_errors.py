@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
-
 from conftest import Mount, sh
 
 pytestmark = pytest.mark.fuse
@@ -205,7 +203,7 @@ def test_eio_from_backend(vsfs: Mount) -> None:
 
 
 @pytest.mark.root
-def test_access_for_other_users(mount_factory) -> None:  # noqa: ANN001
+def test_access_for_other_users(mount_factory) -> None:
     vsfs = mount_factory(["--allow-other"])
     target = vsfs.dir_pool()
     p = vsfs.path / "pools" / "p"

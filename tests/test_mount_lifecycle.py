@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import Mount, sh
 
 pytestmark = pytest.mark.fuse
@@ -40,7 +39,7 @@ def check_populated(m: Mount, target: Path) -> None:
     assert (p / "volinfo/a.img/capacity").read_text() == f"{5 << 20}\n"
 
 
-def test_state_survives_unmount(mount_factory) -> None:  # noqa: ANN001
+def test_state_survives_unmount(mount_factory) -> None:
     m = mount_factory()
     target = populate(m)
     uuid = (m.path / "pools/p/uuid").read_text()
@@ -54,7 +53,7 @@ def test_state_survives_unmount(mount_factory) -> None:  # noqa: ANN001
     assert (m.path / "pools/p/uuid").read_text() == uuid
 
 
-def test_kill9_then_remount(mount_factory) -> None:  # noqa: ANN001
+def test_kill9_then_remount(mount_factory) -> None:
     m = mount_factory()
     target = populate(m)
     m.kill9()
@@ -65,7 +64,7 @@ def test_kill9_then_remount(mount_factory) -> None:  # noqa: ANN001
     assert leftovers == []
 
 
-def test_sigterm_unmounts_cleanly(mount_factory) -> None:  # noqa: ANN001
+def test_sigterm_unmounts_cleanly(mount_factory) -> None:
     m = mount_factory()
     assert m.proc is not None
     m.proc.send_signal(signal.SIGTERM)
@@ -123,7 +122,7 @@ def test_mount_failures_say_why(tmp_path: Path, case: str) -> None:
     assert not os.path.ismount(mnt)
 
 
-def test_mount_over_dead_mount_says_so(mount_factory) -> None:  # noqa: ANN001
+def test_mount_over_dead_mount_says_so(mount_factory) -> None:
     m = mount_factory()
     assert m.proc is not None
     m.proc.kill()
@@ -141,7 +140,7 @@ def test_mount_over_dead_mount_says_so(mount_factory) -> None:  # noqa: ANN001
     assert not os.path.ismount(m.path)
 
 
-def test_copied_libvirt_state_dir(mount_factory, tmp_path: Path) -> None:  # noqa: ANN001
+def test_copied_libvirt_state_dir(mount_factory, tmp_path: Path) -> None:
     """A copy of /etc/libvirt/storage, as libvirt writes it, is a valid state directory."""
     state = tmp_path / "state"
     (state / "autostart").mkdir(parents=True)
@@ -175,3 +174,26 @@ or other application using the libvirt API.
     assert (d / "state").read_text() == "running\n"
     assert (d / "uuid").read_text() == "3c9b2b5e-0e2c-4d7e-9c1b-6f7ad1a3e001\n"
     assert os.listdir(d / "volumes") == ["disk.img"]
+
+
+def test_demo(tmp_path: Path) -> None:
+    mnt = tmp_path / "demo"
+    res = subprocess.run([*VSFS, "demo", str(mnt), "--state-dir", str(tmp_path / "st"),
+                          "--images", str(tmp_path / "images")],
+                         capture_output=True, text=True, timeout=120, check=False)
+    try:
+        assert res.returncode == 0, res.stderr
+        assert f"Mounted at {mnt}" in res.stdout
+        vols = mnt / "pools" / "demo" / "volumes"
+        assert sorted(os.listdir(vols)) == ["base.qcow2", "disk1.img"]
+        assert (mnt / "pools/demo/volinfo/base.qcow2/format").read_text() == "qcow2\n"
+        assert (mnt / "pools/demo/autostart").read_text() == "yes\n"
+        # every command the demo suggests works as printed
+        for line in res.stdout.splitlines():
+            cmd = line.strip()
+            if cmd.startswith(("ls ", "cat ", "truncate ", "echo ", "qemu-img ", "rm ")):
+                run = sh(cmd)
+                assert run.returncode == 0, (cmd, run.stderr)
+    finally:
+        subprocess.run([*VSFS, "umount", str(mnt)], check=False)
+    assert not os.path.ismount(mnt)

@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="mount vsfs with a ready demo pool and show what to try")
     d.add_argument("mountpoint", type=Path, nargs="?", default=None)
     d.add_argument("--state-dir", type=Path, default=None)
+    d.add_argument("--images", type=Path, default=None,
+                   help="directory of the demo pool (default: under /var/lib/vsfs or "
+                        "$XDG_DATA_HOME/vsfs)")
     return p
 
 
@@ -282,6 +285,7 @@ def _demo_paths() -> tuple[Path, Path]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     default_mnt, images = _demo_paths()
+    images = (args.images or images).absolute()
     mnt: Path = (args.mountpoint or default_mnt).absolute()
     state_dir: Path = (args.state_dir or default_state_dir()).absolute()
     if os.path.ismount(mnt) and os.path.exists(mnt / "pools"):
@@ -304,6 +308,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f.truncate(1 << 30)
         with open(mnt / "pools" / "demo" / "define", "w") as f:
             f.write(DEMO_QCOW2)
+    me = shutil.which("vsfs") or str(Path(sys.executable).with_name("vsfs"))
     print(f"""
 Mounted at {mnt}. Try:
   ls -l {mnt}/pools/demo/volumes/
@@ -315,5 +320,5 @@ Mounted at {mnt}. Try:
   qemu-img info {mnt}/pools/demo/volumes/web-snap
   rm {mnt}/pools/demo/volumes/web-snap
   cat {mnt}/README
-Unmount with: vsfs umount {mnt}""")
+Unmount with: {me} umount {mnt}""")
     return 0

@@ -1,0 +1,183 @@
+"""The manager, the tree and the FUSE adapter called directly, without a mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyfuse3
+import pytest
+import trio
+
+from vsfs.errors import Busy, Exists, Invalid, NoSpace, NotFound
+from vsfs.fuse_ops import Operations
+from vsfs.manager import Manager
+from vsfs.model import VolumeDef
+from vsfs.state import StateDir
+from vsfs.tree import FILES, Dir, File, Link, Tree, readme_text
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def pool_xml(name: str, target: Path) -> bytes:
+    return (f"<pool type='dir'><name>{name}</name><target><path>{target}</path></target>"
+            "</pool>").encode()
+
+
+def make(tmp_path: Path) -> tuple[Manager, Tree]:
+    m = Manager(StateDir(tmp_path / "state"))
+    return m, Tree(m)
+
+
+def test_manager_pool_and_volume_rules(tmp_path: Path) -> None:
+    async def main() -> None:
+        m, _ = make(tmp_path)
+        await m.load()
+        await m.define_pool(pool_xml("p", tmp_path / "img"))
+        with pytest.raises(Exists):
+            await m.define_pool(pool_xml("p", tmp_path / "img2"))
+        with pytest.raises(Invalid, match="not active"):
+            await m.create_volume("p", VolumeDef("v", 1024))
+        await m.pool_command("p", "build")
+        await m.pool_command("p", "start")
+        with pytest.raises(Busy):
+            await m.undefine_pool("p")
+        vol = await m.create_volume("p", VolumeDef("v", 1 << 20))
+        assert vol.path == str(tmp_path / "img" / "v") and vol.format == "raw"
+        assert os.path.getsize(vol.path) == 1 << 20
+        with pytest.raises(Exists):
+            await m.create_volume("p", VolumeDef("v", 1024))
+        with pytest.raises(NoSpace):
+            await m.create_volume("p", VolumeDef("huge", 1 << 62))
+        assert not (tmp_path / "img" / "huge").exists()
+        with pytest.raises(Invalid):
+            await m.create_volume("p", VolumeDef("../escape", 1024))
+        assert m.by_path(vol.path) == ("p", vol)
+        assert m.by_key(vol.key) == ("p", vol)
+        await m.volume_command("p", "v", "snapshot s")
+        with pytest.raises(Busy, match="backing store"):
+            await m.delete_volume("p", "v")
+        await m.delete_volume("p", "s")
+        await m.delete_volume("p", "v")
+        with pytest.raises(NotFound):
+            await m.delete_volume("p", "v")
+        await m.pool_command("p", "stop")
+        await m.undefine_pool("p")
+        assert list((tmp_path / "state").glob("*.xml")) == []
+
+    trio.run(main)
+
+
+def test_autostart_pool_starts_on_load(tmp_path: Path) -> None:
+    async def main() -> None:
+        m, _ = make(tmp_path)
+        await m.load()
+        await m.define_pool(pool_xml("a", tmp_path / "img"))
+        await m.pool_command("a", "build")
+        await m.set_autostart("a", True)
+        (tmp_path / "img" / "disk").write_bytes(b"x")
+        m2, _ = make(tmp_path)
+        await m2.load()
+        assert m2.entry("a").running and list(m2.entry("a").volumes) == ["disk"]
+
+    trio.run(main)
+
+
+def _instances(pattern: str) -> str:
+    return (pattern.replace("<pool>", "p").replace("<vol>", "v").replace("<uuid>", "UUID")
+            .replace("<key>", "KEY").replace("<local path>", "LOCALPATH"))
+
+
+def test_files_table_matches_the_tree(tmp_path: Path) -> None:
+    async def main() -> None:
+        m, tree = make(tmp_path)
+        await m.load()
+        await m.define_pool(pool_xml("p", tmp_path / "img"))
+        await m.pool_command("p", "build")
+        await m.pool_command("p", "start")
+        vol = await m.create_volume("p", VolumeDef("v", 1024))
+        uuid = m.entry("p").pool.uuid
+        documented = set()
+        for pattern, access, _ in FILES:
+            path = _instances(pattern).rstrip("/")
+            path = path.replace("UUID", uuid).replace("KEY", vol.key.replace("/", "\\x2f"))
+            path = path.replace("LOCALPATH", vol.path.lstrip("/"))
+            node = tree.resolve(tuple(path.split("/")))
+            assert node is not None, f"{pattern} is in FILES but not in the tree"
+            kind = {"link": Link, "dir": Dir}.get(access, File)
+            assert isinstance(node, kind), pattern
+            if isinstance(node, File):
+                assert ("r" in access) == (node.read is not None or path == "error"), pattern
+                assert ("w" in access) == (node.write is not None), pattern
+            documented.add(_instances(pattern).rstrip("/"))
+        # and nothing in the tree goes undocumented
+        for base in ["", "pools", "pools/p", "pools/p/volinfo/v"]:
+            node = tree.resolve(tuple(base.split("/")) if base else ())
+            assert isinstance(node, Dir)
+            for name, child in tree.children(node):
+                full = f"{base}/{name}".lstrip("/")
+                if isinstance(child, Dir) and any(d.startswith(full + "/") for d in documented):
+                    continue
+                assert full in documented, f"{full} is in the tree but not in FILES"
+
+    trio.run(main)
+
+
+def test_docs_and_readme_name_every_file() -> None:
+    reference = (DOCS / "reference.md").read_text()
+    readme = readme_text()
+    for pattern, _, _ in FILES:
+        assert f"`{pattern}`" in reference, f"docs/reference.md lacks {pattern}"
+        assert pattern in readme
+
+
+class Ctx(SimpleNamespace):
+    uid: int
+    gid: int
+    pid: int
+    umask: int
+
+
+def test_adapter_maps_errors_and_records_them(tmp_path: Path) -> None:
+    ctx = Ctx(uid=1234, gid=1234, pid=1, umask=0o22)
+
+    async def main() -> None:
+        m, tree = make(tmp_path)
+        await m.load()
+        await m.define_pool(pool_xml("p", tmp_path / "img"))
+        ops = Operations(tree, 0, 0)
+        pools = await ops.lookup(pyfuse3.ROOT_INODE, b"pools", ctx)
+        p = await ops.lookup(pools.st_ino, b"p", ctx)
+        ctl = await ops.lookup(p.st_ino, b"ctl", ctx)
+        fi = await ops.open(ctl.st_ino, os.O_WRONLY, ctx)
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.write(fi.fh, 0, b"frobnicate\n")
+        assert e.value.errno == errno.EINVAL
+        await ops.release(fi.fh)
+        assert tree.error_text(1234).startswith(b"unknown command 'frobnicate'")
+        assert tree.error_text(0) == b""
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.lookup(p.st_ino, b"nope", ctx)
+        assert e.value.errno == errno.ENOENT
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.rmdir(pools.st_ino, b"nope", ctx)
+        assert e.value.errno == errno.ENOENT
+        # a readdir snapshot: offsets are stable and the listing is complete
+        fh = await ops.opendir(p.st_ino, ctx)
+        assert [n for n, _ in ops._dirs[fh].entries][:3] == ["xml", "define", "ctl"]
+        await ops.releasedir(fh)
+        # inode numbers are never reused
+        await ops.forget([(ctl.st_ino, 1)])
+        again = await ops.lookup(p.st_ino, b"ctl", ctx)
+        assert again.st_ino != ctl.st_ino
+
+    trio.run(main)
+
+
+def test_readme_lists_verbs() -> None:
+    text = readme_text()
+    assert re.search(r"truncate -s 10G pools/P/volumes/V", text)
+    assert text.endswith("\n")
