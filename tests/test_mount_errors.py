@@ -263,3 +263,27 @@ def test_pool_dir_owner_used_without_permissions(vsfs: Mount) -> None:
     assert (st.st_uid, st.st_gid) == (tst.st_uid, tst.st_gid)
 
 
+
+
+def test_daemon_survives_garbage(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    sh(f"truncate -s 1M {p}/volumes/v", check=True)
+    writable = [vsfs.path / "pools/define", p / "xml", p / "define", p / "ctl",
+                p / "autostart", p / "volinfo/v/capacity", p / "volinfo/v/ctl"]
+    payloads = [os.urandom(4096), b"\0" * 100, b"start\nstop\n", "\u2603\n".encode(),
+                b"x" * (200 << 10), b"<", b"<?xml version='1.0'?>", b"-1\n", b"\n", b"",
+                b"18446744073709551616\n", b"clone ../../etc/passwd\n", b"clone a b c d\n"]
+    for f in writable:
+        for data in payloads:
+            try:
+                with open(f, "wb") as fh:
+                    fh.write(data)
+            except OSError:
+                pass
+    assert sorted(os.listdir(vsfs.path / "pools")) == ["define", "p"]
+    assert (p / "state").read_text() == "running\n"
+    assert os.listdir(target) == ["v"]
+    assert os.stat(target / "v").st_size == 1 << 20
+    assert (p / "autostart").read_text() == "no\n"
+    assert vsfs.error() != ""

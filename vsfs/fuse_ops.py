@@ -446,9 +446,17 @@ class Operations(pyfuse3.Operations):
             return
         if handle.wrote and not handle.feeder.complete:
             handle.failed = True
-            self.tree.record_error(handle.uid, "incomplete XML document: nothing was done")
-            log.info("refused: incomplete XML document")
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            try:
+                handle.feeder.finish()
+            except Exception as e:
+                raise self._fail(handle.uid, e) from None
+            # Only a document the push parser missed can complete here: act on it.
+            node = handle.node
+            assert isinstance(node, File) and node.write is not None
+            try:
+                await node.write(bytes(handle.feeder.data))
+            except Exception as e:
+                raise self._fail(handle.uid, e) from None
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

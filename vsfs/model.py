@@ -26,7 +26,7 @@ def check_name(name: str, what: str = "name") -> str:
         raise Invalid(f"{what} {name!r} starts with '.'")
     if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
         raise Invalid(f"{what} is longer than {NAME_MAX} bytes")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
         raise Invalid(f"{what} {name!r} contains a control character")
     return name
 

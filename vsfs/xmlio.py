@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid as uuidlib
 from collections.abc import Iterable
+from dataclasses import fields, replace
 
 from lxml import etree
 
@@ -70,6 +71,11 @@ def parse_document(data: bytes, root: str) -> etree._Element:
     return doc
 
 
+# libxml2's codes for "the document is not finished yet": no root element yet,
+# or an element still open. Any other error is a real syntax error.
+_INCOMPLETE_CODES = frozenset({4, 77})
+
+
 class DocumentFeeder:
     """Collects written chunks and says when they form one complete document.
 
@@ -107,7 +113,33 @@ class DocumentFeeder:
                         self.complete = True
         except etree.XMLSyntaxError as e:
             raise Invalid(f"malformed XML: {e.msg}") from None
+        if not self.complete and self.data.rstrip().endswith(b">"):
+            # libxml2's push parser goes silent on some errors (a bare '&') and
+            # only says so at the end; a whole parse tells which it is.
+            self.complete = self._whole_document_parses()
         return self.complete
+
+    def _whole_document_parses(self) -> bool:
+        try:
+            etree.fromstring(bytes(self.data), safe_parser())
+        except etree.XMLSyntaxError as e:
+            if getattr(e, "code", None) in _INCOMPLETE_CODES:  # lxml-stubs lack .code
+                return False
+            raise Invalid(f"malformed XML: {e.msg}") from None
+        return True
+
+    def finish(self) -> None:
+        """At close: refuse a document that never completed, saying why."""
+        if self.complete or not self.data:
+            return
+        try:
+            etree.fromstring(bytes(self.data), safe_parser())
+        except etree.XMLSyntaxError as e:
+            # At the end of the input libxml2 cannot tell a cut-off document from
+            # a broken one; say both, with its own words.
+            raise Invalid(f"malformed or incomplete XML document ({e.msg}): nothing was "
+                          "done") from None
+        self.complete = True
 
 
 def _text(el: etree._Element | None) -> str | None:
@@ -165,6 +197,50 @@ def normalize_uuid(text: str) -> str:
     return str(uuidlib.UUID(text.strip()))
 
 
+def _parse_auth(el: etree._Element) -> SourceAuth:
+    atype = el.get("type")
+    if atype not in ("chap", "ceph"):
+        raise Invalid(f"<auth type> must be 'chap' or 'ceph', not {atype!r}")
+    username = el.get("username")
+    if not username:
+        raise Invalid("<auth> needs a username")
+    secret = el.find("secret")
+    if secret is None or not (secret.get("uuid") or secret.get("usage")):
+        raise Invalid("<auth> needs a <secret> with a uuid or usage")
+    return SourceAuth(type=atype, username=username, secret_uuid=secret.get("uuid"),
+                      secret_usage=None if secret.get("uuid") else secret.get("usage"))
+
+
+# Which <source> parts each pool type has (libvirt's poolOptions); the rest is
+# dropped, as libvirt does, so what we print validates for that type.
+_VENDOR = frozenset({"vendor", "product"})
+SOURCE_FIELDS: dict[str, frozenset[str]] = {
+    "dir": _VENDOR,
+    "fs": _VENDOR | {"devices", "format"},
+    "netfs": _VENDOR | {"hosts", "dir", "format", "protocol_ver"},
+    "logical": _VENDOR | {"name", "devices", "format"},
+    "disk": _VENDOR | {"devices", "format"},
+    "iscsi": _VENDOR | {"hosts", "devices", "initiator_iqn", "auth"},
+    "iscsi-direct": frozenset({"hosts", "devices", "initiator_iqn", "auth"}),
+    "scsi": _VENDOR,
+    "mpath": frozenset(),
+    "rbd": frozenset({"name", "hosts", "auth"}),
+    "sheepdog": frozenset({"hosts", "name"}),
+    "gluster": frozenset({"hosts", "name", "dir"}),
+    "zfs": frozenset({"name", "devices"}),
+    "vstorage": frozenset({"name"}),
+}
+
+
+def _for_type(src: PoolSource, ptype: str) -> PoolSource:
+    keep = SOURCE_FIELDS.get(ptype)
+    if keep is None:
+        return src
+    empty = PoolSource()
+    return replace(src, **{f.name: getattr(empty, f.name) for f in fields(PoolSource)
+                           if f.name not in keep})
+
+
 def _parse_source(el: etree._Element | None) -> PoolSource:
     if el is None:
         return PoolSource()
@@ -194,13 +270,7 @@ def _parse_source(el: etree._Element | None) -> PoolSource:
     auth_el = el.find("auth")
     auth = None
     if auth_el is not None:
-        secret = auth_el.find("secret")
-        auth = SourceAuth(
-            type=auth_el.get("type", ""),
-            username=auth_el.get("username", ""),
-            secret_uuid=secret.get("uuid") if secret is not None else None,
-            secret_usage=secret.get("usage") if secret is not None else None,
-        )
+        auth = _parse_auth(auth_el)
     iqn = el.find("initiator/iqn")
     proto = el.find("protocol")
     return PoolSource(
@@ -246,7 +316,7 @@ def parse_pool(data: bytes) -> PoolDef:
         type=ptype,
         name=name,
         uuid=pool_uuid,
-        source=_parse_source(doc.find("source")),
+        source=_for_type(_parse_source(doc.find("source")), ptype),
         target_path=target_path.rstrip("/") or "/" if target_path else None,
         target_perms=perms,
         cow=_yes_no(cow_el.get("state"), "cow state") if cow_el is not None else None,
@@ -392,6 +462,12 @@ def _timestamp(ns: int) -> str:
     return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
 
 
+def _stamps(vol: Volume) -> list[tuple[str, int]]:
+    # libvirt's schema has no sign for times before 1970: those are left out.
+    return [(tag, ns) for tag, ns in (("atime", vol.atime_ns), ("mtime", vol.mtime_ns),
+                                      ("ctime", vol.ctime_ns)) if ns is not None and ns >= 0]
+
+
 def format_volume(vol: Volume) -> bytes:
     root = etree.Element("volume", {"type": vol.type})
     _sub(root, "name", vol.name)
@@ -403,13 +479,11 @@ def format_volume(vol: Volume) -> bytes:
     _sub(t, "path", vol.path)
     _sub(t, "format", type=vol.format)
     _perms(t, Permissions(vol.mode, vol.owner, vol.group))
-    stamps: Iterable[tuple[str, int | None]] = (
-        ("atime", vol.atime_ns), ("mtime", vol.mtime_ns), ("ctime", vol.ctime_ns))
-    if any(v is not None for _, v in stamps):
+    stamps = _stamps(vol)
+    if stamps:
         ts = _sub(t, "timestamps")
         for tag, value in stamps:
-            if value is not None:
-                _sub(ts, tag, _timestamp(value))
+            _sub(ts, tag, _timestamp(value))
     if vol.backing is not None:
         b = _sub(root, "backingStore")
         _sub(b, "path", vol.backing.path)

@@ -1,0 +1,1274 @@
+"""xmlio: libvirt pool and volume XML in and out, and the hardened parser.
+
+Output is checked against libvirt's own RelaxNG schemas as Debian's libvirt0
+installs them; they are read from the system, never copied here.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid as uuidlib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from vsfs.errors import Invalid
+from vsfs.model import (
+    BackingStore,
+    Permissions,
+    PoolDef,
+    PoolStatus,
+    SourceAuth,
+    SourceDevice,
+    SourceHost,
+    Volume,
+)
+from vsfs.xmlio import (
+    FS_NS,
+    MAX_XML_BYTES,
+    RBD_NS,
+    DocumentFeeder,
+    format_pool,
+    format_volume,
+    parse_document,
+    parse_pool,
+    parse_volume,
+    safe_parser,
+)
+
+SCHEMAS = Path("/usr/share/libvirt/schemas")
+
+
+def _load_schema(name: str) -> etree.RelaxNG:
+    path = SCHEMAS / f"{name}.rng"
+    if not path.exists():
+        pytest.fail(f"{path} is missing: install Debian's libvirt0")
+    return etree.RelaxNG(etree.parse(str(path)))
+
+
+@pytest.fixture(scope="module")
+def pool_rng() -> etree.RelaxNG:
+    return _load_schema("storagepool")
+
+
+@pytest.fixture(scope="module")
+def vol_rng() -> etree.RelaxNG:
+    return _load_schema("storagevol")
+
+
+def assert_valid(rng: etree.RelaxNG, data: bytes) -> None:
+    doc = etree.fromstring(data)
+    ok = rng.validate(doc)
+    assert ok, f"does not validate: {rng.error_log}\n{data.decode()}"
+
+
+# ---------------------------------------------------------------- documents
+# As `virsh pool-dumpxml` prints them (libvirt 9), with its quoting and layout.
+
+DIR_POOL = b"""<pool type='dir'>
+  <name>default</name>
+  <uuid>4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50</uuid>
+  <capacity unit='bytes'>105089261568</capacity>
+  <allocation unit='bytes'>42316701696</allocation>
+  <available unit='bytes'>62772559872</available>
+  <source>
+  </source>
+  <target>
+    <path>/var/lib/libvirt/images</path>
+    <permissions>
+      <mode>0711</mode>
+      <owner>0</owner>
+      <group>0</group>
+    </permissions>
+  </target>
+</pool>
+"""
+
+DIR_POOL_COW = b"""<pool type='dir'>
+  <name>btrfs-images</name>
+  <uuid>0f9e8d7c-6b5a-4938-8271-605f4e3d2c1b</uuid>
+  <capacity unit='bytes'>0</capacity>
+  <allocation unit='bytes'>0</allocation>
+  <available unit='bytes'>0</available>
+  <features>
+    <cow state='no'/>
+  </features>
+  <source>
+  </source>
+  <target>
+    <path>/srv/images</path>
+    <permissions>
+      <mode>0755</mode>
+      <owner>107</owner>
+      <group>107</group>
+      <label>system_u:object_r:virt_image_t:s0</label>
+    </permissions>
+  </target>
+</pool>
+"""
+
+FS_POOL = b"""<pool type='fs'>
+  <name>data</name>
+  <uuid>6e0b5c1a-8f7d-4e2b-9c3a-1d4f5e6a7b8c</uuid>
+  <capacity unit='bytes'>0</capacity>
+  <allocation unit='bytes'>0</allocation>
+  <available unit='bytes'>0</available>
+  <source>
+    <device path='/dev/sdb1'/>
+    <format type='ext4'/>
+  </source>
+  <target>
+    <path>/srv/data</path>
+    <permissions>
+      <mode>0755</mode>
+      <owner>-1</owner>
+      <group>-1</group>
+    </permissions>
+  </target>
+</pool>
+"""
+
+NETFS_POOL = b"""<pool type='netfs'>
+  <name>nfs-images</name>
+  <uuid>3c2b1a09-8765-4321-a0b9-c8d7e6f5a4b3</uuid>
+  <capacity unit='bytes'>527295578112</capacity>
+  <allocation unit='bytes'>104857600</allocation>
+  <available unit='bytes'>527190720512</available>
+  <source>
+    <host name='nfs.example.com'/>
+    <dir path='/export/images'/>
+    <format type='nfs'/>
+    <protocol ver='4'/>
+  </source>
+  <target>
+    <path>/var/lib/libvirt/nfs</path>
+    <permissions>
+      <mode>0755</mode>
+      <owner>0</owner>
+      <group>0</group>
+    </permissions>
+  </target>
+</pool>
+"""
+
+NETFS_POOL_MOUNT_OPTS = b"""<pool type='netfs' xmlns:fs='http://libvirt.org/schemas/storagepool/fs/1.0'>
+  <name>nfs-opts</name>
+  <uuid>9a8b7c6d-5e4f-4a3b-2c1d-0e9f8a7b6c5d</uuid>
+  <capacity unit='bytes'>0</capacity>
+  <allocation unit='bytes'>0</allocation>
+  <available unit='bytes'>0</available>
+  <source>
+    <host name='192.168.122.1' port='2049'/>
+    <dir path='/export/vm'/>
+    <format type='nfs'/>
+  </source>
+  <target>
+    <path>/mnt/vm</path>
+    <permissions>
+      <mode>0755</mode>
+      <owner>0</owner>
+      <group>0</group>
+    </permissions>
+  </target>
+  <fs:mount_opts>
+    <fs:option name='sync'/>
+    <fs:option name='lazytime'/>
+  </fs:mount_opts>
+</pool>
+"""
+
+LOGICAL_POOL = b"""<pool type='logical'>
+  <name>vg0</name>
+  <uuid>b1c2d3e4-f5a6-4b7c-8d9e-0f1a2b3c4d5e</uuid>
+  <capacity unit='bytes'>499826819072</capacity>
+  <allocation unit='bytes'>107374182400</allocation>
+  <available unit='bytes'>392452636672</available>
+  <source>
+    <device path='/dev/sdc1'/>
+    <device path='/dev/sdd1'/>
+    <name>vg0</name>
+    <format type='lvm2'/>
+  </source>
+  <target>
+    <path>/dev/vg0</path>
+  </target>
+</pool>
+"""
+
+DISK_POOL = b"""<pool type='disk'>
+  <name>sdb</name>
+  <uuid>c0ffee00-1234-4abc-9def-0123456789ab</uuid>
+  <capacity unit='bytes'>0</capacity>
+  <allocation unit='bytes'>0</allocation>
+  <available unit='bytes'>0</available>
+  <source>
+    <device path='/dev/sdb' part_separator='no'/>
+    <format type='gpt'/>
+  </source>
+  <target>
+    <path>/dev</path>
+  </target>
+</pool>
+"""
+
+ISCSI_POOL = b"""<pool type='iscsi'>
+  <name>iscsi-san</name>
+  <uuid>8f3e0c4a-1b2d-4e5f-9a6b-7c8d9e0f1a2b</uuid>
+  <capacity unit='bytes'>0</capacity>
+  <allocation unit='bytes'>0</allocation>
+  <available unit='bytes'>0</available>
+  <source>
+    <host name='san.example.com' port='3260'/>
+    <device path='iqn.2013-06.com.example:iscsi-pool'/>
+    <initiator>
+      <iqn name='iqn.2013-06.com.example:host1'/>
+    </initiator>
+    <auth type='chap' username='myuser'>
+      <secret usage='libvirtiscsi'/>
+    </auth>
+  </source>
+  <target>
+    <path>/dev/disk/by-path</path>
+    <permissions>
+      <mode>0755</mode>
+      <owner>0</owner>
+      <group>0</group>
+    </permissions>
+  </target>
+</pool>
+"""
+
+RBD_POOL = b"""<pool type='rbd' xmlns:rbd='http://libvirt.org/schemas/storagepool/rbd/1.0'>
+  <name>ceph</name>
+  <uuid>1a2b3c4d-5e6f-4a0b-8c1d-2e3f4a5b6c7d</uuid>
+  <capacity unit='bytes'>3218866585600</capacity>
+  <allocation unit='bytes'>21474836480</allocation>
+  <available unit='bytes'>3110616399872</available>
+  <source>
+    <host name='mon1.example.com' port='6789'/>
+    <host name='mon2.example.com' port='6789'/>
+    <host name='mon3.example.com'/>
+    <name>libvirt-pool</name>
+    <auth type='ceph' username='libvirt'>
+      <secret uuid='2ec115d7-3a88-3ceb-bc12-0ac909a6fd87'/>
+    </auth>
+  </source>
+  <rbd:config_opts>
+    <rbd:option name='client_mount_timeout' value='45'/>
+    <rbd:option name='rados_mon_op_timeout' value='20'/>
+  </rbd:config_opts>
+</pool>
+"""
+
+CIFS_POOL = b"""<pool type='netfs'>
+  <name>smb-share</name>
+  <uuid>d4c3b2a1-0f9e-4d8c-b7a6-958473625140</uuid>
+  <capacity unit='bytes'>0</capacity>
+  <allocation unit='bytes'>0</allocation>
+  <available unit='bytes'>0</available>
+  <source>
+    <host name='fileserver.example.com'/>
+    <dir path='vmshare'/>
+    <format type='cifs'/>
+  </source>
+  <target>
+    <path>/mnt/vmshare</path>
+  </target>
+</pool>
+"""
+
+ZFS_POOL = b"""<pool type='zfs'>
+  <name>tank</name>
+  <uuid>e5f6a7b8-c9d0-4e1f-a2b3-c4d5e6f7a8b9</uuid>
+  <capacity unit='bytes'>1992864825344</capacity>
+  <allocation unit='bytes'>110729625600</allocation>
+  <available unit='bytes'>1882135199744</available>
+  <source>
+    <name>tank</name>
+    <device path='/dev/sdb'/>
+  </source>
+  <target>
+    <path>/dev/zvol/tank</path>
+  </target>
+</pool>
+"""
+
+ISCSI_DIRECT_POOL = b"""<pool type='iscsi-direct'>
+  <name>iscsi-direct</name>
+  <uuid>f1e2d3c4-b5a6-4978-8695-a4b3c2d1e0f9</uuid>
+  <capacity unit='bytes'>0</capacity>
+  <allocation unit='bytes'>0</allocation>
+  <available unit='bytes'>0</available>
+  <source>
+    <host name='192.168.122.1'/>
+    <device path='iqn.2014-10.com.example:target0'/>
+    <initiator>
+      <iqn name='iqn.2013-06.com.example:iscsi-initiator'/>
+    </initiator>
+  </source>
+</pool>
+"""
+
+ALL_POOLS = {
+    "dir": DIR_POOL,
+    "dir-cow": DIR_POOL_COW,
+    "fs": FS_POOL,
+    "netfs": NETFS_POOL,
+    "netfs-mount-opts": NETFS_POOL_MOUNT_OPTS,
+    "logical": LOGICAL_POOL,
+    "disk": DISK_POOL,
+    "iscsi": ISCSI_POOL,
+    "rbd": RBD_POOL,
+    "netfs-cifs": CIFS_POOL,
+    "zfs": ZFS_POOL,
+    "iscsi-direct": ISCSI_DIRECT_POOL,
+}
+
+pools = pytest.mark.parametrize("doc", list(ALL_POOLS.values()), ids=list(ALL_POOLS))
+
+
+def test_sample_documents_are_valid_libvirt_xml(pool_rng):
+    # The fixtures themselves must be what libvirt accepts, or the tests below prove nothing.
+    for name, doc in ALL_POOLS.items():
+        assert pool_rng.validate(etree.fromstring(doc)), f"{name}: {pool_rng.error_log}"
+
+
+# ---------------------------------------------------------------- parse_pool
+
+
+def test_parse_dir_pool():
+    p = parse_pool(DIR_POOL)
+    assert p.type == "dir"
+    assert p.name == "default"
+    assert p.uuid == "4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50"
+    assert p.target_path == "/var/lib/libvirt/images"
+    assert p.target_perms == Permissions(mode=0o711, owner=0, group=0)
+    assert p.source.hosts == ()
+    assert p.source.devices == ()
+    assert p.source.dir is None
+    assert p.cow is None
+    assert p.mount_opts == ()
+    assert p.config_opts == ()
+
+
+def test_parse_dir_pool_cow_and_label():
+    p = parse_pool(DIR_POOL_COW)
+    assert p.cow is False
+    assert p.target_perms == Permissions(
+        mode=0o755, owner=107, group=107, label="system_u:object_r:virt_image_t:s0")
+
+
+def test_parse_fs_pool():
+    p = parse_pool(FS_POOL)
+    assert p.type == "fs"
+    assert p.source.devices == (SourceDevice("/dev/sdb1"),)
+    assert p.source.format == "ext4"
+    assert p.target_path == "/srv/data"
+    # -1 is libvirt's "not given"
+    assert p.target_perms == Permissions(mode=0o755, owner=None, group=None)
+
+
+def test_parse_netfs_pool():
+    p = parse_pool(NETFS_POOL)
+    assert p.type == "netfs"
+    assert p.source.hosts == (SourceHost("nfs.example.com", None),)
+    assert p.source.dir == "/export/images"
+    assert p.source.format == "nfs"
+    assert p.source.protocol_ver == "4"
+    assert p.target_path == "/var/lib/libvirt/nfs"
+    assert p.mount_opts == ()
+
+
+def test_parse_netfs_pool_mount_opts():
+    p = parse_pool(NETFS_POOL_MOUNT_OPTS)
+    assert p.source.hosts == (SourceHost("192.168.122.1", 2049),)
+    assert p.source.dir == "/export/vm"
+    assert p.mount_opts == ("sync", "lazytime")
+    assert p.config_opts == ()
+
+
+def test_parse_logical_pool():
+    p = parse_pool(LOGICAL_POOL)
+    assert p.type == "logical"
+    assert p.source.devices == (SourceDevice("/dev/sdc1"), SourceDevice("/dev/sdd1"))
+    assert p.source.name == "vg0"
+    assert p.source.format == "lvm2"
+    assert p.target_path == "/dev/vg0"
+    assert p.target_perms == Permissions()
+
+
+def test_parse_disk_pool():
+    p = parse_pool(DISK_POOL)
+    assert p.source.devices == (SourceDevice("/dev/sdb", part_separator=False),)
+    assert p.source.format == "gpt"
+
+
+def test_parse_iscsi_pool():
+    p = parse_pool(ISCSI_POOL)
+    assert p.type == "iscsi"
+    assert p.source.hosts == (SourceHost("san.example.com", 3260),)
+    assert p.source.devices == (SourceDevice("iqn.2013-06.com.example:iscsi-pool"),)
+    assert p.source.initiator_iqn == "iqn.2013-06.com.example:host1"
+    assert p.source.auth == SourceAuth(
+        type="chap", username="myuser", secret_uuid=None, secret_usage="libvirtiscsi")
+    assert p.target_path == "/dev/disk/by-path"
+
+
+def test_parse_rbd_pool():
+    p = parse_pool(RBD_POOL)
+    assert p.type == "rbd"
+    assert p.source.hosts == (
+        SourceHost("mon1.example.com", 6789),
+        SourceHost("mon2.example.com", 6789),
+        SourceHost("mon3.example.com", None),
+    )
+    assert p.source.name == "libvirt-pool"
+    assert p.source.auth == SourceAuth(
+        type="ceph", username="libvirt",
+        secret_uuid="2ec115d7-3a88-3ceb-bc12-0ac909a6fd87", secret_usage=None)
+    assert p.config_opts == (("client_mount_timeout", "45"), ("rados_mon_op_timeout", "20"))
+    assert p.mount_opts == ()
+    assert p.target_path is None
+
+
+def test_parse_pool_namespace_prefix_is_irrelevant():
+    # What counts is the namespace URI, not the prefix a writer chose.
+    doc = RBD_POOL.replace(b"xmlns:rbd=", b"xmlns:ceph=").replace(b"rbd:", b"ceph:")
+    assert parse_pool(doc).config_opts == parse_pool(RBD_POOL).config_opts
+
+
+def test_parse_pool_ignores_options_in_a_foreign_namespace():
+    doc = NETFS_POOL_MOUNT_OPTS.replace(
+        b"http://libvirt.org/schemas/storagepool/fs/1.0", b"http://example.com/not-libvirt")
+    assert parse_pool(doc).mount_opts == ()
+
+
+def test_parse_pool_without_uuid_generates_one():
+    doc = b"<pool type='dir'><name>p</name><target><path>/srv/p</path></target></pool>"
+    a = parse_pool(doc)
+    b = parse_pool(doc)
+    assert str(uuidlib.UUID(a.uuid)) == a.uuid  # canonical form
+    assert a.uuid != b.uuid
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "4D1A8E5F-2B3C-4D5E-8F9A-0B1C2D3E4F50",
+        "4d1a8e5f2b3c4d5e8f9a0b1c2d3e4f50",
+        "4D1A8E5F2B3C4D5E8F9A0B1C2D3E4F50",
+        "  4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50\n  ",
+    ],
+)
+def test_parse_pool_normalizes_uuid(text):
+    doc = DIR_POOL.replace(b"4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50", text.encode())
+    assert parse_pool(doc).uuid == "4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not-a-uuid",
+        "4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f5",  # one digit short
+        "4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f500",  # one digit long
+        "4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4fzz",
+        "{4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50}",
+        "urn:uuid:4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50",
+    ],
+)
+def test_parse_pool_bad_uuid(text):
+    doc = DIR_POOL.replace(b"4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50", text.encode())
+    with pytest.raises(Invalid, match="UUID"):
+        parse_pool(doc)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b"<pool type='dir'><target><path>/srv/p</path></target></pool>",
+        b"<pool type='dir'><name></name><target><path>/srv/p</path></target></pool>",
+        b"<pool type='dir'><name>  </name><target><path>/srv/p</path></target></pool>",
+    ],
+    ids=["missing", "empty", "blank"],
+)
+def test_parse_pool_needs_name(doc):
+    with pytest.raises(Invalid, match="name"):
+        parse_pool(doc)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b"<pool><name>p</name><target><path>/srv/p</path></target></pool>",
+        b"<pool type=''><name>p</name><target><path>/srv/p</path></target></pool>",
+    ],
+    ids=["missing", "empty"],
+)
+def test_parse_pool_needs_type(doc):
+    with pytest.raises(Invalid, match="type"):
+        parse_pool(doc)
+
+
+@pytest.mark.parametrize("name", ["a/b", ".hidden", "..", "x" * 256])
+def test_parse_pool_checks_name(name):
+    doc = f"<pool type='dir'><name>{name}</name></pool>".encode()
+    with pytest.raises(Invalid):
+        parse_pool(doc)
+
+
+@pytest.mark.parametrize("path", ["images", "./images", "var/lib/libvirt/images", "~/images"])
+def test_parse_pool_relative_target_path(path):
+    doc = DIR_POOL.replace(b"/var/lib/libvirt/images", path.encode())
+    with pytest.raises(Invalid, match="absolute"):
+        parse_pool(doc)
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [("/srv/images/", "/srv/images"), ("/srv/images//", "/srv/images"), ("/", "/")],
+)
+def test_parse_pool_target_path_trailing_slash(path, expected):
+    doc = DIR_POOL.replace(b"/var/lib/libvirt/images", path.encode())
+    assert parse_pool(doc).target_path == expected
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"<mode>0711</mode>", b"<mode>0999</mode>"),
+        (b"<mode>0711</mode>", b"<mode>rwx</mode>"),
+        (b"<mode>0711</mode>", b"<mode>17777</mode>"),
+        (b"<owner>0</owner>", b"<owner>-5</owner>"),
+        (b"<owner>0</owner>", b"<owner>root</owner>"),
+        (b"<group>0</group>", b"<group>1.5</group>"),
+    ],
+)
+def test_parse_pool_bad_permissions(old, new):
+    with pytest.raises(Invalid):
+        parse_pool(DIR_POOL.replace(old, new))
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"port='3260'", b"port='0'"),
+        (b"port='3260'", b"port='65536'"),
+        (b"port='3260'", b"port='iscsi'"),
+        (b"<host name='san.example.com' port='3260'/>", b"<host port='3260'/>"),
+        (b"<device path='iqn.2013-06.com.example:iscsi-pool'/>", b"<device/>"),
+    ],
+)
+def test_parse_pool_bad_source(old, new):
+    doc = ISCSI_POOL.replace(old, new)
+    assert doc != ISCSI_POOL
+    with pytest.raises(Invalid):
+        parse_pool(doc)
+
+
+@pytest.mark.parametrize("value", [b"maybe", b"YES", b"1"])
+def test_parse_pool_yes_no_values(value):
+    with pytest.raises(Invalid):
+        parse_pool(DISK_POOL.replace(b"part_separator='no'", b"part_separator='" + value + b"'"))
+    with pytest.raises(Invalid):
+        parse_pool(DIR_POOL_COW.replace(b"state='no'", b"state='" + value + b"'"))
+
+
+# ---------------------------------------------------------------- format_pool
+
+
+@pools
+def test_pool_round_trip(doc):
+    first = parse_pool(doc)
+    again = parse_pool(format_pool(first))
+    assert again == first
+
+
+@pools
+def test_pool_round_trip_with_status(doc):
+    first = parse_pool(doc)
+    out = format_pool(first, PoolStatus(capacity=10, allocation=4, available=6))
+    assert parse_pool(out) == first
+
+
+@pools
+def test_format_pool_definition_validates(doc, pool_rng):
+    assert_valid(pool_rng, format_pool(parse_pool(doc)))
+
+
+@pools
+def test_format_pool_with_status_validates(doc, pool_rng):
+    out = format_pool(parse_pool(doc), PoolStatus(capacity=2**40, allocation=2**30,
+                                                  available=2**40 - 2**30))
+    assert_valid(pool_rng, out)
+
+
+def _refused_or_valid(rng, doc):
+    """What vsfs accepts it must print as valid XML (INTERFACE.md): refuse, or print well."""
+    try:
+        pool = parse_pool(doc)
+    except Invalid:
+        return
+    assert_valid(rng, format_pool(pool))
+    assert_valid(rng, format_pool(pool, PoolStatus()))
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        b"<source><device path='/dev/sdb'/></source>",
+        b"<source><name>images</name></source>",
+        b"<source><host name='nfs.example.com'/><dir path='/export'/></source>",
+        b"<source><format type='ext4'/></source>",
+    ],
+    ids=["device", "name", "host-dir", "format"],
+)
+def test_dir_pool_with_stray_source_elements(source, pool_rng):
+    # virsh pool-define takes these (libvirt parses <source> generically) and
+    # pool-dumpxml drops what a dir pool has no use for.
+    doc = (b"<pool type='dir'><name>p</name>" + source
+           + b"<target><path>/srv/p</path></target></pool>")
+    _refused_or_valid(pool_rng, doc)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b"<auth type='chap' username='myuser'>", b"<auth username='myuser'>"),
+        (b"<auth type='chap' username='myuser'>", b"<auth type='kerberos' username='myuser'>"),
+        (b"<secret usage='libvirtiscsi'/>", b""),
+        (b"<secret usage='libvirtiscsi'/>", b"<secret/>"),
+    ],
+    ids=["no-type", "unknown-type", "no-secret", "empty-secret"],
+)
+def test_iscsi_pool_with_incomplete_auth(old, new, pool_rng):
+    # libvirt refuses these ("missing auth type", "unknown auth type",
+    # "Missing <secret> element in auth").
+    doc = ISCSI_POOL.replace(old, new)
+    assert doc != ISCSI_POOL
+    _refused_or_valid(pool_rng, doc)
+
+
+def test_format_pool_status_values():
+    out = format_pool(parse_pool(DIR_POOL),
+                      PoolStatus(capacity=1000, allocation=300, available=700))
+    root = etree.fromstring(out)
+    assert root.findtext("capacity") == "1000"
+    assert root.findtext("allocation") == "300"
+    assert root.findtext("available") == "700"
+    assert root.find("capacity").get("unit") == "bytes"
+
+
+def test_format_pool_without_status_has_no_sizes():
+    root = etree.fromstring(format_pool(parse_pool(DIR_POOL)))
+    for tag in ("capacity", "allocation", "available"):
+        assert root.find(tag) is None
+
+
+def test_format_pool_live_permissions_win(pool_rng):
+    pool = parse_pool(DIR_POOL)
+    out = format_pool(pool, PoolStatus(), live_perms=Permissions(0o2770, 1000, 100))
+    assert_valid(pool_rng, out)
+    perms = etree.fromstring(out).find("target/permissions")
+    assert perms.findtext("mode") == "2770"
+    assert perms.findtext("owner") == "1000"
+    assert perms.findtext("group") == "100"
+    # ... and they are what a re-parse sees
+    assert parse_pool(out).target_perms == Permissions(0o2770, 1000, 100)
+
+
+def test_format_pool_namespaces():
+    rbd = etree.fromstring(format_pool(parse_pool(RBD_POOL)))
+    opts = rbd.findall(f"{{{RBD_NS}}}config_opts/{{{RBD_NS}}}option")
+    assert [(o.get("name"), o.get("value")) for o in opts] == [
+        ("client_mount_timeout", "45"), ("rados_mon_op_timeout", "20")]
+    netfs = etree.fromstring(format_pool(parse_pool(NETFS_POOL_MOUNT_OPTS)))
+    opts = netfs.findall(f"{{{FS_NS}}}mount_opts/{{{FS_NS}}}option")
+    assert [o.get("name") for o in opts] == ["sync", "lazytime"]
+
+
+def test_format_pool_fs_with_mount_opts_validates(pool_rng):
+    # fs (not netfs) pools take fs:mount_opts too, after the rest.
+    pool = replace(parse_pool(FS_POOL), mount_opts=("noatime", "discard"))
+    out = format_pool(pool, PoolStatus())
+    assert_valid(pool_rng, out)
+    assert parse_pool(out) == pool
+
+
+def test_format_pool_from_model(pool_rng):
+    # A definition built in code (as the shell verbs do), not parsed.
+    pool = PoolDef(type="dir", name="built", uuid=str(uuidlib.uuid4()),
+                   target_path="/srv/built",
+                   target_perms=Permissions(mode=0o750, owner=0, group=0))
+    out = format_pool(pool)
+    assert_valid(pool_rng, out)
+    assert parse_pool(out) == pool
+
+
+def test_format_pool_escapes_text():
+    pool = replace(parse_pool(DIR_POOL), name="a&b<c>'\"", target_path="/srv/a&b<c>")
+    out = format_pool(pool)
+    assert parse_pool(out) == pool
+
+
+# ---------------------------------------------------------------- volumes
+
+QCOW2_VOLUME = b"""<volume type='file'>
+  <name>web.qcow2</name>
+  <key>/var/lib/libvirt/images/web.qcow2</key>
+  <capacity unit='bytes'>21474836480</capacity>
+  <allocation unit='bytes'>1442082816</allocation>
+  <physical unit='bytes'>1441988608</physical>
+  <target>
+    <path>/var/lib/libvirt/images/web.qcow2</path>
+    <format type='qcow2'/>
+    <permissions>
+      <mode>0600</mode>
+      <owner>64055</owner>
+      <group>64055</group>
+      <label>system_u:object_r:svirt_image_t:s0:c100,c200</label>
+    </permissions>
+    <timestamps>
+      <atime>1700000000.123456789</atime>
+      <mtime>1700000001.5</mtime>
+      <ctime>1700000002.000000001</ctime>
+    </timestamps>
+    <compat>1.1</compat>
+    <clusterSize unit='B'>65536</clusterSize>
+    <features/>
+  </target>
+  <backingStore>
+    <path>/var/lib/libvirt/images/base.qcow2</path>
+    <format type='qcow2'/>
+    <permissions>
+      <mode>0644</mode>
+      <owner>0</owner>
+      <group>0</group>
+    </permissions>
+  </backingStore>
+</volume>
+"""
+
+
+def test_sample_volume_is_valid_libvirt_xml(vol_rng):
+    assert_valid(vol_rng, QCOW2_VOLUME)
+
+
+def test_parse_volume_as_vol_dumpxml_prints_it():
+    v = parse_volume(QCOW2_VOLUME)
+    assert v.name == "web.qcow2"
+    assert v.type == "file"
+    assert v.capacity == 21474836480
+    assert v.allocation == 1442082816
+    assert v.format == "qcow2"
+    assert v.perms == Permissions(0o600, 64055, 64055,
+                                  "system_u:object_r:svirt_image_t:s0:c100,c200")
+    assert v.backing == BackingStore("/var/lib/libvirt/images/base.qcow2", "qcow2")
+
+
+@pytest.mark.parametrize(
+    ("capacity", "expected"),
+    [
+        (b"<capacity unit='G'>10</capacity>", 10 * 1024**3),
+        (b"<capacity unit='GB'>10</capacity>", 10 * 1000**3),
+        (b"<capacity unit='MiB'>512</capacity>", 512 * 1024**2),
+        (b"<capacity unit='bytes'>4096</capacity>", 4096),
+        (b"<capacity>4096</capacity>", 4096),
+        (b"<capacity>10G</capacity>", 10 * 1024**3),
+        (b"<capacity> 1 T </capacity>", 1024**4),
+    ],
+)
+def test_parse_volume_capacity(capacity, expected):
+    doc = b"<volume><name>v</name>" + capacity + b"</volume>"
+    v = parse_volume(doc)
+    assert v.capacity == expected
+    assert v.allocation is None
+    assert v.format is None
+    assert v.type is None
+    assert v.backing is None
+    assert v.perms == Permissions()
+
+
+def test_parse_volume_minimal_create_request():
+    doc = b"""<volume>
+  <name>new.img</name>
+  <allocation unit='M'>0</allocation>
+  <capacity unit='G'>2</capacity>
+  <target>
+    <format type='raw'/>
+    <permissions>
+      <mode>0640</mode>
+      <owner>-1</owner>
+      <group>107</group>
+    </permissions>
+  </target>
+</volume>"""
+    v = parse_volume(doc)
+    assert v.capacity == 2 * 1024**3
+    assert v.allocation == 0
+    assert v.format == "raw"
+    assert v.perms == Permissions(0o640, None, 107)
+
+
+def test_parse_volume_backing_store_without_format():
+    doc = (b"<volume><name>o</name><capacity>1</capacity>"
+           b"<backingStore><path>/srv/base.img</path></backingStore></volume>")
+    assert parse_volume(doc).backing == BackingStore("/srv/base.img", None)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b"<volume><name>v</name></volume>",
+        b"<volume><name>v</name><allocation>0</allocation></volume>",
+        b"<volume><name>v</name><capacity></capacity></volume>",
+        b"<volume><name>v</name><capacity unit='G'/></volume>",
+    ],
+    ids=["missing", "only-allocation", "empty", "unit-only"],
+)
+def test_parse_volume_needs_capacity(doc):
+    with pytest.raises(Invalid):
+        parse_volume(doc)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b"<volume><capacity>1</capacity></volume>",
+        b"<volume><name/><capacity>1</capacity></volume>",
+        b"<volume><name>a/b</name><capacity>1</capacity></volume>",
+        b"<volume><name>.v</name><capacity>1</capacity></volume>",
+    ],
+    ids=["missing", "empty", "slash", "dot"],
+)
+def test_parse_volume_needs_a_good_name(doc):
+    with pytest.raises(Invalid):
+        parse_volume(doc)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b"<volume><name>v</name><capacity>-1</capacity></volume>",
+        b"<volume><name>v</name><capacity>lots</capacity></volume>",
+        b"<volume><name>v</name><capacity unit='Q'>1</capacity></volume>",
+        b"<volume><name>v</name><capacity unit='G'>1G</capacity></volume>",
+        b"<volume><name>v</name><capacity unit='E'>16</capacity></volume>",
+        b"<volume><name>v</name><capacity>1</capacity><allocation>x</allocation></volume>",
+        b"<volume><name>v</name><capacity>1</capacity>"
+        b"<backingStore><format type='raw'/></backingStore></volume>",
+        b"<volume><name>v</name><capacity>1</capacity>"
+        b"<target><permissions><mode>8</mode></permissions></target></volume>",
+    ],
+)
+def test_parse_volume_rejects(doc):
+    with pytest.raises(Invalid):
+        parse_volume(doc)
+
+
+NS = 1_000_000_000
+
+
+def _vol(**kw):
+    base = dict(
+        name="disk.img", key="/srv/images/disk.img", path="/srv/images/disk.img",
+        type="file", format="raw", capacity=10 * 1024**3, allocation=4096,
+        physical=10 * 1024**3,
+    )
+    base.update(kw)
+    return Volume(**base)
+
+
+VOLUMES = {
+    "raw-file": _vol(),
+    "raw-file-perms-times": _vol(
+        mode=0o644, owner=0, group=0,
+        atime_ns=1_700_000_000 * NS + 123_456_789, mtime_ns=1_700_000_000 * NS,
+        ctime_ns=1_700_000_001 * NS + 1),
+    "raw-file-epoch": _vol(mode=0, owner=0, group=0, atime_ns=0, mtime_ns=0, ctime_ns=0),
+    "dir": _vol(name="isos", key="/srv/images/isos", path="/srv/images/isos", type="dir",
+                format="dir", capacity=4096, allocation=4096, physical=4096,
+                mode=0o2775, owner=1000, group=1000, mtime_ns=1_600_000_000 * NS),
+    "qcow2-backing": _vol(
+        name="web.qcow2", key="/srv/images/web.qcow2", path="/srv/images/web.qcow2",
+        format="qcow2", allocation=200704, physical=196624, mode=0o600, owner=107,
+        group=107, atime_ns=1_700_000_000 * NS, mtime_ns=1_700_000_000 * NS,
+        ctime_ns=1_700_000_000 * NS,
+        backing=BackingStore("/srv/images/base.qcow2", "qcow2")),
+    "qcow2-backing-no-format": _vol(
+        name="o.qcow2", key="/srv/images/o.qcow2", path="/srv/images/o.qcow2",
+        format="qcow2", backing=BackingStore("/srv/images/base.img", None)),
+    "only-mtime": _vol(mtime_ns=5 * NS + 7),
+    "unicode-name": _vol(name="データ.img", key="/srv/images/データ.img",
+                         path="/srv/images/データ.img"),
+}
+
+vols = pytest.mark.parametrize("vol", list(VOLUMES.values()), ids=list(VOLUMES))
+
+
+@vols
+def test_format_volume_validates(vol, vol_rng):
+    assert_valid(vol_rng, format_volume(vol))
+
+
+@vols
+def test_format_volume_parses_back(vol):
+    v = parse_volume(format_volume(vol))
+    assert v.name == vol.name
+    assert v.type == vol.type
+    assert v.capacity == vol.capacity
+    assert v.allocation == vol.allocation
+    assert v.format == vol.format
+    assert v.perms == Permissions(vol.mode, vol.owner, vol.group)
+    if vol.backing is None:
+        assert v.backing is None
+    else:
+        assert v.backing == BackingStore(vol.backing.path, vol.backing.format or "raw")
+
+
+def test_format_volume_fields():
+    vol = VOLUMES["qcow2-backing"]
+    root = etree.fromstring(format_volume(vol))
+    assert root.get("type") == "file"
+    assert root.findtext("key") == "/srv/images/web.qcow2"
+    assert root.findtext("target/path") == "/srv/images/web.qcow2"
+    assert root.find("target/format").get("type") == "qcow2"
+    assert root.findtext("physical") == "196624"
+    assert root.findtext("target/permissions/mode") == "0600"
+    assert root.findtext("target/timestamps/atime") == "1700000000.000000000"
+    assert root.findtext("backingStore/path") == "/srv/images/base.qcow2"
+
+
+def test_format_volume_timestamps():
+    root = etree.fromstring(format_volume(VOLUMES["raw-file-perms-times"]))
+    ts = root.find("target/timestamps")
+    assert ts.findtext("atime") == "1700000000.123456789"
+    assert ts.findtext("mtime") == "1700000000.000000000"
+    assert ts.findtext("ctime") == "1700000001.000000001"
+    only = etree.fromstring(format_volume(VOLUMES["only-mtime"])).find("target/timestamps")
+    assert [c.tag for c in only] == ["mtime"]
+    assert only.findtext("mtime") == "5.000000007"
+
+
+def test_format_volume_without_perms_or_times_omits_them():
+    root = etree.fromstring(format_volume(VOLUMES["raw-file"]))
+    assert root.find("target/permissions") is None
+    assert root.find("target/timestamps") is None
+
+
+@pytest.mark.parametrize("mtime_ns", [-14_182_940 * NS, -1], ids=["1969-07-20", "-1ns"])
+def test_format_volume_pre_epoch_timestamp_validates(mtime_ns, vol_rng):
+    # A file whose mtime is before 1970 (`touch -d 1969-07-20 f`) is a legal file;
+    # its volume XML must still validate against storagevol.rng, whose timestamp
+    # pattern is [0-9]+(\.[0-9]{0,9})?.
+    assert_valid(vol_rng, format_volume(_vol(mtime_ns=mtime_ns)))
+
+
+# ---------------------------------------------------------------- hardening
+
+BILLION_LAUGHS = b"""<?xml version="1.0"?>
+<!DOCTYPE pool [
+  <!ENTITY lol "lol">
+  <!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+  <!ENTITY lol2 "&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;">
+  <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+  <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
+  <!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
+  <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
+  <!ENTITY lol7 "&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;">
+  <!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
+  <!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">
+]>
+<pool type='dir'>
+  <name>&lol9;</name>
+  <target><path>/srv/lol</path></target>
+</pool>
+"""
+
+SMALL_LAUGHS = b"""<!DOCTYPE pool [
+  <!ENTITY lol "lol">
+  <!ENTITY lol1 "&lol;&lol;&lol;">
+]>
+<pool type='dir'><name>&lol1;</name><target><path>/srv/lol</path></target></pool>
+"""
+
+XXE = b"""<?xml version="1.0"?>
+<!DOCTYPE pool [
+  <!ENTITY xxe SYSTEM "file:///etc/passwd">
+]>
+<pool type='dir'>
+  <name>&xxe;</name>
+  <target><path>/srv/x</path></target>
+</pool>
+"""
+
+XXE_VOLUME = b"""<!DOCTYPE volume [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>
+<volume><name>v</name><capacity>1</capacity><key>&xxe;</key></volume>
+"""
+
+EXTERNAL_DTD = b"""<?xml version="1.0"?>
+<!DOCTYPE pool SYSTEM "file:///etc/passwd">
+<pool type='dir'><name>p</name><target><path>/srv/p</path></target></pool>
+"""
+
+PLAIN_DOCTYPE = b"""<!DOCTYPE pool>
+<pool type='dir'><name>p</name><target><path>/srv/p</path></target></pool>
+"""
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [BILLION_LAUGHS, SMALL_LAUGHS, XXE, EXTERNAL_DTD, PLAIN_DOCTYPE],
+    ids=["billion-laughs", "small-laughs", "xxe", "external-dtd", "plain-doctype"],
+)
+def test_doctype_is_refused(doc):
+    start = time.monotonic()
+    with pytest.raises(Invalid) as info:
+        parse_pool(doc)
+    assert time.monotonic() - start < 2.0
+    # Refused for its DOCTYPE, or earlier by libxml2's own amplification guard.
+    assert "DOCTYPE" in info.value.message or "amplification" in info.value.message
+    assert "root:" not in info.value.message
+    assert "lol" not in info.value.message
+
+
+def test_doctype_is_refused_for_volumes_too():
+    with pytest.raises(Invalid, match="DOCTYPE"):
+        parse_volume(XXE_VOLUME)
+
+
+def test_safe_parser_does_not_expand_internal_entities():
+    root = etree.fromstring(SMALL_LAUGHS, safe_parser())
+    name = root.find("name")
+    # The reference is kept as a reference, not replaced by its text.
+    assert name.text is None
+    assert root.findtext("name") == ""
+    assert [type(c) for c in name] == [etree._Entity]
+    assert "".join(name.itertext()) == "&lol1;"
+
+
+def test_safe_parser_does_not_read_files():
+    root = etree.fromstring(XXE, safe_parser())
+    assert "root:" not in "".join(root.itertext())
+    assert "root:" not in etree.tostring(root, method="text", encoding="unicode")
+
+
+def test_document_at_the_size_limit_is_accepted():
+    head = b"<pool type='dir'><name>big</name><target><path>/srv/big</path></target>"
+    tail = b"</pool>"
+    doc = head + b" " * (MAX_XML_BYTES - len(head) - len(tail)) + tail
+    assert len(doc) == MAX_XML_BYTES
+    assert parse_pool(doc).name == "big"
+
+
+def test_document_over_one_mib_is_refused():
+    head = b"<pool type='dir'><name>big</name><target><path>/srv/big</path></target>"
+    tail = b"</pool>"
+    doc = head + b" " * (MAX_XML_BYTES - len(head) - len(tail) + 1) + tail
+    assert len(doc) == MAX_XML_BYTES + 1
+    with pytest.raises(Invalid, match="larger"):
+        parse_pool(doc)
+
+
+def test_big_name_is_refused_by_size_before_anything_else():
+    doc = b"<pool type='dir'><name>" + b"x" * (2 * MAX_XML_BYTES) + b"</name></pool>"
+    with pytest.raises(Invalid, match="larger"):
+        parse_pool(doc)
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        b"",
+        b"   \n",
+        b"<pool type='dir'><name>p</name>",
+        b"<pool type='dir'><name>p</pool>",
+        b"<pool type='dir'><name>a & b</name></pool>",
+        b"<pool type='dir'><name>&nbsp;</name></pool>",
+        b"<pool type=dir><name>p</name></pool>",
+        b"<pool type='dir'><name>p</name></pool><pool type='dir'/>",
+        b"<pool type='dir'><name>p</name></pool>trailing",
+        b"<pool type='dir'><name>p\xff</name></pool>",
+        b"not xml at all",
+        b'{"pool": "json"}',
+    ],
+)
+def test_malformed_xml_is_invalid(doc):
+    with pytest.raises(Invalid):
+        parse_pool(doc)
+
+
+@pytest.mark.parametrize(
+    ("func", "doc"),
+    [
+        (parse_pool, b"<volume><name>v</name><capacity>1</capacity></volume>"),
+        (parse_pool, b"<domain type='kvm'><name>vm</name></domain>"),
+        (parse_pool, b"<pools><pool type='dir'><name>p</name></pool></pools>"),
+        (parse_pool, b"<x:pool xmlns:x='urn:x' type='dir'><name>p</name></x:pool>"),
+        (parse_volume, DIR_POOL),
+        (parse_volume, b"<vol><name>v</name><capacity>1</capacity></vol>"),
+    ],
+)
+def test_wrong_root_element_is_invalid(func, doc):
+    with pytest.raises(Invalid, match="expected"):
+        func(doc)
+
+
+def test_parse_document_drops_comments_and_pis():
+    doc = parse_document(
+        b"<?xml version='1.0'?><!-- c --><pool><?pi x?><name>p<!-- y --></name></pool>",
+        "pool")
+    assert doc.findtext("name") == "p"
+    assert len(doc) == 1
+
+
+# ---------------------------------------------------------------- DocumentFeeder
+
+
+def _feed_all(feeder, data, size):
+    results = []
+    for i in range(0, len(data), size):
+        results.append(feeder.feed(data[i:i + size]))
+    return results
+
+
+def test_feeder_byte_by_byte_completes_on_the_last_byte_of_the_root():
+    doc = DIR_POOL.rstrip()
+    feeder = DocumentFeeder()
+    results = _feed_all(feeder, doc, 1)
+    assert results[-1] is True
+    assert not any(results[:-1])
+    assert feeder.complete
+    assert bytes(feeder.data) == doc
+    assert feeder.feed(b"\n") is True  # the newline `cat` or `echo` adds
+
+
+@pytest.mark.parametrize("size", [2, 3, 7, 64, 4096])
+def test_feeder_in_chunks(size):
+    feeder = DocumentFeeder()
+    results = _feed_all(feeder, RBD_POOL, size)
+    assert results[-1] is True
+    assert feeder.complete
+    # White space fed after the end is accepted but not kept.
+    assert bytes(feeder.data).rstrip() == RBD_POOL.rstrip()
+    assert parse_pool(bytes(feeder.data)) == parse_pool(RBD_POOL)
+
+
+def test_feeder_not_complete_before_root_closes():
+    feeder = DocumentFeeder()
+    assert feeder.feed(b"<?xml version='1.0'?>\n") is False
+    assert feeder.feed(b"<pool type='dir'>") is False
+    assert feeder.feed(b"<name>p</name>") is False  # an inner element closing is not the end
+    assert feeder.feed(b"<target><path>/srv/p</path></target>") is False
+    assert feeder.feed(b"</pool") is False
+    assert not feeder.complete
+    assert feeder.feed(b">") is True
+    assert feeder.complete
+
+
+def test_feeder_self_closing_root():
+    feeder = DocumentFeeder()
+    assert feeder.feed(b"<pool/>") is True
+
+
+def test_feeder_nested_element_with_root_name():
+    feeder = DocumentFeeder()
+    assert feeder.feed(b"<pool><pool></pool>") is False
+    assert feeder.feed(b"</pool>") is True
+
+
+@pytest.mark.parametrize("trailer", [b"\n", b"   ", b"\r\n\t", b""])
+def test_feeder_trailing_whitespace(trailer):
+    feeder = DocumentFeeder()
+    assert feeder.feed(b"<pool type='dir'><name>p</name></pool>") is True
+    assert feeder.feed(trailer) is True
+    assert feeder.feed(trailer) is True
+    assert feeder.complete
+
+
+@pytest.mark.parametrize(
+    "after",
+    [b"<pool/>", b"x", b"\n<pool type='dir'/>", b"  junk  "],
+)
+def test_feeder_data_after_the_end_in_a_later_chunk(after):
+    feeder = DocumentFeeder()
+    assert feeder.feed(b"<pool><name>p</name></pool>\n") is True
+    with pytest.raises(Invalid, match="after the end"):
+        feeder.feed(after)
+
+
+@pytest.mark.parametrize("after", [b"<pool/>", b"x", b"\n<other/>"])
+def test_feeder_data_after_the_end_in_the_same_chunk(after):
+    feeder = DocumentFeeder()
+    with pytest.raises(Invalid):
+        feeder.feed(b"<pool><name>p</name></pool>" + after)
+
+
+@pytest.mark.parametrize(
+    ("good", "bad"),
+    [
+        (b"<pool type='dir'><name>p", b"</nmae>"),
+        (b"<pool type='dir'>", b"<name>p</name></volume>"),
+        (b"<pool type='dir'>", b"<<name>"),
+        (b"<pool ", b"type=dir>"),
+        (b"", b"this is not xml"),
+        (b"", b'{"json": 1}'),
+    ],
+)
+def test_feeder_syntax_error_is_raised_when_fed(good, bad):
+    feeder = DocumentFeeder()
+    if good:
+        assert feeder.feed(good) is False
+    with pytest.raises(Invalid, match="malformed"):
+        feeder.feed(bad)
+
+
+def test_feeder_bad_entity_reference_is_reported_by_the_time_the_root_closes():
+    # A bare '&' is a well-formedness error the bytes show at once. The writer
+    # must hear about it from feed(), not be left with an "incomplete" document
+    # that never completes however many bytes follow.
+    feeder = DocumentFeeder()
+    with pytest.raises(Invalid, match="malformed"):
+        feeder.feed(b"<pool type='dir'><name>a & b</name>")
+        feeder.feed(b"<target><path>/srv/p</path></target>")
+        feeder.feed(b"</pool>\n")
+
+
+def test_feeder_at_the_size_limit_is_still_fed():
+    feeder = DocumentFeeder()
+    head = b"<pool type='dir'>"
+    assert feeder.feed(head) is False
+    pad = b" " * (MAX_XML_BYTES - len(head))
+    for i in range(0, len(pad), 65536):
+        assert feeder.feed(pad[i:i + 65536]) is False
+    assert len(feeder.data) == MAX_XML_BYTES
+
+
+def test_feeder_over_size_is_invalid():
+    feeder = DocumentFeeder()
+    feeder.feed(b"<pool type='dir'>")
+    chunk = b" " * 65536
+    with pytest.raises(Invalid, match="larger"):
+        for _ in range(MAX_XML_BYTES // len(chunk) + 1):
+            feeder.feed(chunk)
+    assert len(feeder.data) > MAX_XML_BYTES
+
+
+def test_feeder_over_size_in_one_chunk():
+    feeder = DocumentFeeder()
+    with pytest.raises(Invalid, match="larger"):
+        feeder.feed(b"<pool>" + b" " * MAX_XML_BYTES)
+
+
+def test_feeder_complete_doctype_document_is_still_refused_by_the_parser():
+    # The feeder only says "complete"; the hardened parser then refuses it.
+    feeder = DocumentFeeder()
+    for i in range(0, len(XXE), 16):
+        try:
+            done = feeder.feed(XXE[i:i + 16])
+        except Invalid:
+            return  # refusing it early is fine as well
+    assert done
+    with pytest.raises(Invalid, match="DOCTYPE"):
+        parse_pool(bytes(feeder.data))
