@@ -210,7 +210,7 @@ class DirBackend(Backend):
             if need_probe:
                 todo.append(entry.name)
         for gone in set(self._probes) - seen:
-            del self._probes[gone]
+            self._probes.pop(gone, None)  # a volinfo read may race us from another thread
         self._dir_sig = sig
         vols.sort(key=lambda v: v.name)
         live = Permissions(stat.S_IMODE(root_st.st_mode), root_st.st_uid, root_st.st_gid)

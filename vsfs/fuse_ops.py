@@ -354,8 +354,7 @@ class Operations(pyfuse3.Operations):
             self.tree.record_error(ctx.uid, f"files cannot be created in /{'/'.join(path)}")
             raise pyfuse3.FUSEError(errno.EACCES)
         create = parent.create
-        upload = await self._dir_op(
-            ctx, lambda: create(_name(name), flags & (os.O_ACCMODE | os.O_APPEND)))
+        upload = await self._dir_op(ctx, lambda: create(_name(name)))
         node = UploadFile(0o600, upload=upload)
         ino = self._register((*path, _name(name)), node)
         self._ref(ino)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -207,13 +207,11 @@ class Manager:
 
     async def redefine_pool(self, name: str, xml: bytes) -> PoolDef:
         entry = self.entry(name)
-        new = parse_pool(xml)
+        new = parse_pool(xml, default_uuid=entry.pool.uuid)
         if new.name != name:
             raise Invalid(f"the XML names pool {new.name!r}, not {name!r}; pools are not "
                           "renamed through xml")
-        if b"<uuid" not in xml:
-            new = replace(new, uuid=entry.pool.uuid)
-        elif new.uuid != entry.pool.uuid:
+        if new.uuid != entry.pool.uuid:
             raise Invalid(f"pool {name!r} has UUID {entry.pool.uuid}, not {new.uuid}")
         cls = self._backend_class(new)
         async with entry.lock:
@@ -392,12 +390,14 @@ class Manager:
     async def create_volume_xml(self, pool: str, xml: bytes) -> Volume:
         return await self.create_volume(pool, parse_volume(xml))
 
-    async def begin_upload(self, pool: str, name: str, flags: int) -> Upload:
+    async def begin_upload(self, pool: str, name: str) -> Upload:
         """Create an empty raw volume and open it, for ``truncate`` and ``cp``."""
         vol = await self.create_volume(pool, VolumeDef(name=name, capacity=0, format="raw"))
         entry = self.entry(pool)
         try:
-            fd = await trio.to_thread.run_sync(entry.backend.open_volume, vol, flags)
+            # Read-write whatever the writer asked, so that every later open of
+            # the new volume through vsfs can share this descriptor.
+            fd = await trio.to_thread.run_sync(entry.backend.open_volume, vol, os.O_RDWR)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._discard(entry, vol)

@@ -144,7 +144,7 @@ class UploadFile(Node):
 class Dir(Node):
     names: Callable[[], Iterable[str]] = lambda: ()
     child: Callable[[str], Node | None] = lambda name: None
-    create: Callable[[str, int], Awaitable[Upload]] | None = None
+    create: Callable[[str], Awaitable[Upload]] | None = None
     mkdir: Callable[[str], Awaitable[None]] | None = None
     unlink: Callable[[str], Awaitable[None]] | None = None
     rmdir: Callable[[str], Awaitable[None]] | None = None
@@ -364,8 +364,8 @@ class Tree:
             vol = entry.volumes.get(name)
             return Link(0o777, target=vol.path) if vol is not None else None
 
-        async def create(name: str, flags: int) -> Upload:
-            return await m.begin_upload(pool, name, flags)
+        async def create(name: str) -> Upload:
+            return await m.begin_upload(pool, name)
 
         async def mkdir(name: str) -> None:
             entry = m.entry(pool)

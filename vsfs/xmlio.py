@@ -287,8 +287,11 @@ def _parse_source(el: etree._Element | None) -> PoolSource:
     )
 
 
-def parse_pool(data: bytes) -> PoolDef:
-    """Parse a ``<pool>`` document (as ``virsh pool-dumpxml`` prints it)."""
+def parse_pool(data: bytes, default_uuid: str | None = None) -> PoolDef:
+    """Parse a ``<pool>`` document (as ``virsh pool-dumpxml`` prints it).
+
+    Without a ``<uuid>`` the pool gets ``default_uuid``, else a new random one.
+    """
     doc = parse_document(data, "pool")
     ptype = doc.get("type")
     if not ptype:
@@ -298,7 +301,7 @@ def parse_pool(data: bytes) -> PoolDef:
         raise Invalid("<pool> needs a <name>")
     check_name(name, "pool name")
     uuid_text = _text(doc.find("uuid"))
-    pool_uuid = normalize_uuid(uuid_text) if uuid_text else str(uuidlib.uuid4())
+    pool_uuid = normalize_uuid(uuid_text) if uuid_text else default_uuid or str(uuidlib.uuid4())
     target = doc.find("target")
     target_path = _text(target.find("path")) if target is not None else None
     if target_path is not None and not target_path.startswith("/"):
