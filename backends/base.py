@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+import trio
+
 from vsfs.errors import NotFound, Unsupported
 from vsfs.model import Permissions, PoolDef, PoolStatus, Volume, VolumeDef
 
@@ -99,6 +101,20 @@ class Backend(ABC):
 
     async def wipe_volume(self, vol: Volume) -> None:
         raise Unsupported(f"{self.pool_type} pools cannot wipe volumes")
+
+    async def create_upload(self, vdef: VolumeDef) -> tuple[Volume, int]:
+        """Create an empty raw volume and open it read-write, for ``truncate``/``cp``.
+
+        Backends that can do both in one step override this.
+        """
+        vol = await self.create_volume(vdef)
+        try:
+            fd = await trio.to_thread.run_sync(self.open_volume, vol, os.O_RDWR)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.delete_volume(vol)
+            raise
+        return vol, fd
 
     def open_volume(self, vol: Volume, flags: int) -> int:
         """A file descriptor on the volume's bytes, for uploads. Blocking."""

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -269,16 +270,38 @@ class DirBackend(Backend):
         return replace(self._stat_volume(vol.name, st), format=fmt, capacity=capacity,
                        backing=backing)
 
-    async def volume(self, name: str) -> Volume:
+    def _volume_sync(self, name: str) -> tuple[Volume, bool]:
         path = self.path_of(name)
         try:
-            st = await trio.to_thread.run_sync(os.lstat, path)
+            st = os.lstat(path)
         except FileNotFoundError:
             raise NotFound(f"no volume {name!r} in pool {self.pool.name!r}") from None
-        vol, need_probe = await trio.to_thread.run_sync(self._volume_from_stat, name, st)
+        vol, need_probe = self._volume_from_stat(name, st)
         if vol is None:
             raise NotFound(f"{path} is not a volume")
+        return vol, need_probe
+
+    async def volume(self, name: str) -> Volume:
+        vol, need_probe = await trio.to_thread.run_sync(self._volume_sync, name)
         return await self._probe_image(vol) if need_probe else vol
+
+    @contextlib.contextmanager
+    def _own_change(self) -> Iterator[None]:
+        """Around a change vsfs makes itself: the poll need not rescan for it.
+
+        Only when nothing else had changed the directory before (the signature
+        still matches the last scan) is the new signature taken as seen.
+        """
+        try:
+            before = self._dir_signature()
+        except OSError:
+            before = None
+        try:
+            yield
+        finally:
+            if before is not None and before == self._dir_sig:
+                with contextlib.suppress(OSError):
+                    self._dir_sig = self._dir_signature()
 
     # ---------------------------------------------------------------- volumes
 
@@ -300,7 +323,8 @@ class DirBackend(Backend):
         if fmt == "dir":
             await trio.to_thread.run_sync(self._mkdir_volume, vdef)
         elif fmt == "raw":
-            await trio.to_thread.run_sync(self._create_raw, vdef)
+            vol, _ = await trio.to_thread.run_sync(self._create_raw, vdef)
+            return vol
         elif fmt in QEMU_CREATE_FORMATS:
             await self._create_image(vdef, fmt)
         else:
@@ -327,27 +351,42 @@ class DirBackend(Backend):
             os.rmdir(path)
             raise BackendFailed(f"{path}: {e.strerror}") from None
 
-    def _create_raw(self, vdef: VolumeDef) -> None:
+    def _create_raw(self, vdef: VolumeDef, keep_open: bool = False) -> tuple[Volume, int | None]:
+        """Create a raw file; returns its volume and, if asked, an open O_RDWR descriptor."""
         path, mode, uid, gid = self._claim(vdef)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        except FileExistsError:
-            raise Exists(f"{path} already exists") from None
-        except OSError as e:
-            raise BackendFailed(f"creating {path}: {e.strerror}") from None
-        try:
-            os.fchmod(fd, mode)  # the umask must not narrow what was asked for
-            os.fchown(fd, uid, gid)
-            os.ftruncate(fd, vdef.capacity)
-            if vdef.allocation:
-                os.posix_fallocate(fd, 0, min(vdef.allocation, vdef.capacity))
-        except OSError as e:
-            os.unlink(path)
-            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise NoSpace(f"{path}: {e.strerror}") from None
-            raise BackendFailed(f"creating {path}: {e.strerror}") from None
-        finally:
-            os.close(fd)
+        with self._own_change():
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+            except FileExistsError:
+                raise Exists(f"{path} already exists") from None
+            except OSError as e:
+                raise BackendFailed(f"creating {path}: {e.strerror}") from None
+            try:
+                os.fchmod(fd, mode)  # the umask must not narrow what was asked for
+                os.fchown(fd, uid, gid)
+                os.ftruncate(fd, vdef.capacity)
+                if vdef.allocation:
+                    os.posix_fallocate(fd, 0, min(vdef.allocation, vdef.capacity))
+                st = os.fstat(fd)
+            except OSError as e:
+                os.close(fd)
+                os.unlink(path)
+                if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    raise NoSpace(f"{path}: {e.strerror}") from None
+                raise BackendFailed(f"creating {path}: {e.strerror}") from None
+        # vsfs made it raw: no header to probe.
+        self._probes[vdef.name] = _Probe((st.st_ino, st.st_size, st.st_mtime_ns), "raw",
+                                         st.st_size, None)
+        vol = self._stat_volume(vdef.name, st)
+        if keep_open:
+            return vol, fd
+        os.close(fd)
+        return vol, None
+
+    async def create_upload(self, vdef: VolumeDef) -> tuple[Volume, int]:
+        vol, fd = await trio.to_thread.run_sync(self._create_raw, vdef, True)
+        assert fd is not None
+        return vol, fd
 
     async def _create_image(self, vdef: VolumeDef, fmt: str) -> None:
         path, mode, uid, gid = await trio.to_thread.run_sync(self._claim, vdef)
@@ -407,19 +446,24 @@ class DirBackend(Backend):
 
     async def delete_volume(self, vol: Volume) -> None:
         def remove() -> None:
-            try:
-                if vol.type == "dir":
-                    os.rmdir(vol.path)
-                else:
-                    os.unlink(vol.path)
-            except FileNotFoundError:
-                raise NotFound(f"{vol.path} is already gone") from None
-            except OSError as e:
-                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise NotEmpty(f"directory volume {vol.path} is not empty") from None
-                raise BackendFailed(f"removing {vol.path}: {e.strerror}") from None
+            with self._own_change():
+                self._remove_sync(vol)
             self._probes.pop(vol.name, None)
         await trio.to_thread.run_sync(remove)
+
+    @staticmethod
+    def _remove_sync(vol: Volume) -> None:
+        try:
+            if vol.type == "dir":
+                os.rmdir(vol.path)
+            else:
+                os.unlink(vol.path)
+        except FileNotFoundError:
+            raise NotFound(f"{vol.path} is already gone") from None
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise NotEmpty(f"directory volume {vol.path} is not empty") from None
+            raise BackendFailed(f"removing {vol.path}: {e.strerror}") from None
 
     async def rename_volume(self, vol: Volume, new_name: str) -> Volume:
         new_path = self.path_of(new_name)
@@ -428,7 +472,8 @@ class DirBackend(Backend):
             if os.path.lexists(new_path):
                 raise Exists(f"{new_path} already exists")
             try:
-                os.rename(vol.path, new_path)
+                with self._own_change():
+                    os.rename(vol.path, new_path)
             except OSError as e:
                 raise BackendFailed(f"renaming {vol.path}: {e.strerror}") from None
             probe = self._probes.pop(vol.name, None)

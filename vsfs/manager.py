@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
@@ -76,6 +76,7 @@ class Upload:
     fd: int
     failed: bool = False
     finished: bool = False
+    written: bool = False
 
 
 def parse_bool(text: str) -> bool:
@@ -221,6 +222,7 @@ class Manager:
             await trio.to_thread.run_sync(self.state.save, new)
             entry.pool = new
             entry.backend = cls(new)
+        self._gone("pools", name, "target")
         log.info("pool %s redefined", name)
         return new
 
@@ -392,30 +394,36 @@ class Manager:
 
     async def begin_upload(self, pool: str, name: str) -> Upload:
         """Create an empty raw volume and open it, for ``truncate`` and ``cp``."""
-        vol = await self.create_volume(pool, VolumeDef(name=name, capacity=0, format="raw"))
-        entry = self.entry(pool)
-        try:
-            # Read-write whatever the writer asked, so that every later open of
-            # the new volume through vsfs can share this descriptor.
-            fd = await trio.to_thread.run_sync(entry.backend.open_volume, vol, os.O_RDWR)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._discard(entry, vol)
-            raise
+        check_name(name, "volume name")
+        entry = self.running_entry(pool)
+        async with entry.lock:
+            if not entry.running:
+                raise Invalid(f"pool {pool!r} is not active")
+            if name in entry.volumes:
+                raise Exists(f"volume {name!r} already exists in pool {pool!r}")
+            # Empty at first: its size is checked against free space when set.
+            vol, fd = await entry.backend.create_upload(VolumeDef(name=name, capacity=0,
+                                                                  format="raw"))
+            entry.volumes[name] = vol
         upload = Upload(pool, name, fd)
         self.uploads[(pool, name)] = upload
+        log.info("volume %s/%s created for writing", pool, name)
         return upload
 
     async def upload_truncate(self, upload: Upload, size: int) -> None:
         entry = self.entry(upload.pool)
         try:
-            cur = (await trio.to_thread.run_sync(os.fstat, upload.fd)).st_size
+            # fstat of an open local descriptor does not block.
+            cur = os.fstat(upload.fd).st_size
             if size > cur:
                 await self._check_space(entry, size - cur)
             await trio.to_thread.run_sync(os.ftruncate, upload.fd, size)
         except BaseException:
             upload.failed = True
             raise
+        vol = entry.volumes.get(upload.name)
+        if vol is not None and vol.format == "raw":
+            entry.volumes[upload.name] = replace(vol, capacity=size, physical=size)
 
     async def finish_upload(self, upload: Upload) -> None:
         """Settle a volume made through a file handle, once its writer closes it.
@@ -436,7 +444,8 @@ class Manager:
                     await self._discard(entry, vol)
                     log.info("volume %s/%s removed: its upload failed", upload.pool,
                              upload.name)
-                else:
+                elif upload.written:
+                    # Bytes came in: they may be an image (a qcow2 copied in).
                     try:
                         entry.volumes[upload.name] = await entry.backend.volume(upload.name)
                     except NotFound:

@@ -160,12 +160,23 @@ class Tree:
         self.m = manager
         # The last error per user id: MNT/error shows the reader's own.
         self.errors: dict[int, str] = {}
+        # Directory nodes look the manager up when asked, so one object per
+        # path serves for good; caching them keeps a lookup to a few dict hits.
+        self._dirs: dict[tuple[str, ...], Dir] = {}
+
+    def _cached(self, key: tuple[str, ...], make: Callable[[], Dir]) -> Dir:
+        node = self._dirs.get(key)
+        if node is None:
+            if len(self._dirs) > 4096 + 4 * sum(len(e.volumes) for e in self.m.pools.values()):
+                self._dirs.clear()  # volinfo dirs of volumes long gone
+            node = self._dirs[key] = make()
+        return node
 
     def record_error(self, uid: int, message: str) -> None:
         self.errors[uid] = message
 
     def resolve(self, path: tuple[str, ...]) -> Node | None:
-        node: Node | None = self.root()
+        node: Node | None = self._cached((), self.root)
         for name in path:
             if not isinstance(node, Dir):
                 return None
@@ -196,7 +207,7 @@ class Tree:
                 case "by-path":
                     return self._by_path(())
                 case "pools":
-                    return self._pools()
+                    return self._cached(("pools",), self._pools)
             return None
 
         return Dir(DIR_MODE, names=lambda: ("README", "error", "by-uuid", "by-key", "by-path",
@@ -257,7 +268,9 @@ class Tree:
         def child(name: str) -> Node | None:
             if name == "define":
                 return File(WO_MODE, write=self._define_pool, xml=True)
-            return self._pool(name) if name in self.m.pools else None
+            if name not in self.m.pools:
+                return None
+            return self._cached(("pools", name), lambda: self._pool(name))
 
         async def mkdir(name: str) -> None:
             check_name(name, "pool name")
@@ -338,9 +351,9 @@ class Tree:
                     tp = entry.pool.target_path
                     return Link(0o777, target=tp) if tp else None
                 case "volumes":
-                    return self._volumes(name)
+                    return self._cached(("pools", name, "volumes"), lambda: self._volumes(name))
                 case "volinfo":
-                    return self._volinfo(name)
+                    return self._cached(("pools", name, "volinfo"), lambda: self._volinfo(name))
             return None
 
         return Dir(DIR_MODE, names=entry_names, child=child)
@@ -391,7 +404,8 @@ class Tree:
             entry = self.m.pools.get(pool)
             if entry is None or not entry.running or name not in entry.volumes:
                 return None
-            return self._volinfo_dir(pool, name)
+            return self._cached(("pools", pool, "volinfo", name),
+                                lambda: self._volinfo_dir(pool, name))
 
         return Dir(DIR_MODE, names=lambda: self._volume_names(pool), child=child)
 
