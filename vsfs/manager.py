@@ -47,6 +47,9 @@ LIBVIRT_POOL_TYPES = frozenset({
     "rbd", "sheepdog", "gluster", "zfs", "vstorage",
 })
 
+# Seconds for which a volume's sizes, once read, are served without asking again.
+FRESH = 1.0
+
 # Called with the path (inside the mount) of an entry that vanished or changed.
 Invalidator = Callable[[tuple[str, ...]], None]
 
@@ -61,6 +64,9 @@ class PoolEntry:
     live_perms: Permissions | None = None
     volumes: dict[str, Volume] = field(default_factory=dict)
     lock: trio.Lock = field(default_factory=trio.Lock)
+    # When each volume, or the whole pool, was last read from the backend.
+    read_at: dict[str, float] = field(default_factory=dict)
+    scanned_at: float = float("-inf")
 
     @property
     def running(self) -> bool:
@@ -340,6 +346,8 @@ class Manager:
         entry.volumes = new
         entry.status = snap.status
         entry.live_perms = snap.live_perms
+        entry.scanned_at = trio.current_time()
+        entry.read_at.clear()
 
     async def _refresh(self, entry: PoolEntry) -> None:
         snap = await entry.backend.refresh()
@@ -512,14 +520,25 @@ class Manager:
         return new
 
     async def refresh_volume(self, pool: str, name: str) -> Volume:
-        """Re-read one volume for a value file (sizes change as guests write)."""
+        """One volume for a value file, re-read unless read in the last second.
+
+        Sizes change as guests write; a second is what the kernel's attribute
+        cache allows elsewhere, and it spares a backend call per file when a
+        script reads every volume's values.
+        """
         entry = self.running_entry(pool)
+        now = trio.current_time()
+        cached = entry.volumes.get(name)
+        if cached is not None and now - max(entry.scanned_at,
+                                            entry.read_at.get(name, -FRESH)) < FRESH:
+            return cached
         try:
             vol = await entry.backend.volume(name)
         except NotFound:
             entry.volumes.pop(name, None)
             raise
         entry.volumes[name] = vol
+        entry.read_at[name] = now
         return vol
 
     async def volume_command(self, pool: str, name: str, line: str) -> None:
