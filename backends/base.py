@@ -15,7 +15,7 @@ from typing import ClassVar
 import trio
 
 from vsfs.errors import NotFound, Unsupported
-from vsfs.model import Permissions, PoolDef, PoolStatus, Volume, VolumeDef
+from vsfs.model import Permissions, PoolDef, PoolStatus, Volume, VolumeDef, check_space
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,13 @@ class Backend(ABC):
                 await self.delete_volume(vol)
             raise
         return vol, fd
+
+    async def truncate_upload(self, fd: int, size: int) -> None:
+        """Set the size of a volume being uploaded; growth must fit the pool (ENOSPC)."""
+        cur = (await trio.to_thread.run_sync(os.fstat, fd)).st_size
+        if size > cur:
+            check_space(self.pool.name, await self.status(), size - cur)
+        await trio.to_thread.run_sync(os.ftruncate, fd, size)
 
     def open_volume(self, vol: Volume, flags: int) -> int:
         """A file descriptor on the volume's bytes, for uploads. Blocking."""

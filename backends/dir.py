@@ -23,7 +23,15 @@ from vsfs.errors import (
     NotFound,
     Unsupported,
 )
-from vsfs.model import BackingStore, Permissions, PoolDef, PoolStatus, Volume, VolumeDef
+from vsfs.model import (
+    BackingStore,
+    Permissions,
+    PoolDef,
+    PoolStatus,
+    Volume,
+    VolumeDef,
+    check_space,
+)
 from vsfs.proc import run
 
 from .base import Backend, Snapshot
@@ -382,6 +390,14 @@ class DirBackend(Backend):
             return vol, fd
         os.close(fd)
         return vol, None
+
+    async def truncate_upload(self, fd: int, size: int) -> None:
+        def work() -> None:
+            cur = os.fstat(fd).st_size
+            if size > cur:
+                check_space(self.pool.name, self._status_sync(), size - cur)
+            os.ftruncate(fd, size)
+        await trio.to_thread.run_sync(work)
 
     async def create_upload(self, vdef: VolumeDef) -> tuple[Volume, int]:
         vol, fd = await trio.to_thread.run_sync(self._create_raw, vdef, True)

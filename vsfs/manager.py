@@ -22,7 +22,6 @@ from .errors import (
     CrossDevice,
     Exists,
     Invalid,
-    NoSpace,
     NotFound,
     Unsupported,
     VsfsError,
@@ -35,6 +34,7 @@ from .model import (
     Volume,
     VolumeDef,
     check_name,
+    check_space,
 )
 from .state import StateDir
 from .xmlio import parse_pool, parse_volume
@@ -379,9 +379,7 @@ class Manager:
     async def _check_space(self, entry: PoolEntry, needed: int) -> None:
         status = await entry.backend.status()
         entry.status = status
-        if needed > status.available:
-            raise NoSpace(f"pool {entry.pool.name!r} has {status.available} bytes free, "
-                          f"{needed} needed")
+        check_space(entry.pool.name, status, needed)
 
     async def create_volume(self, pool: str, vdef: VolumeDef) -> Volume:
         check_name(vdef.name, "volume name")
@@ -421,11 +419,7 @@ class Manager:
     async def upload_truncate(self, upload: Upload, size: int) -> None:
         entry = self.entry(upload.pool)
         try:
-            # fstat of an open local descriptor does not block.
-            cur = os.fstat(upload.fd).st_size
-            if size > cur:
-                await self._check_space(entry, size - cur)
-            await trio.to_thread.run_sync(os.ftruncate, upload.fd, size)
+            await entry.backend.truncate_upload(upload.fd, size)
         except BaseException:
             upload.failed = True
             raise
@@ -458,7 +452,8 @@ class Manager:
                         entry.volumes[upload.name] = await entry.backend.volume(upload.name)
                     except NotFound:
                         entry.volumes.pop(upload.name, None)
-        self._gone("pools", upload.pool, "volumes", upload.name)
+        # No kernel cache to drop: the regular file's entry was handed out with
+        # a zero timeout, so the next lookup finds the symlink (or nothing).
 
     async def close_upload(self, upload: Upload) -> None:
         try:

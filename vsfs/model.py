@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .errors import Invalid
+from .errors import Invalid, NoSpace
 
 NAME_MAX = 255
 
@@ -104,6 +104,12 @@ class PoolStatus:
     capacity: int = 0
     allocation: int = 0
     available: int = 0
+
+
+def check_space(pool: str, status: PoolStatus, needed: int) -> None:
+    """The one rule for room in a pool: ``needed`` bytes must fit in what is available."""
+    if needed > status.available:
+        raise NoSpace(f"pool {pool!r} has {status.available} bytes free, {needed} needed")
 
 
 @dataclass(frozen=True)
