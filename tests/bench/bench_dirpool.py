@@ -1,0 +1,544 @@
+#!/usr/bin/env python3
+"""Benchmark: a vsfs ``dir`` pool against the same operations on a plain directory.
+
+Run from the repository root (root, /dev/fuse and fusermount3 needed)::
+
+    python tests/bench/bench_dirpool.py [--count N] [--repeat R] [--json FILE]
+
+One run mounts vsfs in a temporary directory, defines and starts a dir pool, and
+times real tools (truncate, ls -l, find -L, cat, rm) on N volumes through the
+mount and on N plain files on the same filesystem (the baseline), phase by phase.
+Every timing includes the start of the tool's process, on both sides, so the
+ratio is what a user sees. Only the standard library is used; the name does not
+start with ``test_`` so that pytest never collects it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SIZE = 1 << 20  # truncate -s 1M
+MOUNT_WAIT = 30.0  # seconds for the mount to appear
+UMOUNT_WAIT = 30.0  # seconds for the daemon to exit after fusermount3 -u
+KERNEL_TIMEOUT = 1.0  # vsfs's entry/attr timeout (vsfs/fuse_ops.py TIMEOUT)
+ENV = {**os.environ, "LC_ALL": "C"}  # the same sorting and messages on both sides
+
+# The project's targets (docs/performance.md).
+TARGET_LS_MS = 60.0
+TARGET_LS_RATIO = 5.0
+TARGET_CREATE_RATE = 500.0
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on; printed as one line."""
+
+
+@dataclass
+class Row:
+    """One operation: its vsfs and baseline times in milliseconds."""
+
+    op: str
+    vsfs_ms: float | None
+    base_ms: float | None
+    runs: int = 1
+    note: str = ""
+    vsfs_all_ms: list[float] = field(default_factory=list)
+    base_all_ms: list[float] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.vsfs_ms is None or self.base_ms is None or self.base_ms <= 0:
+            return None
+        return self.vsfs_ms / self.base_ms
+
+
+@dataclass
+class Results:
+    count: int
+    repeat: int
+    date: str
+    machine: str
+    kernel: str
+    python: str
+    workdir_fs: str
+    revision: str
+    rows: list[Row] = field(default_factory=list)
+    create_rate_vsfs: float = 0.0
+    create_rate_base: float = 0.0
+    create_extra_ms: float = 0.0
+    pids_during: dict[str, int] = field(default_factory=dict)
+    virsh_ms: float | None = None
+    virsh_note: str = "n/a"
+    daemon_rc: int | None = None
+    daemon_traceback: bool = False
+    targets: dict[str, bool] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def run(argv: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command to completion; fail with its error output if it fails."""
+    res = subprocess.run(list(argv), capture_output=True, text=True, env=ENV, cwd=cwd,
+                         check=False)
+    if res.returncode != 0:
+        err = res.stderr.strip().splitlines()
+        raise BenchError(f"{' '.join(argv)[:120]}: exit {res.returncode}: "
+                         f"{err[-1] if err else ''}")
+    return res
+
+
+def timed(argv: Sequence[str]) -> tuple[float, str]:
+    """Milliseconds one command took (process start included) and its output."""
+    t0 = time.perf_counter_ns()
+    res = run(argv)
+    return (time.perf_counter_ns() - t0) / 1e6, res.stdout
+
+
+def bash(script: str, *args: str) -> list[str]:
+    """argv for ``bash -c SCRIPT`` with positional arguments $1..."""
+    return ["bash", "-c", script, "bench", *args]
+
+
+def last_pid() -> int | None:
+    """The last PID handed out (threads count too); None where it cannot be read."""
+    try:
+        return int(Path("/proc/sys/kernel/ns_last_pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_delta(before: int | None, after: int | None) -> int:
+    if before is None or after is None:
+        return -1
+    try:
+        pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        pid_max = 1 << 22
+    return (after - before) % pid_max
+
+
+def check_lines(what: str, out: str, expected: int, value: str | None = None) -> None:
+    lines = out.splitlines()
+    if len(lines) != expected:
+        raise BenchError(f"{what}: {len(lines)} lines of output, expected {expected}")
+    if value is not None:
+        bad = [ln for ln in lines if ln != value]
+        if bad:
+            raise BenchError(f"{what}: {len(bad)} lines are not {value!r} (e.g. {bad[0]!r})")
+
+
+def fs_type(path: Path) -> str:
+    for argv in (["findmnt", "-n", "-o", "FSTYPE", "-T", str(path)],
+                 ["stat", "-f", "-c", "%T", str(path)]):
+        with contextlib.suppress(OSError):
+            res = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if res.returncode == 0 and res.stdout.strip():
+                return res.stdout.strip()
+    return "?"
+
+
+def revision() -> str:
+    """The checkout measured: commit, and "-dirty" with uncommitted changes."""
+    repo = Path(__file__).resolve().parents[2]
+    with contextlib.suppress(OSError):
+        res = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, check=False)
+        if res.returncode == 0:
+            return res.stdout.strip()
+    return "?"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# ---------------------------------------------------------------- the mount
+
+
+class Mount:
+    """vsfs mounted in the foreground as a child process."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.mnt = root / "mnt"
+        self.state = root / "state"
+        self.images = root / "images"
+        self.log = root / "vsfs.log"
+        self.stderr = root / "vsfs.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.rc: int | None = None
+
+    @property
+    def pool(self) -> Path:
+        return self.mnt / "pools" / "bench"
+
+    def start(self) -> None:
+        for d in (self.mnt, self.state, self.images):
+            d.mkdir()
+        argv = [sys.executable, "-m", "vsfs", "mount", str(self.mnt), "--foreground",
+                "--state-dir", str(self.state), "--log-file", str(self.log),
+                "--log-level", "WARNING"]
+        with open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + MOUNT_WAIT
+        while not os.path.ismount(self.mnt):
+            if self.proc.poll() is not None:
+                raise BenchError(f"vsfs exited with {self.proc.returncode} before mounting; "
+                                 f"see {self.stderr} and {self.log}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"vsfs did not mount {self.mnt} within {MOUNT_WAIT:g} s")
+            time.sleep(0.02)
+        xml = (f"<pool type='dir'><name>bench</name><target><path>{self.images}</path>"
+               "</target></pool>")
+        (self.mnt / "pools" / "define").write_text(xml)
+        (self.pool / "ctl").write_text("start\n")
+        state = (self.pool / "state").read_text().strip()
+        if state != "running":
+            raise BenchError(f"pool bench is {state!r} after start, not 'running'")
+
+    def stop(self) -> None:
+        """Unmount (lazily if need be) and wait for the daemon; never raises."""
+        if self.proc is None:
+            return
+        if os.path.ismount(self.mnt):
+            res = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True,
+                                 text=True, check=False)
+            if res.returncode != 0:
+                print(f"warning: fusermount3 -u failed ({res.stderr.strip()}); "
+                      "unmounting lazily", file=sys.stderr)
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
+        try:
+            self.rc = self.proc.wait(timeout=UMOUNT_WAIT)
+        except subprocess.TimeoutExpired:
+            print("warning: vsfs did not exit after the unmount; sending SIGTERM",
+                  file=sys.stderr)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.rc = self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.rc = self.proc.wait()
+
+    def traceback_in_log(self) -> bool:
+        found = False
+        for f in (self.log, self.stderr):
+            with contextlib.suppress(OSError):
+                found = found or "Traceback" in f.read_text(errors="replace")
+        return found
+
+
+# ---------------------------------------------------------------- the runs
+
+
+class Bench:
+    def __init__(self, root: Path, count: int, repeat: int, res: Results) -> None:
+        self.root = root
+        self.n = count
+        self.repeat = repeat
+        self.res = res
+        self.base = root / "base"
+        self.files = self.base / "files"  # what truncate makes (the images)
+        self.links = self.base / "links"  # symlinks to them, like volumes/
+        self.info = self.base / "info"  # NAME/capacity, like volinfo/
+
+    def names(self) -> list[str]:
+        width = len(str(self.n))
+        return [f"v{i:0{width}d}" for i in range(1, self.n + 1)]
+
+    def create_loop(self, directory: Path) -> float:
+        # seq -w pads to the width of N, as names() does.
+        script = 'for i in $(seq -w 1 "$2"); do truncate -s 1M "$1/v$i" || exit 1; done'
+        ms, _ = timed(bash(script, str(directory), str(self.n)))
+        return ms
+
+    def repeated(self, argv: Sequence[str], check: Callable[[str], None],
+                 pause: float = 0.0, pids: str | None = None) -> list[float]:
+        """Times of ``repeat`` runs; with ``pids``, also the fewest PIDs a run used
+        beyond its own process (a thread or process started by vsfs takes one)."""
+        times = []
+        extra: list[int] = []
+        for _ in range(self.repeat):
+            if pause:
+                time.sleep(pause)
+            p0 = last_pid()
+            ms, out = timed(argv)
+            extra.append(pid_delta(p0, last_pid()) - 1)
+            check(out)
+            times.append(ms)
+        if pids is not None:
+            self.res.pids_during[pids] = min(extra)
+        return times
+
+    def add(self, op: str, vsfs: list[float], base: list[float], note: str = "") -> None:
+        self.res.rows.append(Row(op, median(vsfs) if vsfs else None,
+                                 median(base) if base else None, max(len(vsfs), len(base)),
+                                 note, vsfs, base))
+
+    # ---- checks of outputs
+
+    def ls_check(self, out: str) -> None:
+        # "total N" and one line per entry.
+        check_lines("ls -l", out, self.n + 1)
+
+    def find_check(self, out: str) -> None:
+        check_lines("find -L", out, self.n, str(SIZE))
+
+    def cat_check(self, out: str) -> None:
+        check_lines("cat capacities", out, self.n, str(SIZE))
+
+    # ---- the phases: both sides create, then both read, then both delete, so
+    # that neither side creates files right after the other deleted a thousand
+    # (ext4 skips recently freed inodes, which makes creating files much slower).
+
+    def create_both(self, m: Mount, t: dict[str, dict[str, list[float]]]) -> None:
+        for d in (self.files, self.links, self.info):
+            d.mkdir(parents=True)
+        t["base"]["create"] = [self.create_loop(self.files)]
+        made = sorted(os.listdir(self.files))
+        if made != self.names():
+            raise BenchError(f"baseline: {len(made)} files made, expected {self.n}")
+        for name in made:
+            os.symlink(self.files / name, self.links / name)
+            (self.info / name).mkdir()
+            (self.info / name / "capacity").write_text(f"{SIZE}\n")
+
+        vols = m.pool / "volumes"
+        t["vsfs"]["create"] = [self.create_loop(vols)]
+        listed = sorted(os.listdir(vols))
+        if listed != self.names():
+            raise BenchError(f"vsfs: {len(listed)} volumes listed, expected {self.n}")
+        on_disk = sorted(os.listdir(m.images))
+        if on_disk != self.names():
+            raise BenchError(f"vsfs: {len(on_disk)} image files made, expected {self.n}")
+        bad = [n for n in on_disk if os.stat(m.images / n).st_size != SIZE]
+        if bad:
+            raise BenchError(f"vsfs: {len(bad)} images are not {SIZE} bytes, e.g. {bad[0]}")
+
+    def read_side(self, t: dict[str, list[float]], links: Path, info: Path,
+                  tag: str | None) -> None:
+        """ls -l, find -L and cat on one side; ``tag`` names the PID counts (vsfs only)."""
+        # Let vsfs's entry/attr caches of what the loop made expire first.
+        time.sleep(KERNEL_TIMEOUT + 0.1)
+        ls = ["ls", "-l", str(links)]
+        ms, out = timed(ls)
+        self.ls_check(out)
+        t["ls_cold"] = [ms]
+        t["ls"] = self.repeated(ls, self.ls_check, pids=tag and "ls -l (warm)")
+        t["ls_expired"] = self.repeated(ls, self.ls_check, pause=KERNEL_TIMEOUT + 0.1,
+                                        pids=tag and "ls -l (expired)")
+        find = ["find", "-L", str(links), "-type", "f", "-printf", "%s\\n"]
+        t["find"] = self.repeated(find, self.find_check, pids=tag and "find -L")
+        cat = bash('cat "$1"/*/capacity', str(info))
+        t["cat"] = self.repeated(cat, self.cat_check, pids=tag and "cat capacities")
+
+    def delete_both(self, m: Mount, t: dict[str, dict[str, list[float]]]) -> None:
+        ms, _ = timed(bash('rm "$1"/v*', str(self.files)))
+        t["base"]["rm"] = [ms]
+        if os.listdir(self.files):
+            raise BenchError("baseline: rm left files behind")
+        shutil.rmtree(self.base)
+        vols = m.pool / "volumes"
+        ms, _ = timed(bash('rm "$1"/v*', str(vols)))
+        t["vsfs"]["rm"] = [ms]
+        if os.listdir(vols) or os.listdir(m.images):
+            raise BenchError("vsfs: rm left volumes behind")
+
+    def run(self, m: Mount) -> None:
+        t: dict[str, dict[str, list[float]]] = {"base": {}, "vsfs": {}}
+        print(f"creating {self.n} files, then {self.n} volumes ...", flush=True)
+        self.create_both(m, t)
+        print("reading (baseline, then vsfs) ...", flush=True)
+        self.read_side(t["base"], self.links, self.info, None)
+        self.virsh()
+        self.read_side(t["vsfs"], m.pool / "volumes", m.pool / "volinfo", "vsfs")
+        print("deleting ...", flush=True)
+        self.delete_both(m, t)
+        self.collect(t["vsfs"], t["base"])
+
+    def virsh(self) -> None:
+        """virsh vol-list --details of a transient libvirt pool on the baseline files."""
+        if shutil.which("virsh") is None:
+            self.res.virsh_note = "n/a (virsh not installed)"
+            return
+        try:
+            probe = subprocess.run(["virsh", "-q", "pool-list", "--all"], capture_output=True,
+                                   text=True, env=ENV, timeout=10, check=False)
+        except subprocess.TimeoutExpired:
+            probe = None
+        if probe is None or probe.returncode != 0:
+            self.res.virsh_note = "n/a (libvirtd does not answer)"
+            return
+        name = f"vsfs-bench-{os.getpid()}"
+        try:
+            run(["virsh", "-q", "pool-create-as", name, "dir", "--target", str(self.files)])
+        except BenchError as e:
+            self.res.virsh_note = f"n/a ({e})"
+            return
+        try:
+            times = self.repeated(["virsh", "-q", "vol-list", name, "--details"],
+                                  lambda out: check_lines("virsh vol-list", out, self.n))
+            self.res.virsh_ms = median(times)
+            self.res.virsh_note = f"median of {len(times)}"
+        except BenchError as e:
+            self.res.virsh_note = f"n/a ({e})"
+        finally:
+            subprocess.run(["virsh", "-q", "pool-destroy", name], capture_output=True,
+                           check=False)
+
+    def collect(self, v: dict[str, list[float]], b: dict[str, list[float]]) -> None:
+        n = self.n
+        self.add(f"create {n} (truncate -s 1M, one loop)", v["create"], b["create"])
+        self.add("ls -l volumes/ (first, caches expired)", v["ls_cold"], b["ls_cold"])
+        self.add("ls -l volumes/ (warm, back to back)", v["ls"], b["ls"])
+        self.add("ls -l volumes/ (1.1 s apart: caches expired)", v["ls_expired"],
+                 b["ls_expired"])
+        self.add("find -L volumes/ -type f -printf %s", v["find"], b["find"])
+        self.add("cat volinfo/*/capacity (one cat)", v["cat"], b["cat"])
+        self.add(f"rm volumes/v* ({n}, one rm)", v["rm"], b["rm"])
+        self.res.create_rate_vsfs = n / (v["create"][0] / 1e3)
+        self.res.create_rate_base = n / (b["create"][0] / 1e3)
+        self.res.create_extra_ms = (v["create"][0] - b["create"][0]) / n
+
+
+# ---------------------------------------------------------------- report
+
+
+def fmt_ms(ms: float | None) -> str:
+    return "n/a" if ms is None else f"{ms:.1f} ms" if ms < 10_000 else f"{ms / 1e3:.2f} s"
+
+
+def judge(res: Results) -> None:
+    ls_rows = [r for r in res.rows if r.op.startswith("ls -l")]
+    worst = max((r.vsfs_ms or 0.0) for r in ls_rows)
+    worst_ratio = max((r.ratio or 0.0) for r in ls_rows)
+    res.targets = {
+        f"ls -l of {res.count} volumes < {TARGET_LS_MS:g} ms (every regime)":
+            worst < TARGET_LS_MS,
+        f"ls -l <= {TARGET_LS_RATIO:g}x native (every regime)": worst_ratio <= TARGET_LS_RATIO,
+        f">= {TARGET_CREATE_RATE:g} creations/s via truncate":
+            res.create_rate_vsfs >= TARGET_CREATE_RATE,
+        "no process started by vsfs during ls/find/cat (PID counter)":
+            all(v == 0 for v in res.pids_during.values()),
+    }
+
+
+def table(res: Results) -> str:
+    head = ("operation", "vsfs", "baseline", "ratio")
+    body = [(r.op + (f" [median of {r.runs}]" if r.runs > 1 else ""), fmt_ms(r.vsfs_ms),
+             fmt_ms(r.base_ms), "n/a" if r.ratio is None else f"{r.ratio:.2f}x")
+            for r in res.rows]
+    body.append(("virsh vol-list --details (libvirt)", fmt_ms(res.virsh_ms), "",
+                 res.virsh_note if res.virsh_ms is None else ""))
+    widths = [max(len(row[i]) for row in (head, *body)) for i in range(4)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in body]
+    out += [
+        "",
+        f"creation rate: vsfs {res.create_rate_vsfs:.0f}/s, baseline "
+        f"{res.create_rate_base:.0f}/s (truncate process start included); vsfs adds "
+        f"{res.create_extra_ms:.2f} ms per volume",
+        "PIDs used by others during a run (fewest over the runs; 0 = vsfs started no "
+        "process or thread): " + ", ".join(f"{k} {v}" for k, v in res.pids_during.items()),
+        "",
+        "targets:",
+    ]
+    out += [f"  [{'met' if ok else 'MISSED'}] {name}" for name, ok in res.targets.items()]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--count", type=int, default=1000, help="volumes to create (default 1000)")
+    p.add_argument("--repeat", type=int, default=7,
+                   help="runs of each read-only operation; the median is shown (default 7)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
+                   help="where the temporary directory goes (default /var/tmp)")
+    args = p.parse_args(argv)
+    if args.count < 1 or args.repeat < 1:
+        p.error("--count and --repeat must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    for tool in ("fusermount3", "truncate", "bash", "ls", "find", "cat", "rm", "seq"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is missing", file=sys.stderr)
+            return 2
+    root = Path(tempfile.mkdtemp(prefix="vsfs-bench-", dir=args.workdir))
+    res = Results(
+        count=args.count, repeat=args.repeat,
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.node()}",
+        kernel=platform.release(), python=platform.python_version(),
+        workdir_fs=fs_type(root), revision=revision(),
+    )
+    mount = Mount(root)
+    status = 0
+    try:
+        mount.start()
+        bench = Bench(root, args.count, args.repeat, res)
+        bench.run(mount)
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        status = 130
+    finally:
+        mount.stop()
+        res.daemon_rc = mount.rc
+        res.daemon_traceback = mount.traceback_in_log()
+        if mount.rc not in (0, None):
+            print(f"warning: the vsfs daemon exited with status {mount.rc}", file=sys.stderr)
+        if res.daemon_traceback:
+            print(f"warning: the vsfs log has a Traceback:\n{mount.log.read_text()[-3000:]}",
+                  file=sys.stderr)
+        if os.path.ismount(mount.mnt):
+            print(f"warning: {mount.mnt} is still mounted; leaving {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    if status != 0:
+        return status
+    judge(res)
+    print(f"\n{res.count} volumes, {res.date}, {res.machine}, kernel {res.kernel}, "
+          f"Python {res.python}, {res.workdir_fs}, vsfs {res.revision}\n")
+    print(table(res))
+    if args.json is not None:
+        data = asdict(res)
+        for row, out in zip(res.rows, data["rows"], strict=True):
+            out["ratio"] = row.ratio
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"\nfigures written to {args.json}")
+    if mount.rc not in (0, None) or res.daemon_traceback:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
