@@ -287,3 +287,14 @@ def test_daemon_survives_garbage(vsfs: Mount) -> None:
     assert os.stat(target / "v").st_size == 1 << 20
     assert (p / "autostart").read_text() == "no\n"
     assert vsfs.error() != ""
+
+
+def test_eperm_for_what_vsfs_files_cannot_do(vsfs: Mount) -> None:
+    vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    for cmd in [f"chmod 666 {p}/ctl", f"chown 1 {p}/xml", f"ln -s /etc {p}/volumes/x",
+                f"ln {p}/xml {p}/volumes/y"]:
+        res = sh(cmd)
+        assert res.returncode != 0, cmd
+        assert "Operation not permitted" in res.stderr, (cmd, res.stderr)
+    assert os.listdir(p / "volumes") == []
