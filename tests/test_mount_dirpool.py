@@ -295,3 +295,33 @@ def test_forty_parallel_creates(vsfs: Mount) -> None:
         assert stat.S_ISLNK(os.lstat(vols / f"v{i}").st_mode)
     sh(f"rm {vols}/*", check=True)
     assert os.listdir(target) == []
+
+
+@pytest.mark.root
+def test_host_devices_follow_hotplug(vsfs: Mount) -> None:
+    img = vsfs.base / "hot.img"
+    img.write_bytes(b"")
+    os.truncate(img, 20 << 20)
+    host = vsfs.path / "host"
+    dev = sh(f"losetup -f --show {img}", check=True).stdout.strip()
+    kname = os.path.basename(dev)
+    try:
+        deadline = time.monotonic() + 10
+        while kname not in os.listdir(host / "volumes") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.readlink(host / "volumes" / kname) == dev
+        info = host / "volinfo" / kname
+        assert (info / "size").read_text() == f"{20 << 20}\n"
+        assert (info / "type").read_text() == "loop\n"
+        assert (info / "ro").read_text() == "0\n"
+        assert (info / "holders").read_text() == "\n"
+        assert_valid((info / "xml").read_bytes(), "storagevol")
+        for name in ("model", "serial", "wwn", "fstype", "removable", "mountpoints"):
+            assert (info / name).read_text().endswith("\n")
+    finally:
+        sh(f"losetup -d {dev}", check=True)
+    deadline = time.monotonic() + 10
+    while kname in os.listdir(host / "volumes") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert kname not in os.listdir(host / "volumes")
+    assert not (host / "volinfo" / kname).exists()

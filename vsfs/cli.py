@@ -223,6 +223,7 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signals)
             nursery.start_soon(manager.poll)
+            nursery.start_soon(manager.watch_host)
             tell("ok")
             await pyfuse3.main()
             clean = True

@@ -17,6 +17,7 @@ import trio
 
 from .backends import BACKENDS, Backend
 from .backends.base import Snapshot
+from .backends.host import HostDevices
 from .errors import (
     Busy,
     CrossDevice,
@@ -101,6 +102,7 @@ class Manager:
         self.uploads: dict[tuple[str, str], Upload] = {}
         self._invalidate = invalidate
         self._define_lock = trio.Lock()
+        self.host = HostDevices()
 
     def set_invalidator(self, invalidate: Invalidator) -> None:
         self._invalidate = invalidate
@@ -114,6 +116,7 @@ class Manager:
     async def load(self) -> None:
         """Read every definition, adopt pools that are already up, start autostart ones."""
         await trio.to_thread.run_sync(self.state.ensure)
+        await self.host.refresh()
         stored = await trio.to_thread.run_sync(lambda: list(self.state.load()))
         for sp in stored:
             cls = BACKENDS.get(sp.pool.type)
@@ -352,6 +355,13 @@ class Manager:
     async def _refresh(self, entry: PoolEntry) -> None:
         snap = await entry.backend.refresh()
         self._apply(entry, snap)
+
+    async def watch_host(self) -> None:
+        """Keep host/ current with the kernel's block device events."""
+        def gone(kname: str) -> None:
+            self._gone("host", "volumes", kname)
+            self._gone("host", "volinfo", kname)
+        await self.host.watch(gone)
 
     async def poll(self) -> None:
         """Pick up changes made by other tools, as often as each backend asks."""

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from .errors import Invalid, Unsupported
+from .backends.host import HostDevice
+from .errors import Invalid, NotFound, Unsupported
 from .manager import Manager, Upload, parse_bool
 from .model import Volume, VolumeDef, check_name
 from .units import parse_size
@@ -35,6 +36,18 @@ FILES: tuple[tuple[str, str, str], ...] = (
     ("by-uuid/<uuid>", "link", "-> ../pools/<pool>: a pool by its UUID"),
     ("by-key/<key>", "link", "-> the volume's entry; '/' in a key is written '\\x2f'"),
     ("by-path/<local path>", "link", "-> the volume's entry, e.g. by-path/var/lib/images/a.img"),
+    ("host/volumes/<dev>", "link", "-> /dev/<dev>: every block device of the host"),
+    ("host/volinfo/<dev>/size", "r", "bytes"),
+    ("host/volinfo/<dev>/type", "r", "disk | part | loop | rom | ..."),
+    ("host/volinfo/<dev>/model", "r", "the model, where known"),
+    ("host/volinfo/<dev>/serial", "r", "the serial number, where known"),
+    ("host/volinfo/<dev>/wwn", "r", "the world wide name, where known (udev)"),
+    ("host/volinfo/<dev>/fstype", "r", "the filesystem or signature on it (udev)"),
+    ("host/volinfo/<dev>/ro", "r", "1 if read-only, else 0"),
+    ("host/volinfo/<dev>/removable", "r", "1 if removable, else 0"),
+    ("host/volinfo/<dev>/holders", "r", "devices built on it (dm, md, ...), space-separated"),
+    ("host/volinfo/<dev>/mountpoints", "r", "where it is mounted, space-separated"),
+    ("host/volinfo/<dev>/xml", "r", "the device as a libvirt <volume>"),
     ("pools/define", "w", "write a <pool> XML document to define a pool"),
     ("pools/<pool>/", "dir", "one per defined pool; rmdir undefines an inactive pool"),
     ("pools/<pool>/xml", "rw", "the pool's live XML; write a <pool> document to redefine it"),
@@ -208,10 +221,67 @@ class Tree:
                     return self._by_path(())
                 case "pools":
                     return self._cached(("pools",), self._pools)
+                case "host":
+                    return self._cached(("host",), self._host)
             return None
 
         return Dir(DIR_MODE, names=lambda: ("README", "error", "by-uuid", "by-key", "by-path",
-                                            "pools"), child=child)
+                                            "host", "pools"), child=child)
+
+    # ---------------------------------------------------------------- host
+
+    def _host(self) -> Dir:
+        devices = self.m.host.devices
+
+        def volumes() -> Dir:
+            def child(name: str) -> Node | None:
+                dev = devices().get(name)
+                return Link(0o777, target=dev.path) if dev is not None else None
+            return Dir(DIR_MODE, names=lambda: list(devices()), child=child)
+
+        def volinfo() -> Dir:
+            def child(name: str) -> Node | None:
+                if name not in devices():
+                    return None
+                return self._cached(("host", "volinfo", name), lambda: self._host_info(name))
+            return Dir(DIR_MODE, names=lambda: list(devices()), child=child)
+
+        kids = {"volumes": volumes(), "volinfo": volinfo()}
+        return Dir(DIR_MODE, names=lambda: list(kids), child=kids.get)
+
+    def _host_info(self, name: str) -> Dir:
+        def field_of(fn: Callable[[HostDevice], object]) -> Render:
+            async def render() -> bytes:
+                dev = self.m.host.devices().get(name)
+                if dev is None:
+                    raise NotFound(f"no host device {name!r}")
+                return _value(fn(dev))
+            return render
+
+        async def xml() -> bytes:
+            dev = self.m.host.devices().get(name)
+            if dev is None:
+                raise NotFound(f"no host device {name!r}")
+            return format_volume(Volume(
+                name=dev.kname, key=dev.path, path=dev.path, type="block",
+                format=dev.fstype or "none", capacity=dev.size, allocation=dev.size,
+                physical=dev.size))
+
+        fields: dict[str, Callable[[HostDevice], object]] = {
+            "size": lambda d: d.size, "type": lambda d: d.type, "model": lambda d: d.model,
+            "serial": lambda d: d.serial, "wwn": lambda d: d.wwn, "fstype": lambda d: d.fstype,
+            "ro": lambda d: int(d.ro), "removable": lambda d: int(d.removable),
+            "holders": lambda d: " ".join(d.holders),
+            "mountpoints": lambda d: " ".join(d.mountpoints),
+        }
+
+        def child(cname: str) -> Node | None:
+            if cname == "xml":
+                return File(RO_MODE, read=xml)
+            fn = fields.get(cname)
+            return File(RO_MODE, read=field_of(fn)) if fn is not None else None
+
+        return Dir(DIR_MODE, names=lambda: [*fields, "xml"], child=child)
 
     async def _readme(self) -> bytes:
         return README_BYTES

@@ -1,0 +1,162 @@
+"""The host's own block devices, read with pyudev: a read-only pseudo-pool.
+
+Enumeration reads sysfs (and udev's database where udevd runs) once per
+change; the monitor listens to the kernel's uevents, which arrive with or
+without udevd, so a loop device attached with losetup shows up at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyudev
+import trio
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HostDevice:
+    kname: str
+    path: str
+    size: int
+    type: str  # disk | part | loop | rom | ...
+    model: str
+    serial: str
+    wwn: str
+    fstype: str
+    ro: bool
+    removable: bool
+    holders: tuple[str, ...]
+    mountpoints: tuple[str, ...]
+
+
+def _attr(dev: pyudev.Device, name: str) -> str:
+    try:
+        value = dev.attributes.get(name)
+    except (OSError, KeyError):
+        return ""
+    if value is None:
+        return ""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return text.strip()
+
+
+def _parent_attr(dev: pyudev.Device, name: str) -> str:
+    """An attribute of the disk's ``device/`` (model, serial, wwid live there)."""
+    path = os.path.join(dev.sys_path, "device", name)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _mounts() -> dict[str, list[str]]:
+    """Mount points by "major:minor" of the mounted device."""
+    out: dict[str, list[str]] = {}
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                mnt = fields[4].replace("\\040", " ")
+                out.setdefault(fields[2], []).append(mnt)
+    except OSError:
+        pass
+    return out
+
+
+def _kind(dev: pyudev.Device) -> str:
+    if dev.device_type == "partition":
+        return "part"
+    name = dev.sys_name
+    for prefix, kind in (("loop", "loop"), ("sr", "rom"), ("zram", "zram"), ("ram", "ram"),
+                         ("md", "raid"), ("dm-", "dm"), ("nbd", "nbd")):
+        if name.startswith(prefix):
+            return kind
+    return "disk"
+
+
+def _parent_sys(dev: pyudev.Device) -> pyudev.Device:
+    return dev.parent if dev.device_type == "partition" and dev.parent is not None else dev
+
+
+def list_host_devices() -> list[HostDevice]:
+    """Every block device: disks, partitions, and loop devices that have a backing file."""
+    context = pyudev.Context()
+    mounts = _mounts()
+    out = []
+    for dev in context.list_devices(subsystem="block"):
+        kind = _kind(dev)
+        if kind == "loop" and not _attr(dev, "loop/backing_file"):
+            continue  # an unused loop device holds nothing
+        props = dev.properties
+        disk = _parent_sys(dev)
+        try:
+            size = int(_attr(dev, "size") or 0) * 512
+        except ValueError:
+            size = 0
+        holders_dir = os.path.join(dev.sys_path, "holders")
+        try:
+            holders = tuple(sorted(os.listdir(holders_dir)))
+        except OSError:
+            holders = ()
+        devnum = f"{os.major(dev.device_number)}:{os.minor(dev.device_number)}"
+        out.append(HostDevice(
+            kname=dev.sys_name,
+            path=dev.device_node or f"/dev/{dev.sys_name}",
+            size=size,
+            type=kind,
+            model=props.get("ID_MODEL", "") or _parent_attr(disk, "model"),
+            serial=(props.get("ID_SERIAL_SHORT", "") or props.get("ID_SERIAL", "")
+                    or _attr(disk, "serial") or _parent_attr(disk, "serial")),
+            wwn=props.get("ID_WWN", "") or _parent_attr(disk, "wwid"),
+            fstype=props.get("ID_FS_TYPE", ""),
+            ro=_attr(dev, "ro") == "1",
+            removable=_attr(disk, "removable") == "1",
+            holders=holders,
+            mountpoints=tuple(mounts.get(devnum, ())),
+        ))
+    out.sort(key=lambda d: d.kname)
+    return out
+
+
+class HostDevices:
+    """The current list, kept up to date by ``watch``."""
+
+    def __init__(self) -> None:
+        self._devices: dict[str, HostDevice] = {}
+
+    def devices(self) -> dict[str, HostDevice]:
+        return self._devices
+
+    async def refresh(self) -> set[str]:
+        """Re-read the list; returns the names that went away."""
+        found = await trio.to_thread.run_sync(list_host_devices)
+        new = {d.kname: d for d in found}
+        gone = set(self._devices) - set(new)
+        self._devices = new
+        return gone
+
+    async def watch(self, on_gone: Callable[[str], None]) -> None:
+        """Follow the kernel's block uevents for as long as the mount lives."""
+        await self.refresh()
+        try:
+            monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
+            monitor.filter_by("block")
+            monitor.start()
+        except (OSError, ValueError) as e:
+            log.warning("host devices: no uevent monitor (%s); listing at each refresh", e)
+            return
+        while True:
+            await trio.lowlevel.wait_readable(monitor.fileno())
+            while monitor.poll(timeout=0) is not None:
+                pass
+            await trio.sleep(0.05)  # a burst of events (partitions, loop setup) is one change
+            while monitor.poll(timeout=0) is not None:
+                pass
+            for kname in await self.refresh():
+                on_gone(kname)
