@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from .base import Backend, Snapshot
 from .dir import DirBackend
+from .fs import FsBackend
 
 BACKENDS: dict[str, type[Backend]] = {
     "dir": DirBackend,
+    "fs": FsBackend,
 }
 
 __all__ = ["BACKENDS", "Backend", "Snapshot"]

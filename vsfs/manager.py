@@ -173,10 +173,20 @@ class Manager:
     def by_path(self, path: str) -> tuple[str, Volume] | None:
         return next(((p, v) for p, v in self.all_volumes() if v.path == path), None)
 
+    def source_users(self, path: str) -> list[str]:
+        """Running pools whose source device is ``path`` (pools nest)."""
+        real = os.path.realpath(path)
+        return [name for name, e in self.pools.items()
+                if e.running and any(os.path.realpath(d.path) == real
+                                     for d in e.pool.source.devices)]
+
     def in_use(self, pool: str, vol: Volume) -> str | None:
         """Why ``vol`` may not be deleted or renamed now, if anything."""
         if (pool, vol.name) in self.uploads:
             return f"volume {vol.name!r} is still being written"
+        users = self.source_users(vol.path)
+        if users:
+            return f"volume {vol.name!r} is the source of running pool {users[0]!r}"
         for other_pool, other in self.all_volumes():
             if other.backing is not None and other.backing.path == vol.path:
                 return f"volume {vol.name!r} is the backing store of {other_pool}/{other.name}"
@@ -283,6 +293,11 @@ class Manager:
                 busy = next((u for u in self.uploads.values() if u.pool == name), None)
                 if busy is not None:
                     raise Busy(f"volume {busy.name!r} of pool {name!r} is still being written")
+                for vol in entry.volumes.values():
+                    users = self.source_users(vol.path)
+                    if users:
+                        raise Busy(f"volume {vol.name!r} of pool {name!r} is the source of "
+                                   f"running pool {users[0]!r}; stop that first")
                 await entry.backend.stop()
                 self._deactivate(entry)
             log.info("pool %s stopped", name)
