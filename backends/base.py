@@ -102,10 +102,12 @@ class Backend(ABC):
     async def wipe_volume(self, vol: Volume) -> None:
         raise Unsupported(f"{self.pool_type} pools cannot wipe volumes")
 
-    async def create_upload(self, vdef: VolumeDef) -> tuple[Volume, int]:
+    async def create_upload(self, vdef: VolumeDef) -> tuple[Volume, int] | None:
         """Create an empty raw volume and open it read-write, for ``truncate``/``cp``.
 
-        Backends that can do both in one step override this.
+        None means the volume can only be made once its size is known
+        (``create_sized_upload``, when truncate sets it). Backends that can do
+        both steps at once override this.
         """
         vol = await self.create_volume(vdef)
         try:
@@ -115,6 +117,9 @@ class Backend(ABC):
                 await self.delete_volume(vol)
             raise
         return vol, fd
+
+    async def create_sized_upload(self, vdef: VolumeDef) -> tuple[Volume, int]:
+        raise Unsupported(f"{self.pool_type} pools make volumes at once")
 
     async def truncate_upload(self, fd: int, size: int) -> None:
         """Set the size of a volume being uploaded; growth must fit the pool (ENOSPC)."""

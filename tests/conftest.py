@@ -167,3 +167,27 @@ def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
 @pytest.fixture
 def vsfs(mount_factory: Callable[..., Mount]) -> Mount:
     return mount_factory()
+
+
+def loops_of(path: Path) -> list[str]:
+    out = sh(f"losetup -j {path} -O NAME -n", check=True).stdout
+    return [ln.strip() for ln in out.splitlines() if ln.strip()]
+
+
+@pytest.fixture
+def loopdev(tmp_path: Path) -> Iterator[str]:
+    """A fresh 320 MiB loop device, detached afterwards whatever happened."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"")
+    os.truncate(img, 320 << 20)
+    dev = sh(f"losetup -f --show {img}", check=True).stdout.strip()
+    try:
+        yield dev
+    finally:
+        for mnt in sh(f"findmnt -n -o TARGET -S {dev}").stdout.split():
+            subprocess.run(["umount", "-l", mnt], check=False)
+        for part in sorted(Path("/dev").glob(os.path.basename(dev) + "p*")):
+            for mnt in sh(f"findmnt -n -o TARGET -S {part}").stdout.split():
+                subprocess.run(["umount", "-l", mnt], check=False)
+        subprocess.run(["partx", "-d", dev], check=False, capture_output=True)
+        subprocess.run(["losetup", "-d", dev], check=False)

@@ -4,33 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, sh
+from conftest import Mount, loops_of, sh
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
-
-
-def loops_of(path: Path) -> list[str]:
-    out = sh(f"losetup -j {path} -O NAME -n", check=True).stdout
-    return [ln.strip() for ln in out.splitlines() if ln.strip()]
-
-
-@pytest.fixture
-def loopdev(tmp_path: Path) -> Iterator[str]:
-    img = tmp_path / "disk.img"
-    img.write_bytes(b"")
-    os.truncate(img, 320 << 20)
-    dev = sh(f"losetup -f --show {img}", check=True).stdout.strip()
-    try:
-        yield dev
-    finally:
-        for mnt in sh(f"findmnt -n -o TARGET -S {dev}").stdout.split():
-            subprocess.run(["umount", "-l", mnt], check=False)
-        subprocess.run(["partx", "-d", dev], check=False, capture_output=True)
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def define(m: Mount, name: str, device: str | Path, fmt: str, target: Path) -> Path:

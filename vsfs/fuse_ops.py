@@ -158,7 +158,7 @@ class Operations(pyfuse3.Operations):
             size = len(os.fsencode(node.target))
         elif isinstance(node, UploadFile):
             a.st_mode = stat.S_IFREG | node.mode
-            if node.upload is not None:
+            if node.upload is not None and node.upload.fd >= 0:
                 size = os.fstat(node.upload.fd).st_size
         else:
             assert isinstance(node, File)
@@ -412,6 +412,8 @@ class Operations(pyfuse3.Operations):
         handle = self._handles[fh]
         if handle.upload is not None:
             fd = handle.upload.fd
+            if fd < 0:
+                return b""
             return await trio.to_thread.run_sync(os.pread, fd, size, off)
         return handle.content[off:off + size]
 
@@ -442,6 +444,11 @@ class Operations(pyfuse3.Operations):
         return len(buf)
 
     async def _write_upload(self, handle: Handle, upload: Upload, off: int, buf: bytes) -> int:
+        if upload.fd < 0:
+            upload.failed = True
+            self.tree.record_error(handle.uid, f"volume {upload.name} needs a size before "
+                                   "data: truncate -s SIZE first")
+            raise pyfuse3.FUSEError(errno.EINVAL)
         upload.written = True
         try:
             return await trio.to_thread.run_sync(os.pwrite, upload.fd, buf, off)
@@ -487,6 +494,6 @@ class Operations(pyfuse3.Operations):
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles.get(fh)
-        if handle is not None and handle.upload is not None:
+        if handle is not None and handle.upload is not None and handle.upload.fd >= 0:
             fd = handle.upload.fd
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)

@@ -433,9 +433,12 @@ class Manager:
             if name in entry.volumes:
                 raise Exists(f"volume {name!r} already exists in pool {pool!r}")
             # Empty at first: its size is checked against free space when set.
-            vol, fd = await entry.backend.create_upload(VolumeDef(name=name, capacity=0,
-                                                                  format="raw"))
-            entry.volumes[name] = vol
+            made = await entry.backend.create_upload(VolumeDef(name=name, capacity=0,
+                                                               format="raw"))
+            fd = -1
+            if made is not None:
+                vol, fd = made
+                entry.volumes[name] = vol
         upload = Upload(pool, name, fd)
         self.uploads[(pool, name)] = upload
         log.info("volume %s/%s created for writing", pool, name)
@@ -444,13 +447,21 @@ class Manager:
     async def upload_truncate(self, upload: Upload, size: int) -> None:
         entry = self.entry(upload.pool)
         try:
+            if upload.fd < 0:
+                # Backends whose volumes need a size (partitions) make them now.
+                async with entry.lock:
+                    await self._check_space(entry, size)
+                    made, upload.fd = await entry.backend.create_sized_upload(
+                        VolumeDef(name=upload.name, capacity=size, format="raw"))
+                    entry.volumes[made.name] = made
+                return
             await entry.backend.truncate_upload(upload.fd, size)
         except BaseException:
             upload.failed = True
             raise
-        vol = entry.volumes.get(upload.name)
-        if vol is not None and vol.format == "raw":
-            entry.volumes[upload.name] = replace(vol, capacity=size, physical=size)
+        current = entry.volumes.get(upload.name)
+        if current is not None and current.format == "raw":
+            entry.volumes[upload.name] = replace(current, capacity=size, physical=size)
 
     async def finish_upload(self, upload: Upload) -> None:
         """Settle a volume made through a file handle, once its writer closes it.
@@ -484,7 +495,8 @@ class Manager:
         try:
             await self.finish_upload(upload)
         finally:
-            await trio.to_thread.run_sync(os.close, upload.fd)
+            if upload.fd >= 0:
+                await trio.to_thread.run_sync(os.close, upload.fd)
 
     async def _discard(self, entry: PoolEntry, vol: Volume) -> None:
         try:

@@ -104,6 +104,8 @@ class PoolStatus:
     capacity: int = 0
     allocation: int = 0
     available: int = 0
+    # Free extents (start, end inclusive) of a partitioned disk, in bytes.
+    extents: tuple[tuple[int, int], ...] = ()
 
 
 def check_space(pool: str, status: PoolStatus, needed: int) -> None:

@@ -389,7 +389,8 @@ def _perms(parent: etree._Element, perms: Permissions) -> None:
         _sub(p, "label", perms.label)
 
 
-def _source(parent: etree._Element, src: PoolSource) -> None:
+def _source(parent: etree._Element, src: PoolSource,
+            extents: tuple[tuple[int, int], ...] = ()) -> None:
     s = _sub(parent, "source")
     for h in src.hosts:
         attrs = {"name": h.name}
@@ -400,7 +401,10 @@ def _source(parent: etree._Element, src: PoolSource) -> None:
         attrs = {"path": d.path}
         if d.part_separator is not None:
             attrs["part_separator"] = "yes" if d.part_separator else "no"
-        _sub(s, "device", **attrs)
+        dev = _sub(s, "device", **attrs)
+        for start, end in extents if d is src.devices[0] else ():
+            # libvirt prints the end exclusive.
+            _sub(dev, "freeExtent", start=str(start), end=str(end + 1))
     if src.dir is not None:
         _sub(s, "dir", path=src.dir)
     if src.name is not None:
@@ -444,7 +448,7 @@ def format_pool(pool: PoolDef, status: PoolStatus | None = None,
         _size(root, "available", status.available)
     if pool.cow is not None:
         _sub(_sub(root, "features"), "cow", state="yes" if pool.cow else "no")
-    _source(root, pool.source)
+    _source(root, pool.source, status.extents if status is not None else ())
     if pool.target_path is not None or pool.target_perms != Permissions():
         t = _sub(root, "target")
         if pool.target_path is not None:

@@ -1,0 +1,162 @@
+"""disk pools on real loop devices, and pools nested three deep, through the mount."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+
+import pytest
+from conftest import Mount, loops_of, sh
+from rng import assert_valid
+
+pytestmark = [pytest.mark.fuse, pytest.mark.root]
+
+MiB = 1 << 20
+
+
+def define(m: Mount, xml: str, name: str) -> os.PathLike[str]:
+    f = m.base / f"{name}.xml"
+    f.write_text(xml)
+    sh(f"cat {f} > {m.path}/pools/define", check=True)
+    return m.path / "pools" / name
+
+
+def disk_xml(name: str, dev: str, fmt: str = "gpt") -> str:
+    return (f"<pool type='disk'><name>{name}</name><source><device path='{dev}'/>"
+            f"<format type='{fmt}'/></source><target><path>/dev</path></target></pool>")
+
+
+def test_disk_pool_partitions(vsfs: Mount, loopdev: str) -> None:
+    d = vsfs.path / "pools" / "d"
+    define(vsfs, disk_xml("d", loopdev), "d")
+    sh(f"echo build > {d}/ctl", check=True)
+    assert "gpt" in sh(f"blkid -p -o value -s PTTYPE {loopdev}", check=True).stdout
+    res = sh(f"echo build > {d}/ctl")
+    assert "Device or resource busy" in res.stderr
+    assert "already holds" in vsfs.error()
+    sh(f"echo start > {d}/ctl", check=True)
+    free = int((d / "free").read_text())
+    assert 300 * MiB < free < 320 * MiB
+    xml = (d / "xml").read_text()
+    assert_valid(xml, "storagepool")
+    assert "<freeExtent" in xml
+
+    sh(f"truncate -s 10M {d}/volumes/web", check=True)
+    node = os.readlink(d / "volumes" / "web")
+    assert node == f"{loopdev}p1"
+    assert stat.S_ISBLK(os.stat(node).st_mode), "the node exists when truncate returns"
+    assert int(sh(f"blockdev --getsize64 {node}", check=True).stdout) == 10 * MiB
+    assert (d / "volinfo/web/capacity").read_text() == f"{10 * MiB}\n"
+    assert_valid((d / "volinfo/web/xml").read_bytes(), "storagevol")
+
+    (vsfs.base / "db.xml").write_text(
+        "<volume><name>db</name><capacity unit='M'>20</capacity></volume>")
+    sh(f"cat {vsfs.base}/db.xml > {d}/define", check=True)
+    assert sorted(os.listdir(d / "volumes")) == ["db", "web"]
+    db = os.readlink(d / "volumes" / "db")
+    # data written through the path reads back
+    sh(f"head -c 1M /dev/urandom > {vsfs.base}/blob && dd if={vsfs.base}/blob of={db} "
+       "bs=1M conv=fsync status=none", check=True)
+    sh(f"cmp -n {MiB} {vsfs.base}/blob {db}", check=True)
+
+    # the last partition grows into free space; the first has none after it
+    sh(f"echo 30M > {d}/volinfo/db/capacity", check=True)
+    assert int(sh(f"blockdev --getsize64 {db}", check=True).stdout) == 30 * MiB
+    sh(f"cmp -n {MiB} {vsfs.base}/blob {db}", check=True)
+    assert "No space left" in sh(f"echo 20M > {d}/volinfo/web/capacity").stderr
+    assert "Operation not supported" in sh(f"echo 5M > {d}/volinfo/db/capacity").stderr
+    assert "No space left" in sh(f"truncate -s 400M {d}/volumes/huge").stderr
+    assert sorted(os.listdir(d / "volumes")) == ["db", "web"]
+    assert not os.path.exists(f"{loopdev}p3")
+    assert "Operation not supported" in sh(f"mkdir {d}/volumes/dir").stderr
+
+    sh(f"rm {d}/volumes/web", check=True)
+    assert not os.path.exists(node)
+    assert os.listdir(d / "volumes") == ["db"]
+    sh(f"echo stop > {d}/ctl && echo start > {d}/ctl", check=True)
+    assert os.listdir(d / "volumes") == ["db"]
+
+
+def test_dos_partitions_are_named_after_their_node(vsfs: Mount, loopdev: str) -> None:
+    d = vsfs.path / "pools" / "m"
+    define(vsfs, disk_xml("m", loopdev, "dos"), "m")
+    sh(f"echo build > {d}/ctl && echo start > {d}/ctl", check=True)
+    kname = os.path.basename(loopdev)
+    res = sh(f"truncate -s 8M {d}/volumes/web")
+    assert "Invalid argument" in res.stderr
+    assert f"{kname}p1" in vsfs.error()
+    assert os.listdir(d / "volumes") == []
+    sh(f"truncate -s 8M {d}/volumes/{kname}p1", check=True)
+    assert os.listdir(d / "volumes") == [f"{kname}p1"]
+
+
+def test_refusals_on_devices_in_use(vsfs: Mount, loopdev: str) -> None:
+    d = vsfs.path / "pools" / "d"
+    define(vsfs, disk_xml("d", loopdev), "d")
+    sh(f"echo build > {d}/ctl && echo start > {d}/ctl", check=True)
+    sh(f"truncate -s 64M {d}/volumes/data", check=True)
+    part = os.readlink(d / "volumes" / "data")
+    sh(f"mkfs.ext4 -q {part}", check=True)
+    where = vsfs.base / "inuse"
+    where.mkdir()
+    sh(f"mount {part} {where}", check=True)
+    try:
+        assert "Device or resource busy" in sh(f"rm {d}/volumes/data").stderr
+        assert "mounted on" in vsfs.error()
+        assert "Device or resource busy" in sh(f"echo stop > {d}/ctl").stderr
+    finally:
+        sh(f"umount {where}", check=True)
+    sh(f"echo stop > {d}/ctl", check=True)
+    sh(f"mount {part} {where}", check=True)
+    try:
+        res = sh(f"echo 'build --overwrite' > {d}/ctl")
+        assert "Device or resource busy" in res.stderr
+        assert f"mounted on {where}" in vsfs.error()
+    finally:
+        sh(f"umount {where}", check=True)
+    # an LVM physical volume is data too: refused without --overwrite
+    sh(f"wipefs -a -q {loopdev}", check=True)
+    # (pvcreate writes a label; without device-mapper nothing more is needed)
+    sh(f"pvcreate -q -ff -y {loopdev}", check=True)
+    try:
+        assert "Device or resource busy" in sh(f"echo build > {d}/ctl").stderr
+        assert "LVM2_member" in vsfs.error()
+    finally:
+        sh(f"wipefs -a -q {loopdev}", check=True)
+
+
+def test_three_levels_of_pools(vsfs: Mount) -> None:
+    images = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    sh(f"truncate -s 200M {p}/volumes/disk.img", check=True)
+    d = define(vsfs, disk_xml("d", str(images / "disk.img")), "d")
+    sh(f"echo build > {d}/ctl && echo start > {d}/ctl", check=True)
+    loops = loops_of(images / "disk.img")
+    assert len(loops) == 1
+    try:
+        sh(f"truncate -s 100M {d}/volumes/root", check=True)
+        part = os.readlink(d / "volumes" / "root")
+        assert part == f"{loops[0]}p1"
+        fsxml = (f"<pool type='fs'><name>f</name><source><device path='{part}'/>"
+                 f"<format type='ext4'/></source><target><path>{vsfs.base}/fsmnt</path>"
+                 "</target></pool>")
+        f = define(vsfs, fsxml, "f")
+        sh(f"echo build > {f}/ctl && echo start > {f}/ctl", check=True)
+        sh(f"truncate -s 5M {f}/volumes/leaf.img", check=True)
+        assert os.readlink(f / "volumes/leaf.img") == f"{vsfs.base}/fsmnt/leaf.img"
+        # each level keeps the one below it busy
+        assert "Device or resource busy" in sh(f"echo stop > {d}/ctl").stderr
+        assert "source of running pool 'f'" in vsfs.error()
+        assert "Device or resource busy" in sh(f"rm {d}/volumes/root").stderr
+        assert "Device or resource busy" in sh(f"echo stop > {p}/ctl").stderr
+        assert "source of running pool 'd'" in vsfs.error()
+        sh(f"echo stop > {f}/ctl", check=True)
+        sh(f"echo stop > {d}/ctl", check=True)
+        assert loops_of(images / "disk.img") == []
+        sh(f"echo stop > {p}/ctl", check=True)
+    finally:
+        for loop in loops_of(images / "disk.img"):
+            subprocess.run(["umount", "-l", f"{vsfs.base}/fsmnt"], check=False)
+            subprocess.run(["partx", "-d", loop], check=False)
+            subprocess.run(["losetup", "-d", loop], check=False)
