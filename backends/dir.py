@@ -431,14 +431,15 @@ class DirBackend(Backend):
     async def clone_volume(self, vdef: VolumeDef, source: Volume) -> Volume:
         if source.type == "dir":
             raise Unsupported("directory volumes cannot be cloned")
-        fmt = vdef.format or source.format
+        src_fmt = "raw" if source.format == "none" else source.format  # a partition
+        fmt = vdef.format or src_fmt
         path, mode, uid, gid = await trio.to_thread.run_sync(self._claim, vdef)
-        if fmt == "raw" and source.format == "raw":
+        if fmt == "raw" and src_fmt == "raw":
             # Shares extents where the filesystem can (xfs, btrfs), else a sparse copy.
             argv = ["cp", "--reflink=auto", "--sparse=always", "--no-preserve=all", "-T",
                     source.path, path]
         else:
-            argv = ["qemu-img", "convert", "-U", "-q", "-f", source.format, "-O", fmt,
+            argv = ["qemu-img", "convert", "-U", "-q", "-f", src_fmt, "-O", fmt,
                     source.path, path]
         try:
             await run(argv, timeout=3600)

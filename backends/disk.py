@@ -145,6 +145,7 @@ class DiskBackend(Backend):
         if await blockdev.is_regular_file(self.source):
             self.loop = (await run(["losetup", "--find", "--show", "--partscan",
                                     self.source])).strip()
+            log.info("pool %s: %s attached as %s", self.pool.name, self.source, self.loop)
         try:
             await self._table_now()
         except BaseException:
@@ -171,6 +172,11 @@ class DiskBackend(Backend):
 
     async def delete(self) -> None:
         """Remove the partition table (libvirt's disk pool delete wipes the label)."""
+        if await blockdev.is_regular_file(self.source):
+            if await blockdev.loops_of(self.source):
+                raise Busy(f"{self.source} is attached to a loop device")
+        else:
+            await trio.to_thread.run_sync(blockdev.check_unused, self.source)
         await run(["wipefs", "--all", "--quiet", self.source])
 
     def _status(self, table: Table) -> PoolStatus:
@@ -293,6 +299,20 @@ class DiskBackend(Backend):
     async def wipe_volume(self, vol: Volume) -> None:
         await trio.to_thread.run_sync(blockdev.check_unused, vol.path)
         await run(["blkdiscard", "--zeroout", vol.path], timeout=3600)
+
+    async def clone_volume(self, vdef: VolumeDef, source: Volume) -> Volume:
+        if source.type == "dir":
+            raise Unsupported("a directory cannot be copied into a partition")
+        vol = await self.create_volume(VolumeDef(name=vdef.name, capacity=source.capacity))
+        fmt = "raw" if source.format == "none" else source.format
+        try:
+            await run(["qemu-img", "convert", "-U", "-q", "-n", "-f", fmt, "-O", "raw",
+                       source.path, vol.path], timeout=3600)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.delete_volume(vol)
+            raise
+        return vol
 
     async def create_upload(self, vdef: VolumeDef) -> tuple[Volume, int] | None:
         return None  # a partition needs its size: made when truncate sets it

@@ -72,10 +72,18 @@ class FsBackend(DirBackend):
         return os.path.realpath(source) == os.path.realpath(self.device)
 
     async def build(self, overwrite: bool) -> None:
-        if self.format not in MKFS:
-            raise Invalid(f"build needs a filesystem to make (one of {', '.join(MKFS)}), "
-                          f"not {self.format!r}")
         dev = self.device
+        if self.format == "auto":
+            # Nothing to make: the device must already hold a filesystem to mount.
+            found = await blockdev.signatures(dev)
+            if not found:
+                raise Invalid(f"{dev} holds no filesystem: name one in <format type=...> "
+                              f"({', '.join(MKFS)}) for build to make it")
+            await super().build(overwrite)
+            return
+        if self.format not in MKFS:
+            raise Invalid(f"vsfs cannot make {self.format!r} filesystems "
+                          f"(it makes {', '.join(MKFS)})")
         if await self._backing_file():
             loops = await blockdev.loops_of(dev)
             if loops:
@@ -116,6 +124,8 @@ class FsBackend(DirBackend):
                         await blockdev.detach_loop(attached)
             raise
         self.loop = attached
+        if attached is not None:
+            log.info("pool %s: %s attached as %s", self.pool.name, self.device, attached)
 
     async def stop(self) -> None:
         if await trio.to_thread.run_sync(blockdev.mount_source, self.root) is not None:

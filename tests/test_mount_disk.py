@@ -77,6 +77,20 @@ def test_disk_pool_partitions(vsfs: Mount, loopdev: str) -> None:
     sh(f"echo stop > {d}/ctl && echo start > {d}/ctl", check=True)
     assert os.listdir(d / "volumes") == ["db"]
 
+    # copies in and out of partitions, and wiping one
+    images = vsfs.dir_pool()
+    sh(f"echo 'clone db.img p' > {d}/volinfo/db/ctl", check=True)
+    sh(f"cmp -n {30 * MiB} {db} {images}/db.img", check=True)
+    sh(f"echo 'clone back d' > {vsfs.path}/pools/p/volinfo/db.img/ctl", check=True)
+    back = os.readlink(d / "volumes" / "back")
+    sh(f"cmp -n {MiB} {vsfs.base}/blob {back}", check=True)
+    sh(f"echo wipe > {d}/volinfo/back/ctl", check=True)
+    assert sh(f"head -c {MiB} {back} | tr -d '\\0' | wc -c", check=True).stdout.strip() == "0"
+
+    assert "Device or resource busy" in sh(f"echo delete > {d}/ctl").stderr
+    sh(f"echo stop > {d}/ctl && echo delete > {d}/ctl", check=True)
+    assert sh(f"blkid -p -o value -s PTTYPE {loopdev}").stdout.strip() == ""
+
 
 def test_dos_partitions_are_named_after_their_node(vsfs: Mount, loopdev: str) -> None:
     d = vsfs.path / "pools" / "m"

@@ -114,8 +114,28 @@ def test_running_fs_pool_is_adopted_after_a_crash(mount_factory) -> None:
 def test_build_auto_and_bad_definitions(vsfs: Mount, loopdev: str) -> None:
     f = define(vsfs, "a", loopdev, "auto", vsfs.base / "amnt")
     assert "Invalid argument" in sh(f"echo build > {f}/ctl").stderr
-    assert "needs a filesystem to make" in vsfs.error()
+    assert "holds no filesystem" in vsfs.error()
+    sh(f"mkfs.ext4 -q {loopdev}", check=True)
+    sh(f"echo build > {f}/ctl && echo start > {f}/ctl", check=True)  # auto: mount probes
+    assert sh(f"findmnt -n -o FSTYPE {vsfs.base}/amnt", check=True).stdout.strip() == "ext4"
+    sh(f"echo stop > {f}/ctl", check=True)
     (vsfs.base / "bad.xml").write_text(
         "<pool type='fs'><name>b</name><target><path>/tmp/b</path></target></pool>")
     assert "Invalid argument" in sh(f"cat {vsfs.base}/bad.xml > {vsfs.path}/pools/define").stderr
     assert "exactly one" in vsfs.error()
+
+
+@pytest.mark.parametrize("fmt", ["ext4", "xfs", "btrfs"])
+def test_fs_formats_lifecycle(vsfs: Mount, loopdev: str, fmt: str) -> None:
+    target = vsfs.base / "mnt-fs"
+    f = define(vsfs, "f", loopdev, fmt, target)
+    sh(f"echo build > {f}/ctl && echo start > {f}/ctl", check=True)
+    assert sh(f"findmnt -n -o FSTYPE {target}", check=True).stdout.strip() == fmt
+    sh(f"truncate -s 8M {f}/volumes/a && echo 'clone b' > {f}/volinfo/a/ctl", check=True)
+    assert sorted(os.listdir(f / "volumes")) == ["a", "b"]
+    assert "Device or resource busy" in sh(f"echo delete > {f}/ctl").stderr
+    sh(f"rm {f}/volumes/a {f}/volumes/b && echo stop > {f}/ctl", check=True)
+    assert sh(f"findmnt -n {target}").stdout == ""
+    sh(f"echo delete > {f}/ctl", check=True)  # the (empty) target directory goes
+    assert not target.exists()
+    sh(f"rmdir {f}", check=True)

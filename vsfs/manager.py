@@ -607,7 +607,7 @@ class Manager:
                 raise Exists(f"volume {new_name!r} already exists in pool {dest_pool!r}")
             await self._check_space(dest, src.capacity)
             vdef = VolumeDef(name=new_name, capacity=src.capacity,
-                             format=src.format if src.format != "dir" else None,
+                             format=src.format if src.format not in ("dir", "none") else None,
                              perms=Permissions(src.mode, src.owner, src.group))
             vol = await dest.backend.clone_volume(vdef, src)
             dest.volumes[new_name] = vol
