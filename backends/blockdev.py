@@ -79,10 +79,6 @@ async def loops_of(path: str) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-async def attach_loop(path: str) -> str:
-    return (await run(["losetup", "--find", "--show", path])).strip()
-
-
 async def detach_loop(dev: str) -> None:
     await run(["losetup", "--detach", dev])
 
@@ -104,3 +100,22 @@ async def is_regular_file(path: str) -> bool:
         except OSError:
             return False
     return await trio.to_thread.run_sync(check)
+
+
+def partscan(loop: str) -> bool:
+    """Whether a loop device scans partitions (losetup --partscan)."""
+    try:
+        with open(f"/sys/block/{os.path.basename(loop)}/loop/partscan", encoding="ascii") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+async def reuse_or_attach(path: str, scan: bool = False) -> str:
+    """A loop device for ``path``: one left attached and unused (a crash), else a new one."""
+    for loop in await loops_of(path):
+        if (not scan or partscan(loop)) and not await trio.to_thread.run_sync(device_users,
+                                                                                 loop):
+            return loop
+    argv = ["losetup", "--find", "--show", *(["--partscan"] if scan else []), path]
+    return (await run(argv)).strip()

@@ -120,7 +120,7 @@ class DiskBackend(Backend):
             loops = await blockdev.loops_of(self.source)
             # A loop we attached with partition scanning and that holds a table.
             for loop in loops:
-                if os.path.exists(f"/sys/block/{os.path.basename(loop)}/loop/partscan"):
+                if blockdev.partscan(loop):
                     self.loop = loop
                     return True
             return False
@@ -143,8 +143,7 @@ class DiskBackend(Backend):
 
     async def start(self) -> None:
         if await blockdev.is_regular_file(self.source):
-            self.loop = (await run(["losetup", "--find", "--show", "--partscan",
-                                    self.source])).strip()
+            self.loop = await blockdev.reuse_or_attach(self.source, scan=True)
             log.info("pool %s: %s attached as %s", self.pool.name, self.source, self.loop)
         try:
             await self._table_now()

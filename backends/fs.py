@@ -101,7 +101,7 @@ class FsBackend(DirBackend):
         dev = self.device
         attached = None
         if await self._backing_file():
-            attached = await blockdev.attach_loop(dev)
+            attached = await blockdev.reuse_or_attach(dev)
             dev = attached
         made_target = False
         try:

@@ -174,3 +174,26 @@ def test_three_levels_of_pools(vsfs: Mount) -> None:
             subprocess.run(["umount", "-l", f"{vsfs.base}/fsmnt"], check=False)
             subprocess.run(["partx", "-d", loop], check=False)
             subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def test_disk_pool_on_a_file_is_adopted_after_a_crash(mount_factory) -> None:
+    m = mount_factory()
+    images = m.dir_pool()
+    p = m.path / "pools" / "p"
+    sh(f"echo yes > {p}/autostart && truncate -s 64M {p}/volumes/d.img", check=True)
+    d = define(m, disk_xml("d", str(images / "d.img")), "d")
+    sh(f"echo build > {d}/ctl && echo start > {d}/ctl && truncate -s 8M {d}/volumes/one",
+       check=True)
+    loops = loops_of(images / "d.img")
+    m.kill9()
+    try:
+        m.start()
+        assert (m.path / "pools/d/state").read_text() == "running\n"
+        assert os.listdir(m.path / "pools/d/volumes") == ["one"]
+        assert loops_of(images / "d.img") == loops, "the same loop, not a second one"
+        sh(f"echo stop > {m.path}/pools/d/ctl", check=True)
+        assert loops_of(images / "d.img") == []
+    finally:
+        for loop in loops_of(images / "d.img"):
+            subprocess.run(["partx", "-d", loop], check=False)
+            subprocess.run(["losetup", "-d", loop], check=False)

@@ -123,6 +123,12 @@ def test_build_auto_and_bad_definitions(vsfs: Mount, loopdev: str) -> None:
         "<pool type='fs'><name>b</name><target><path>/tmp/b</path></target></pool>")
     assert "Invalid argument" in sh(f"cat {vsfs.base}/bad.xml > {vsfs.path}/pools/define").stderr
     assert "exactly one" in vsfs.error()
+    (vsfs.base / "dup.xml").write_text(
+        f"<pool type='disk'><name>d</name><source><device path='{loopdev}'/></source>"
+        "<target><path>/dev</path></target></pool>")
+    res = sh(f"cat {vsfs.base}/dup.xml > {vsfs.path}/pools/define")
+    assert "File exists" in res.stderr
+    assert f"already uses source device {loopdev}" in vsfs.error()
 
 
 @pytest.mark.parametrize("fmt", ["ext4", "xfs", "btrfs"])

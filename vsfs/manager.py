@@ -224,6 +224,10 @@ class Manager:
             if (pool.target_path is not None and entry.pool.target_path == pool.target_path
                     and pool.type in ("dir", "fs", "netfs") and entry.pool.type == pool.type):
                 raise Exists(f"pool {name!r} already uses target {pool.target_path}")
+            shared = {d.path for d in pool.source.devices} & {
+                d.path for d in entry.pool.source.devices}
+            if shared and pool.type in ("fs", "disk", "logical"):
+                raise Exists(f"pool {name!r} already uses source device {shared.pop()}")
 
     async def redefine_pool(self, name: str, xml: bytes) -> PoolDef:
         entry = self.entry(name)
