@@ -31,6 +31,7 @@ from vsfs.model import (
     Volume,
     VolumeDef,
     check_space,
+    data_format,
 )
 from vsfs.proc import run
 
@@ -431,7 +432,7 @@ class DirBackend(Backend):
     async def clone_volume(self, vdef: VolumeDef, source: Volume) -> Volume:
         if source.type == "dir":
             raise Unsupported("directory volumes cannot be cloned")
-        src_fmt = "raw" if source.format == "none" else source.format  # a partition
+        src_fmt = data_format(source.format)
         fmt = vdef.format or src_fmt
         path, mode, uid, gid = await trio.to_thread.run_sync(self._claim, vdef)
         if fmt == "raw" and src_fmt == "raw":

@@ -16,7 +16,7 @@ from typing import ClassVar
 import trio
 
 from vsfs.errors import BackendFailed, Busy, Exists, Invalid, NoSpace, NotFound, Unsupported
-from vsfs.model import PoolDef, PoolStatus, Volume, VolumeDef
+from vsfs.model import PoolDef, PoolStatus, Volume, VolumeDef, data_format
 from vsfs.proc import run
 
 from . import blockdev
@@ -193,7 +193,7 @@ class DiskBackend(Backend):
         node = partition_node(self.dev, part.number)
         name = part.name if table.label == "gpt" and part.name else os.path.basename(node)
         size = part.end - part.start + 1
-        return Volume(name=name, key=node, path=node, type="block", format="none",
+        return Volume(name=name, key=node, path=node, type="block", format="partition",
                       capacity=size, allocation=size, physical=size)
 
     async def refresh(self) -> Snapshot:
@@ -303,7 +303,7 @@ class DiskBackend(Backend):
         if source.type == "dir":
             raise Unsupported("a directory cannot be copied into a partition")
         vol = await self.create_volume(VolumeDef(name=vdef.name, capacity=source.capacity))
-        fmt = "raw" if source.format == "none" else source.format
+        fmt = data_format(source.format)
         try:
             await run(["qemu-img", "convert", "-U", "-q", "-n", "-f", fmt, "-O", "raw",
                        source.path, vol.path], timeout=3600)

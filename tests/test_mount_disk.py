@@ -48,6 +48,7 @@ def test_disk_pool_partitions(vsfs: Mount, loopdev: str) -> None:
     assert stat.S_ISBLK(os.stat(node).st_mode), "the node exists when truncate returns"
     assert int(sh(f"blockdev --getsize64 {node}", check=True).stdout) == 10 * MiB
     assert (d / "volinfo/web/capacity").read_text() == f"{10 * MiB}\n"
+    assert (d / "volinfo/web/format").read_text() == "partition\n"
     assert_valid((d / "volinfo/web/xml").read_bytes(), "storagevol")
 
     (vsfs.base / "db.xml").write_text(

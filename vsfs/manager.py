@@ -36,6 +36,7 @@ from .model import (
     VolumeDef,
     check_name,
     check_space,
+    data_format,
 )
 from .state import StateDir
 from .xmlio import parse_pool, parse_volume
@@ -611,7 +612,7 @@ class Manager:
                 raise Exists(f"volume {new_name!r} already exists in pool {dest_pool!r}")
             await self._check_space(dest, src.capacity)
             vdef = VolumeDef(name=new_name, capacity=src.capacity,
-                             format=src.format if src.format not in ("dir", "none") else None,
+                             format=None if src.format == "dir" else data_format(src.format),
                              perms=Permissions(src.mode, src.owner, src.group))
             vol = await dest.backend.clone_volume(vdef, src)
             dest.volumes[new_name] = vol

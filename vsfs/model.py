@@ -114,6 +114,15 @@ def check_space(pool: str, status: PoolStatus, needed: int) -> None:
         raise NoSpace(f"pool {pool!r} has {status.available} bytes free, {needed} needed")
 
 
+# Formats of volumes that are plain block devices: their bytes are raw data.
+BLOCK_FORMATS = frozenset({"none", "partition", "lvm2"})
+
+
+def data_format(fmt: str) -> str:
+    """The qemu-img format of a volume's bytes."""
+    return "raw" if fmt in BLOCK_FORMATS else fmt
+
+
 @dataclass(frozen=True)
 class BackingStore:
     path: str

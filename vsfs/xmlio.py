@@ -16,6 +16,7 @@ from lxml import etree
 
 from .errors import Invalid
 from .model import (
+    BLOCK_FORMATS,
     BackingStore,
     Permissions,
     PoolDef,
@@ -484,7 +485,8 @@ def format_volume(vol: Volume) -> bytes:
     _size(root, "physical", vol.physical)
     t = _sub(root, "target")
     _sub(t, "path", vol.path)
-    _sub(t, "format", type=vol.format)
+    # libvirt's schema has no name for these: its block volumes say "none".
+    _sub(t, "format", type="none" if vol.format in BLOCK_FORMATS else vol.format)
     _perms(t, Permissions(vol.mode, vol.owner, vol.group))
     stamps = _stamps(vol)
     if stamps:
