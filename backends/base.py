@@ -99,6 +99,10 @@ class Backend(ABC):
     async def resize_volume(self, vol: Volume, capacity: int) -> Volume:
         raise Unsupported(f"{self.pool_type} pools cannot resize volumes")
 
+    async def shrink_volume(self, vol: Volume, capacity: int) -> Volume:
+        """Shrink even where that cuts off data: only ever on an explicit command."""
+        raise Unsupported(f"{self.pool_type} volumes are shrunk by writing capacity")
+
     async def wipe_volume(self, vol: Volume) -> None:
         raise Unsupported(f"{self.pool_type} pools cannot wipe volumes")
 

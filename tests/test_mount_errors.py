@@ -181,6 +181,8 @@ def test_eopnotsupp_and_exdev(vsfs: Mount) -> None:
     assert "Operation not supported" in sh(f"echo 'snapshot s' > {p}/volinfo/d/ctl").stderr
     assert "Operation not supported" in sh(f"mkdir {vsfs.path}/pools/newpool").stderr
     sh(f"truncate -s 1M {p}/volumes/v", check=True)
+    assert "Operation not supported" in sh(f"echo 'shrink 1K' > {p}/volinfo/v/ctl").stderr
+    assert os.stat(vsfs.base / "images-p" / "v").st_size == 1 << 20
     res = sh(f"mv {p}/volumes/v {vsfs.path}/pools/q/volumes/v")
     # mv falls back to copying the symlink after EXDEV; that is refused as well
     assert res.returncode != 0

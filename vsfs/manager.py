@@ -39,6 +39,7 @@ from .model import (
     data_format,
 )
 from .state import StateDir
+from .units import parse_size
 from .xmlio import parse_pool, parse_volume
 
 log = logging.getLogger(__name__)
@@ -581,7 +582,8 @@ class Manager:
     async def volume_command(self, pool: str, name: str, line: str) -> None:
         words = line.split()
         if not words:
-            raise Invalid("empty command; expected wipe, clone NEW [POOL], snapshot NEW or delete")
+            raise Invalid("empty command; expected wipe, clone NEW [POOL], snapshot NEW, "
+                          "shrink SIZE or delete")
         cmd, args = words[0], words[1:]
         if cmd == "delete" and not args:
             await self.delete_volume(pool, name)
@@ -592,16 +594,23 @@ class Manager:
                 await entry.backend.wipe_volume(vol)
                 entry.volumes[name] = await entry.backend.volume(name)
             log.info("volume %s/%s wiped", pool, name)
+        elif cmd == "shrink" and len(args) == 1:
+            size = parse_size(args[0])
+            entry = self.running_entry(pool)
+            async with entry.lock:
+                vol = self.volume(pool, name)
+                entry.volumes[name] = await entry.backend.shrink_volume(vol, size)
+            log.info("volume %s/%s shrunk to %d bytes", pool, name, size)
         elif cmd == "clone" and len(args) in (1, 2):
             await self.clone_volume(pool, name, args[1] if len(args) == 2 else pool, args[0])
         elif cmd == "snapshot" and len(args) == 1:
             await self.snapshot_volume(pool, name, args[0])
-        elif cmd in ("delete", "wipe", "clone", "snapshot"):
+        elif cmd in ("delete", "wipe", "clone", "snapshot", "shrink"):
             raise Invalid(f"bad arguments for {cmd!r}; expected wipe, clone NEW [POOL], "
-                          "snapshot NEW or delete")
+                          "snapshot NEW, shrink SIZE or delete")
         else:
             raise Invalid(f"unknown command {cmd!r}; expected wipe, clone NEW [POOL], "
-                          "snapshot NEW or delete")
+                          "snapshot NEW, shrink SIZE or delete")
 
     async def clone_volume(self, pool: str, name: str, dest_pool: str, new_name: str) -> Volume:
         check_name(new_name, "volume name")

@@ -69,7 +69,7 @@ FILES: tuple[tuple[str, str, str], ...] = (
     ("pools/<pool>/volinfo/<vol>/path", "r", "the local path"),
     ("pools/<pool>/volinfo/<vol>/key", "r", "the volume's unique key"),
     ("pools/<pool>/volinfo/<vol>/ctl", "w",
-     "wipe | clone NEW [POOL] | snapshot NEW | delete"),
+     "wipe | clone NEW [POOL] | snapshot NEW | shrink SIZE | delete"),
 )
 
 VERBS: tuple[tuple[str, str], ...] = (
