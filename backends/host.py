@@ -17,6 +17,8 @@ import trio
 
 log = logging.getLogger(__name__)
 
+RESCAN_SECONDS = 5.0
+
 
 @dataclass(frozen=True)
 class HostDevice:
@@ -144,19 +146,31 @@ class HostDevices:
     async def watch(self, on_gone: Callable[[str], None]) -> None:
         """Follow the kernel's block uevents for as long as the mount lives."""
         await self.refresh()
+        monitor: pyudev.Monitor | None = None
         try:
             monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
             monitor.filter_by("block")
             monitor.start()
         except (OSError, ValueError) as e:
-            log.warning("host devices: no uevent monitor (%s); listing at each refresh", e)
-            return
+            log.warning("host devices: no uevent monitor (%s); listing every %g s", e,
+                        RESCAN_SECONDS)
+            monitor = None
         while True:
-            await trio.lowlevel.wait_readable(monitor.fileno())
-            while monitor.poll(timeout=0) is not None:
-                pass
-            await trio.sleep(0.05)  # a burst of events (partitions, loop setup) is one change
-            while monitor.poll(timeout=0) is not None:
-                pass
-            for kname in await self.refresh():
-                on_gone(kname)
+            # Events say when to look; a slow periodic look covers any that were lost
+            # (the netlink socket drops events when its buffer overflows).
+            with trio.move_on_after(RESCAN_SECONDS):
+                if monitor is None:
+                    await trio.sleep_forever()
+                else:
+                    await trio.lowlevel.wait_readable(monitor.fileno())
+                    await trio.sleep(0.05)  # a burst of events (partitions, loops) is one
+            try:
+                while monitor is not None and monitor.poll(timeout=0) is not None:
+                    pass
+            except OSError as e:
+                log.debug("host devices: uevent socket: %s", e)
+            try:
+                for kname in await self.refresh():
+                    on_gone(kname)
+            except OSError as e:
+                log.warning("host devices: listing failed: %s", e)
