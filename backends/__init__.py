@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
+from vsfs.model import PoolSource
+
 from .base import Backend, Snapshot
 from .dir import DirBackend
 from .disk import DiskBackend
 from .fs import FsBackend
+from .logical import LogicalBackend
+from .logical import find_sources as find_logical_sources
 
 BACKENDS: dict[str, type[Backend]] = {
     "dir": DirBackend,
     "fs": FsBackend,
     "disk": DiskBackend,
+    "logical": LogicalBackend,
 }
 
-__all__ = ["BACKENDS", "Backend", "Snapshot"]
+# virConnectFindStoragePoolSources: what pools of a type could be made here.
+SOURCE_FINDERS: dict[str, Callable[[], Awaitable[list[PoolSource]]]] = {
+    "logical": find_logical_sources,
+}
+
+__all__ = ["BACKENDS", "SOURCE_FINDERS", "Backend", "Snapshot"]

@@ -32,6 +32,9 @@ class Backend(ABC):
     # How often (s) the manager asks ``changed`` whether a refresh is due;
     # 0 means only explicit refreshes see outside changes.
     poll_interval: ClassVar[float] = 0.0
+    # Volumes that cannot exist empty (partitions, LVs): `truncate` makes them
+    # once it gives the size.
+    sized_at_creation: ClassVar[bool] = False
 
     def __init__(self, pool: PoolDef) -> None:
         self.pool = pool
@@ -79,6 +82,10 @@ class Backend(ABC):
                 return vol
         raise NotFound(f"no volume {name!r} in pool {self.pool.name!r}")
 
+    def space_needed(self, vdef: VolumeDef) -> int:
+        """Bytes of free space a new volume must find (vsfs does not overcommit)."""
+        return vdef.capacity
+
     async def create_volume(self, vdef: VolumeDef) -> Volume:
         """Create a volume; on failure nothing of it may be left behind."""
         raise Unsupported(f"{self.pool_type} pools cannot create volumes")
@@ -107,12 +114,17 @@ class Backend(ABC):
         raise Unsupported(f"{self.pool_type} pools cannot wipe volumes")
 
     async def create_upload(self, vdef: VolumeDef) -> tuple[Volume, int] | None:
-        """Create an empty raw volume and open it read-write, for ``truncate``/``cp``.
+        """Create an empty volume and open it read-write, for ``truncate``/``cp``.
 
         None means the volume can only be made once its size is known
-        (``create_sized_upload``, when truncate sets it). Backends that can do
-        both steps at once override this.
+        (``create_sized_upload``, when truncate sets it): partitions and LVs.
+        Backends that can do both steps at once override this.
         """
+        if self.sized_at_creation:
+            return None
+        return await self.create_sized_upload(vdef)
+
+    async def create_sized_upload(self, vdef: VolumeDef) -> tuple[Volume, int]:
         vol = await self.create_volume(vdef)
         try:
             fd = await trio.to_thread.run_sync(self.open_volume, vol, os.O_RDWR)
@@ -122,11 +134,14 @@ class Backend(ABC):
             raise
         return vol, fd
 
-    async def create_sized_upload(self, vdef: VolumeDef) -> tuple[Volume, int]:
-        raise Unsupported(f"{self.pool_type} pools make volumes at once")
-
     async def truncate_upload(self, fd: int, size: int) -> None:
         """Set the size of a volume being uploaded; growth must fit the pool (ENOSPC)."""
+        if self.sized_at_creation:
+            cur = await trio.to_thread.run_sync(lambda: os.lseek(fd, 0, os.SEEK_END))
+            if size != cur:
+                raise Unsupported(f"a {self.pool_type} volume's size is set once, when it "
+                                  "is made; resize it through volinfo/V/capacity")
+            return
         cur = (await trio.to_thread.run_sync(os.fstat, fd)).st_size
         if size > cur:
             check_space(self.pool.name, await self.status(), size - cur)

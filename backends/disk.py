@@ -71,6 +71,7 @@ def partition_node(dev: str, number: int) -> str:
 
 class DiskBackend(Backend):
     pool_type: ClassVar[str] = "disk"
+    sized_at_creation: ClassVar[bool] = True
 
     def __init__(self, pool: PoolDef) -> None:
         super().__init__(pool)
@@ -312,23 +313,3 @@ class DiskBackend(Backend):
                 await self.delete_volume(vol)
             raise
         return vol
-
-    async def create_upload(self, vdef: VolumeDef) -> tuple[Volume, int] | None:
-        return None  # a partition needs its size: made when truncate sets it
-
-    async def create_sized_upload(self, vdef: VolumeDef) -> tuple[Volume, int]:
-        vol = await self.create_volume(vdef)
-        try:
-            fd = await trio.to_thread.run_sync(self.open_volume, vol, os.O_RDWR)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.delete_volume(vol)
-            raise
-        return vol, fd
-
-    async def truncate_upload(self, fd: int, size: int) -> None:
-        cur = await trio.to_thread.run_sync(lambda: os.lseek(fd, 0, os.SEEK_END))
-        if size != cur:
-            raise Unsupported("a partition's size is set once, when it is made")
-
-

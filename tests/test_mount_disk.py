@@ -198,3 +198,17 @@ def test_disk_pool_on_a_file_is_adopted_after_a_crash(mount_factory) -> None:
         for loop in loops_of(images / "d.img"):
             subprocess.run(["partx", "-d", loop], check=False)
             subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def test_sources_logical_on_the_host(vsfs: Mount, loopdev: str) -> None:
+    """pvcreate and vgcreate need no device-mapper, so discovery is testable here."""
+    vg = f"vsfs{os.getpid()}"
+    sh(f"pvcreate -q -y {loopdev} && vgcreate -q {vg} {loopdev}", check=True)
+    try:
+        xml = (vsfs.path / "sources" / "logical").read_text()
+        assert f"<name>{vg}</name>" in xml
+        assert f'<device path="{loopdev}"/>' in xml
+        assert '<format type="lvm2"/>' in xml
+    finally:
+        sh(f"vgremove -q -f {vg} && pvremove -q -y {loopdev}", check=True)
+    assert f"<name>{vg}</name>" not in (vsfs.path / "sources" / "logical").read_text()

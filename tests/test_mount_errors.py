@@ -170,10 +170,11 @@ def test_eopnotsupp_and_exdev(vsfs: Mount) -> None:
     vsfs.dir_pool()
     vsfs.dir_pool("q")
     p = vsfs.path / "pools" / "p"
-    (vsfs.base / "lvm.xml").write_text(
-        "<pool type='logical'><name>vg</name><source><name>vg</name></source>"
-        "<target><path>/dev/vg</path></target></pool>")
-    res = sh(f"cat {vsfs.base}/lvm.xml > {vsfs.path}/pools/define")
+    (vsfs.base / "iscsi.xml").write_text(
+        "<pool type='iscsi'><name>t</name><source><host name='127.0.0.1'/>"
+        "<device path='iqn.2003-01.org.example:t'/></source>"
+        "<target><path>/dev/disk/by-path</path></target></pool>")
+    res = sh(f"cat {vsfs.base}/iscsi.xml > {vsfs.path}/pools/define")
     assert "Operation not supported" in res.stderr
     assert "not supported yet" in vsfs.error()
     sh(f"mkdir {p}/volumes/d", check=True)

@@ -106,6 +106,7 @@ def test_files_table_matches_the_tree(tmp_path: Path) -> None:
             path = path.replace("UUID", uuid).replace("KEY", vol.key.replace("/", "\\x2f"))
             path = path.replace("LOCALPATH", vol.path.lstrip("/"))
             path = path.replace("<dev>", next(iter(m.host.devices())))
+            path = path.replace("<type>", "logical")
             node = tree.resolve(tuple(path.split("/")))
             assert node is not None, f"{pattern} is in FILES but not in the tree"
             kind = {"link": Link, "dir": Dir}.get(access, File)
@@ -116,11 +117,13 @@ def test_files_table_matches_the_tree(tmp_path: Path) -> None:
             documented.add(_instances(pattern).rstrip("/"))
         # and nothing in the tree goes undocumented
         dev = next(iter(m.host.devices()))
-        for base in ["", "pools", "pools/p", "pools/p/volinfo/v", f"host/volinfo/{dev}"]:
+        for base in ["", "sources", "pools", "pools/p", "pools/p/volinfo/v",
+                     f"host/volinfo/{dev}"]:
             node = tree.resolve(tuple(base.split("/")) if base else ())
             assert isinstance(node, Dir)
             for name, child in tree.children(node):
                 full = f"{base}/{name}".lstrip("/").replace(f"/{dev}/", "/<dev>/")
+                full = full.replace("sources/logical", "sources/<type>")
                 if isinstance(child, Dir) and any(d.startswith(full + "/") for d in documented):
                     continue
                 assert full in documented, f"{full} is in the tree but not in FILES"

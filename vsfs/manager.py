@@ -420,7 +420,7 @@ class Manager:
                 raise Invalid(f"pool {pool!r} is not active")
             if vdef.name in entry.volumes:
                 raise Exists(f"volume {vdef.name!r} already exists in pool {pool!r}")
-            await self._check_space(entry, vdef.capacity)
+            await self._check_space(entry, entry.backend.space_needed(vdef))
             vol = await entry.backend.create_volume(vdef)
             entry.volumes[vol.name] = vol
         log.info("volume %s/%s created (%s, %d bytes)", pool, vol.name, vol.format, vol.capacity)

@@ -14,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from .backends import SOURCE_FINDERS
 from .backends.host import HostDevice
 from .errors import Invalid, NotFound, Unsupported
 from .manager import Manager, Upload, parse_bool
 from .model import Volume, VolumeDef, check_name
 from .units import parse_size
-from .xmlio import format_pool, format_volume
+from .xmlio import format_pool, format_sources, format_volume
 
 Render = Callable[[], Awaitable[bytes]]
 Apply = Callable[[bytes], Awaitable[None]]
@@ -36,6 +37,7 @@ FILES: tuple[tuple[str, str, str], ...] = (
     ("by-uuid/<uuid>", "link", "-> ../pools/<pool>: a pool by its UUID"),
     ("by-key/<key>", "link", "-> the volume's entry; '/' in a key is written '\\x2f'"),
     ("by-path/<local path>", "link", "-> the volume's entry, e.g. by-path/var/lib/images/a.img"),
+    ("sources/<type>", "r", "<sources> XML: what pools of that type could be made here"),
     ("host/volumes/<dev>", "link", "-> /dev/<dev>: every block device of the host"),
     ("host/volinfo/<dev>/size", "r", "bytes"),
     ("host/volinfo/<dev>/type", "r", "disk | part | loop | rom | ..."),
@@ -223,10 +225,23 @@ class Tree:
                     return self._cached(("pools",), self._pools)
                 case "host":
                     return self._cached(("host",), self._host)
+                case "sources":
+                    return self._cached(("sources",), self._sources)
             return None
 
         return Dir(DIR_MODE, names=lambda: ("README", "error", "by-uuid", "by-key", "by-path",
-                                            "host", "pools"), child=child)
+                                            "sources", "host", "pools"), child=child)
+
+    def _sources(self) -> Dir:
+        def child(name: str) -> Node | None:
+            if name not in SOURCE_FINDERS:
+                return None
+
+            async def render() -> bytes:
+                return format_sources(await SOURCE_FINDERS[name]())
+            return File(RO_MODE, read=render)
+
+        return Dir(DIR_MODE, names=lambda: list(SOURCE_FINDERS), child=child)
 
     # ---------------------------------------------------------------- host
 

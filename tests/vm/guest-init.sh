@@ -11,6 +11,9 @@
 # Kernel command line parameters read here:
 #   vsfs.p9cache=loose|mmap|none  9p cache mode for the host root (default loose: the host's files
 #                                 are taken not to change while the guest runs)
+#   vsfs.rwsize=SIZE              size limit of the overlay's tmpfs (default 32g: only a limit,
+#                                 pages are used as written, so sparse files of many GiB fit;
+#                                 really writing more than the guest's RAM kills processes)
 #   vsfs.debug=1                  trace this script on the console
 export PATH=/bin
 KVER=@KVER@
@@ -29,9 +32,11 @@ fail() {
 }
 
 P9CACHE=loose
+RWSIZE=32g
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vsfs.p9cache=*) P9CACHE=${arg#vsfs.p9cache=} ;;
+        vsfs.rwsize=*) RWSIZE=${arg#vsfs.rwsize=} ;;
         vsfs.debug=1) set -x ;;
     esac
 done
@@ -44,7 +49,7 @@ done < /mods/order
 P9OPTS=trans=virtio,version=9p2000.L,msize=512000
 mount -t 9p -o "$P9OPTS,ro,cache=$P9CACHE" hostroot /hostroot \
     || fail "cannot mount the host root (9p tag hostroot)"
-mount -t tmpfs -o mode=755 rw /rw || fail "tmpfs"
+mount -t tmpfs -o "mode=755,size=$RWSIZE" rw /rw || fail "tmpfs"
 mkdir -p /rw/upper /rw/work
 mount -t overlay -o lowerdir=/hostroot,upperdir=/rw/upper,workdir=/rw/work overlay /newroot \
     || fail "cannot mount the overlay root"
@@ -74,4 +79,8 @@ cp -a /vsfs-vm /newroot/.vsfs-vm
 mount --move /dev /newroot/dev
 mount --move /proc /newroot/proc
 mount --move /sys /newroot/sys
-exec switch_root /newroot /.vsfs-vm/bin/sh /.vsfs-vm/stage2
+# Stage 2 runs under the host's /bin/sh (busybox sh would prefer its own applets to the host's
+# tools); busybox only if the host has none.
+SH=/.vsfs-vm/bin/sh
+[ -x /newroot/bin/sh ] && SH=/bin/sh
+exec switch_root /newroot "$SH" /.vsfs-vm/stage2

@@ -1,5 +1,5 @@
-# Stage 2 of the vsfs test VM: PID 1 after switch_root, run by busybox sh from
-# /.vsfs-vm/bin (copied there by stage 1). The root is the host's / (read-only 9p) under a tmpfs
+# Stage 2 of the vsfs test VM: PID 1 after switch_root, run by the host's /bin/sh (busybox sh
+# from /.vsfs-vm/bin, copied there by stage 1, if the host has none). The root is the host's / (read-only 9p) under a tmpfs
 # overlay, so the host's own tools, Python and venvs are used from here on.
 #
 #  - mounts /run, /dev/pts, /dev/shm (and /tmp with vsfs.tmp=tmpfs), configfs; brings up lo
@@ -14,7 +14,9 @@
 #   vsfs.mode=run|shell
 #   vsfs.tmp=overlay|tmpfs   /tmp: the host's /tmp under the RAM overlay (default; host paths such
 #                            as /tmp/venv stay visible) or a fresh tmpfs
-#   vsfs.udev=0              do not start udevd (tests the fallback)
+#   vsfs.rwsize=SIZE         size limit of the tmpfs on /tmp with vsfs.tmp=tmpfs (default 32g)
+#   vsfs.udev=block|full|0   udevd with coldplug of block devices only (default), of every
+#                            device, or no udevd (LVM is then set to work without it)
 #   vsfs.modules=a,b,c       modules to preload in the background (default dm_mod,dm_thin_pool,
 #                            dm_snapshot,sd_mod)
 #   vsfs.rows=N vsfs.cols=N  terminal size for the shell
@@ -22,14 +24,14 @@
 #   vsfs.debug=1             trace this script
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/.vsfs-vm/bin
 export HOME=/root
-KVER=@KVER@
 RES=/vsfs-results
 
-TIMING= MODE=run TMPMODE=overlay UDEV=1 MODULES=dm_mod,dm_thin_pool,dm_snapshot,sd_mod ROWS= COLS=
+RWSIZE=32g TIMING='' MODE=run TMPMODE=overlay UDEV=block MODULES=dm_mod,dm_thin_pool,dm_snapshot,sd_mod ROWS='' COLS=''
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vsfs.mode=*) MODE=${arg#*=} ;;
         vsfs.tmp=*) TMPMODE=${arg#*=} ;;
+        vsfs.rwsize=*) RWSIZE=${arg#*=} ;;
         vsfs.udev=*) UDEV=${arg#*=} ;;
         vsfs.modules=*) MODULES=${arg#*=} ;;
         vsfs.rows=*) ROWS=${arg#*=} ;;
@@ -54,13 +56,13 @@ mkdir -p /run/lock /run/udev
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777,nosuid,nodev shm /dev/shm
-if [ "$TMPMODE" = tmpfs ]; then mount -t tmpfs -o mode=1777 tmp /tmp; fi
+if [ "$TMPMODE" = tmpfs ]; then mount -t tmpfs -o "mode=1777,size=$RWSIZE" tmp /tmp; fi
 [ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
 mount -t configfs configfs /sys/kernel/config 2>/dev/null
 hostname vsfs-vm
 # State directories some storage tools insist on (all in the RAM overlay): rtslib-fb's dbroot,
-# nfsd's v4 recovery dir.
-mkdir -p /etc/rtslib-fb-target /var/lib/nfs/v4recovery
+# LIO's default db_root, nfsd's v4 recovery dir.
+mkdir -p /etc/rtslib-fb-target /etc/target /var/lib/nfs/v4recovery
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 
 # udev and module preloading, side by side (busybox needs /dev/null to background jobs: devtmpfs
@@ -70,12 +72,17 @@ for f in /lib/systemd/systemd-udevd /usr/lib/systemd/systemd-udevd /sbin/udevd; 
     [ -x "$f" ] && { UDEVD=$f; break; }
 done
 udev_ok=0
-if [ "$UDEV" = 1 ] && [ -n "$UDEVD" ] && "$UDEVD" --daemon 2>/dev/null; then
+if [ "$UDEV" != 0 ] && [ -n "$UDEVD" ] && "$UDEVD" --daemon 2>/dev/null; then
     udev_ok=1
+    # Coldplug: by default only block devices (what storage tests look at: by-id/by-path links,
+    # ID_SERIAL, ID_FS_*), which saves 1-2 s of boot; vsfs.udev=full replays every device.
+    # Devices that appear later (loop, dm, iSCSI disks, partitions) get their events as usual.
+    match=--subsystem-match=block
+    [ "$UDEV" = full ] && match=
     (
         tm udevd started
         udevadm trigger --type=subsystems --action=add
-        udevadm trigger --type=devices --action=add
+        udevadm trigger --type=devices --action=add $match
         tm triggered
         udevadm settle --timeout=120
         tm settled
@@ -115,10 +122,16 @@ case "$MODE" in
         say "ready after ${READY}s (udev: $udev_ok); interactive shell, exit it to power off"
         export TERM=${TERM:-vt100}
         if [ "$TERM" = linux ]; then export TERM=vt100; fi
-        SH=/bin/bash
-        [ -x "$SH" ] || SH=/.vsfs-vm/bin/sh
-        cd "$RES" 2>/dev/null || cd /
-        setsid -c "$SH" -l < /dev/ttyS0 > /dev/ttyS0 2>&1
+        cd /
+        if [ -x /bin/bash ]; then
+            # the caller's environment and cwd (written by run-vm.sh), then an interactive bash
+            setsid -w -c /bin/bash -c '[ ! -f /vsfs-results/.vsfs-env.sh ] || . /vsfs-results/.vsfs-env.sh; exec /bin/bash -i' \
+                < /dev/ttyS0 > /dev/ttyS0 2>&1
+        else
+            setsid -c /.vsfs-vm/bin/sh -i < /dev/ttyS0 > /dev/ttyS0 2>&1
+        fi
+        rc=$?
+        echo "$rc" > "$RES/.vsfs-exitcode.tmp" && mv "$RES/.vsfs-exitcode.tmp" "$RES/.vsfs-exitcode"
         ;;
     *)
         if [ -f "$RES/.vsfs-cmd.sh" ]; then

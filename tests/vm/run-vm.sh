@@ -25,9 +25,14 @@
 #                     LC_*, TERM, VIRTUAL_ENV, PYTHONPATH, CI and every VSFS_* variable.
 #   --log FILE        write the console to FILE instead of stdout; on failure its last 200
 #                     lines are shown on stderr.   -q|--quiet  the same with a temp file.
+#   --overlay-size S  size limit of the RAM (tmpfs) layer under / and of --tmpfs-tmp's /tmp
+#                     (default 32g: a limit only, so sparse files of many GiB fit and free-space
+#                     checks pass; really writing more than --mem gets processes OOM-killed)
 #   --tmpfs-tmp       a fresh tmpfs on the guest's /tmp (default: the host's /tmp under the RAM
 #                     overlay, so host paths like /tmp/venv stay visible)
 #   --no-udev         do not start udevd in the guest (LVM is then configured without udev)
+#   --udev-full       replay udev events for every device at boot, not only block devices
+#                     (+1-2 s; devices created later always get their events)
 #   --modules A,B     modules to preload in the guest (default dm_mod,dm_thin_pool,dm_snapshot,sd_mod)
 #   --verbose         kernel messages on the console (drops "quiet")
 #   --keep            keep the temp dir (disk images, results) and print its path
@@ -40,6 +45,14 @@
 # In the guest: VSFS_VM=1, VSFS_VM_RESULTS=/vsfs-results, VSFS_VM_DISKS=N (and
 # VSFS_VM_DISK_SERIALS="VSFSDISK0 ..."). Needs root and tests/vm/setup-vm.sh having been run
 # (run-vm.sh runs it if its cache is missing). Cache: $VSFS_VM_CACHE (default /var/cache/vsfs-vm).
+# VSFS_VM_APPEND adds kernel parameters (e.g. vsfs.timing=1 prints the boot's stages,
+# vsfs.debug=1 traces the guest's init scripts; see tests/vm/guest-*.sh).
+#
+# Examples:
+#   tests/vm/run-vm.sh -- /usr/bin/python3 -c 'import os; print(os.uname())'
+#   tests/vm/run-vm.sh -- tests/vm/smoke-guest.sh      # udev, LVM, FUSE, NFS, iSCSI checks
+#   tests/vm/run-vm.sh --results out -q -- .venv/bin/python -m pytest -p no:cacheprovider \
+#       --junitxml=/vsfs-results/junit.xml tests/vm_tests
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -49,8 +62,8 @@ CWD=$(pwd)
 usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2; }
 die() { printf 'run-vm: error: %s\n' "$*" >&2; exit 125; }
 
-DISKS=3 DISK_SIZE=512M MEM=2048 SMP=2 TIMEOUT=1800 TIMEOUT_SET= RESULTS= LOG= QUIET= SHELL_MODE=
-TMPFS_TMP= NO_UDEV= MODULES= VERBOSE= KEEP=
+DISKS=3 DISK_SIZE=512M MEM=2048 SMP=2 TIMEOUT=1800 TIMEOUT_SET='' RESULTS='' LOG='' QUIET='' SHELL_MODE=''
+TMPFS_TMP='' OVERLAY_SIZE='' NO_UDEV='' UDEV_FULL='' MODULES='' VERBOSE='' KEEP=''
 ENVS=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -64,7 +77,9 @@ while [ $# -gt 0 ]; do
         --log) LOG=$2; shift 2 ;;
         -q|--quiet) QUIET=1; shift ;;
         --tmpfs-tmp) TMPFS_TMP=1; shift ;;
+        --overlay-size) OVERLAY_SIZE=$2; shift 2 ;;
         --no-udev) NO_UDEV=1; shift ;;
+        --udev-full) UDEV_FULL=1; shift ;;
         --modules) MODULES=$2; shift 2 ;;
         --verbose) VERBOSE=1; shift ;;
         --keep) KEEP=1; shift ;;
@@ -86,9 +101,14 @@ fi
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing: run tests/vm/setup-vm.sh"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/vsfs-vm.XXXXXX")
+QPID=''
 cleanup() {
     local rc=$?
-    if [ -n "$RESULTS" ]; then rm -f "$RESULTS/.vsfs-cmd.sh" "$RESULTS/.vsfs-exitcode" "$RESULTS/.vsfs-exitcode.tmp"; fi
+    if [ -n "$QPID" ]; then
+        kill "$QPID" 2>/dev/null || true   # QEMU (or the timeout(1) running it)
+        wait "$QPID" 2>/dev/null || true
+    fi
+    if [ -n "$RESULTS" ]; then rm -f "$RESULTS/.vsfs-cmd.sh" "$RESULTS/.vsfs-env.sh" "$RESULTS/.vsfs-exitcode" "$RESULTS/.vsfs-exitcode.tmp"; fi
     if [ -n "$KEEP" ]; then echo "run-vm: kept $WORK" >&2; else rm -rf "$WORK"; fi
     exit "$rc"
 }
@@ -99,14 +119,13 @@ trap 'exit 143' TERM
 if [ -z "$RESULTS" ]; then RESULTS=$WORK/results; fi
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
-rm -f "$RESULTS/.vsfs-cmd.sh" "$RESULTS/.vsfs-exitcode" "$RESULTS/.vsfs-exitcode.tmp"
+rm -f "$RESULTS/.vsfs-cmd.sh" "$RESULTS/.vsfs-env.sh" "$RESULTS/.vsfs-exitcode" "$RESULTS/.vsfs-exitcode.tmp"
 
-# --- the command script, run by the guest's stage 2 with bash
+# --- the command script, run by the guest's stage 2 with bash (the shell sources .vsfs-env.sh)
 SERIALS=
 for ((i = 0; i < DISKS; i++)); do SERIALS="$SERIALS${SERIALS:+ }VSFSDISK$i"; done
 {
-    echo '#!/bin/bash'
-    echo '# written by tests/vm/run-vm.sh'
+    echo '# written by tests/vm/run-vm.sh: the environment and cwd for the guest command/shell'
     for v in PATH LANG LANGUAGE TERM VIRTUAL_ENV PYTHONPATH CI $(compgen -e | grep -E '^(LC_|VSFS_)' || true); do
         [ -n "${!v+x}" ] || continue
         case "$v" in VSFS_VM*) continue ;; esac   # the VM's own settings
@@ -115,11 +134,15 @@ for ((i = 0; i < DISKS; i++)); do SERIALS="$SERIALS${SERIALS:+ }VSFSDISK$i"; don
     for e in "${ENVS[@]+"${ENVS[@]}"}"; do
         case "$e" in
             *=*) printf 'export %s=%q\n' "${e%%=*}" "${e#*=}" ;;
-            *) [ -n "${!e+x}" ] && printf 'export %s=%q\n' "$e" "${!e}" ;;
+            *) [ -z "${!e+x}" ] || printf 'export %s=%q\n' "$e" "${!e}" ;;
         esac
     done
     printf 'export VSFS_VM=1 VSFS_VM_RESULTS=/vsfs-results VSFS_VM_DISKS=%q VSFS_VM_DISK_SERIALS=%q\n' "$DISKS" "$SERIALS"
     printf 'cd %q || exit 125\n' "$CWD"
+} > "$RESULTS/.vsfs-env.sh"
+{
+    echo '#!/bin/bash'
+    echo '. /vsfs-results/.vsfs-env.sh'
     if [ $# -gt 0 ]; then printf 'exec'; printf ' %q' "$@"; printf '\n'; fi
 } > "$RESULTS/.vsfs-cmd.sh"
 
@@ -128,14 +151,16 @@ QARGS=()
 for ((i = 0; i < DISKS; i++)); do
     img=$WORK/disk$i.img
     truncate -s "$DISK_SIZE" "$img"
-    QARGS+=(-drive "file=$img,format=raw,if=none,id=d$i,cache=unsafe,aio=threads"
+    QARGS+=(-drive "file=${img//,/,,},format=raw,if=none,id=d$i,cache=unsafe,aio=threads"
             -device "virtio-blk-pci,drive=d$i,serial=VSFSDISK$i")
 done
 
 APPEND="console=ttyS0 panic=-1 vsfs.mode=$([ -n "$SHELL_MODE" ] && echo shell || echo run)"
 [ -n "$VERBOSE" ] || APPEND="$APPEND quiet"
 [ -z "$TMPFS_TMP" ] || APPEND="$APPEND vsfs.tmp=tmpfs"
+[ -z "$OVERLAY_SIZE" ] || APPEND="$APPEND vsfs.rwsize=$OVERLAY_SIZE"
 [ -z "$NO_UDEV" ] || APPEND="$APPEND vsfs.udev=0"
+[ -z "$UDEV_FULL" ] || APPEND="$APPEND vsfs.udev=full"
 [ -z "$MODULES" ] || APPEND="$APPEND vsfs.modules=$MODULES"
 [ -z "${VSFS_VM_APPEND:-}" ] || APPEND="$APPEND $VSFS_VM_APPEND"   # extra kernel parameters
 if [ -n "$SHELL_MODE" ] && [ -t 0 ]; then
@@ -149,7 +174,7 @@ QEMU=(qemu-system-x86_64 -nodefaults -no-user-config
     -display none -vga none -no-reboot -nic none
     -kernel "$CACHE/vmlinux" -initrd "$CACHE/initrd.img" -append "$APPEND"
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap
-    -virtfs "local,path=$RESULTS,mount_tag=results,security_model=none,multidevs=remap"
+    -virtfs "local,path=${RESULTS//,/,,},mount_tag=results,security_model=none,multidevs=remap"
     "${QARGS[@]+"${QARGS[@]}"}")
 
 START=$(date +%s%N)
@@ -163,23 +188,32 @@ if [ -n "$SHELL_MODE" ]; then
     else
         "${QEMU[@]}"
     fi
-    rc=$?
+    qrc=$?
     set -e
-    exit "$rc"
+    if [ -f "$RESULTS/.vsfs-exitcode" ]; then exit "$(cat "$RESULTS/.vsfs-exitcode")"; fi
+    echo "run-vm: the guest shell did not report an exit status (QEMU exit $qrc)" >&2
+    exit 125
 fi
 
 QEMU+=(-chardev stdio,id=con,signal=on -serial chardev:con -monitor none)
 if [ -n "$QUIET" ] && [ -z "$LOG" ]; then LOG=$WORK/console.log; fi
 TO=()
 [ "$TIMEOUT" = 0 ] || TO=(timeout -k 10 "$TIMEOUT")
-# The console's CR LF becomes LF; tr runs unbuffered so output streams as it comes.
+# The console's CR LF becomes LF, and the kernel's two power-off lines are dropped (line by line:
+# a partial line shows when its newline comes).
+filter() { sed -u -e 's/\r$//' -e '/^\[ *[0-9.]*\] \(sysrq: Power Off\|reboot: Power down\)$/d'; }
+if [ -n "$LOG" ]; then exec 3> >(filter > "$LOG"); else exec 3> >(filter); fi
+FPID=$!
+# QEMU runs in the background so that a signal to run-vm.sh (Ctrl-C, a test runner's timeout)
+# is handled at once: the EXIT trap then stops QEMU by its PID.
+"${TO[@]+"${TO[@]}"}" "${QEMU[@]}" < /dev/null >&3 2>&1 &
+QPID=$!
+exec 3>&-
 set +e
-if [ -n "$LOG" ]; then
-    "${TO[@]+"${TO[@]}"}" "${QEMU[@]}" < /dev/null 2>&1 | stdbuf -o0 tr -d '\r' > "$LOG"
-else
-    "${TO[@]+"${TO[@]}"}" "${QEMU[@]}" < /dev/null 2>&1 | stdbuf -o0 tr -d '\r'
-fi
-qrc=${PIPESTATUS[0]}
+wait "$QPID"
+qrc=$?
+QPID=''
+wait "$FPID" 2>/dev/null
 set -e
 ELAPSED=$(awk -v a="$START" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
 

@@ -41,6 +41,10 @@ UNITS="rpcbind.service rpcbind.socket nfs-server.service nfs-kernel-server.servi
   iscsid.service iscsid.socket open-iscsi.service lvm2-monitor.service lvm2-lvmpolld.socket
   dm-event.socket dm-event.service"
 
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock 9   # one setup at a time (apt and the cache)
+
 TMP=$(mktemp -d /tmp/vsfs-vm-setup.XXXXXX)
 chmod 711 "$TMP"   # apt-get download runs as _apt and must reach $TMP/dl
 POLICY_CREATED=

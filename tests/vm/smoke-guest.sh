@@ -55,8 +55,10 @@ c_lvm() {
     vgcreate -q vsfssmoke "$dev"
     lvcreate -y -q -L 16M -n lv0 vsfssmoke
     test -b /dev/vsfssmoke/lv0
-    udevadm settle
-    test -e /dev/disk/by-id/dm-name-vsfssmoke-lv0
+    if [ -S /run/udev/control ]; then   # udevd runs (not with run-vm.sh --no-udev)
+        udevadm settle
+        test -e /dev/disk/by-id/dm-name-vsfssmoke-lv0
+    fi
     lvcreate -y -q -L 64M -T vsfssmoke/pool
     lvcreate -y -q -V 256M -T vsfssmoke/pool -n thin0
     lvcreate -y -q -s -n snap0 vsfssmoke/thin0
@@ -157,8 +159,9 @@ c_iscsi() {
     # rtslib imports only in Debian's /usr/bin/python3
     /usr/bin/python3 - "$dev" "$iqn" <<'EOF'
 import sys
-from rtslib_fb import BlockStorageObject, FabricModule, LUN, NetworkPortal, Target, TPG
+from rtslib_fb import BlockStorageObject, FabricModule, LUN, NetworkPortal, RTSRoot, Target, TPG
 dev, iqn = sys.argv[1:]
+RTSRoot()   # first: sets the dbroot before any storage object exists
 so = BlockStorageObject("smoke0", dev=dev)
 tpg = TPG(Target(FabricModule("iscsi"), iqn), 1)
 tpg.enable = True
