@@ -12,12 +12,14 @@ from .disk import DiskBackend
 from .fs import FsBackend
 from .logical import LogicalBackend
 from .logical import find_sources as find_logical_sources
+from .netfs import NetfsBackend
 
 BACKENDS: dict[str, type[Backend]] = {
     "dir": DirBackend,
     "fs": FsBackend,
     "disk": DiskBackend,
     "logical": LogicalBackend,
+    "netfs": NetfsBackend,
 }
 
 # virConnectFindStoragePoolSources: what pools of a type could be made here.

@@ -325,3 +325,14 @@ def test_host_devices_follow_hotplug(vsfs: Mount) -> None:
         time.sleep(0.05)
     assert kname not in os.listdir(host / "volumes")
     assert not (host / "volinfo" / kname).exists()
+
+
+def test_renamed_volumes_never_show_their_old_target(vsfs: Mount) -> None:
+    """The kernel may cache symlink targets; a rename must drop the old one before it returns."""
+    target = vsfs.dir_pool()
+    vols = vsfs.path / "pools" / "p" / "volumes"
+    for i in range(50):
+        sh(f"truncate -s 1M {vols}/a{i}", check=True)
+        assert os.readlink(vols / f"a{i}") == str(target / f"a{i}")
+        os.rename(vols / f"a{i}", vols / f"b{i}")
+        assert os.readlink(vols / f"b{i}") == str(target / f"b{i}")

@@ -336,14 +336,13 @@ class Operations(pyfuse3.Operations):
         self._ino_of[new_key] = ino
         self._key_of[ino] = new_key
         if isinstance(after, Link) and _kind(after) != _kind(before):  # type: ignore[arg-type]
-            # The kernel may hold the old target; drop it once this reply is out.
-            trio.lowlevel.spawn_system_task(self._forget_link_target, ino)
-
-    async def _forget_link_target(self, ino: int) -> None:
-        try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
-        except Exception:  # the kernel may have dropped the inode already
-            log.debug("invalidate_inode %d failed", ino, exc_info=True)
+            # The kernel may cache the old target and keeps this inode for the new
+            # name: drop the cached target before the rename returns. (The kernel
+            # holds no lock this needs, so it cannot deadlock with our reply.)
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
+            except OSError:  # not cached, or the kernel dropped the inode already
+                log.debug("invalidate_inode %d failed", ino, exc_info=True)
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -1,0 +1,78 @@
+"""netfs pools against the guest kernel's own NFS server on 127.0.0.1, through the mount."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Mount, sh
+
+pytestmark = [pytest.mark.guest, pytest.mark.fuse, pytest.mark.root]
+
+EXPORT = Path("/run/vsfs-nfs-export")
+
+
+@pytest.fixture
+def nfs_export() -> Iterator[Path]:
+    """An NFSv4 export of a tmpfs (the guest's overlay root cannot be exported)."""
+    sh("modprobe nfsd && (mountpoint -q /proc/fs/nfsd || mount -t nfsd nfsd /proc/fs/nfsd)",
+       check=True)
+    EXPORT.mkdir(parents=True, exist_ok=True)
+    Path("/var/lib/nfs/v4recovery").mkdir(parents=True, exist_ok=True)
+    sh(f"mount -t tmpfs -o size=256m vsfs-nfs {EXPORT}", check=True)
+    Path("/etc/exports").write_text("")
+    sh(f"exportfs -o rw,fsid=0,no_subtree_check,no_root_squash,insecure 127.0.0.1:{EXPORT}",
+       check=True)
+    # mountd answers the kernel's export lookups, NFSv4 too (no rpcbind needed for v4)
+    mountd = subprocess.Popen(["rpc.mountd", "-F", "-N", "3", "--no-udp"])
+    sh("rpc.nfsd -N 3 -U 4", check=True)
+    try:
+        yield EXPORT
+    finally:
+        subprocess.run(["rpc.nfsd", "0"], check=False)
+        mountd.terminate()
+        mountd.wait(timeout=30)
+        subprocess.run(["exportfs", "-ua"], check=False)
+        subprocess.run(["umount", "-l", str(EXPORT)], check=False)
+
+
+def test_netfs_pool(vsfs: Mount, nfs_export: Path) -> None:
+    target = vsfs.base / "nfsmnt"
+    xml = vsfs.base / "n.xml"
+    xml.write_text("<pool type='netfs'><name>n</name><source><host name='127.0.0.1'/>"
+                   "<dir path='/'/><format type='nfs'/><protocol ver='4.2'/></source>"
+                   f"<target><path>{target}</path></target></pool>")
+    sh(f"cat {xml} > {vsfs.path}/pools/define", check=True)
+    n = vsfs.path / "pools" / "n"
+    sh(f"echo build > {n}/ctl && echo start > {n}/ctl", check=True)
+    mnt = sh(f"findmnt -n -o SOURCE,FSTYPE,OPTIONS {target}", check=True).stdout
+    assert mnt.startswith("127.0.0.1:/ nfs4") and "vers=4.2" in mnt
+    sh(f"truncate -s 64M {n}/volumes/a.img", check=True)
+    assert (nfs_export / "a.img").stat().st_size == 64 << 20
+    sh(f"echo 'snapshot s' > {n}/volinfo/a.img/ctl && echo 'clone c' > {n}/volinfo/a.img/ctl",
+       check=True)
+    assert sorted(os.listdir(n / "volumes")) == ["a.img", "c", "s"]
+    # files the server side gets from elsewhere appear after a refresh
+    (nfs_export / "outside.raw").write_bytes(b"\0" * 4096)
+    sh(f"echo refresh > {n}/ctl", check=True)
+    assert "outside.raw" in os.listdir(n / "volumes")
+    sh(f"rm {n}/volumes/s", check=True)
+    assert not (nfs_export / "s").exists()
+    sh(f"echo stop > {n}/ctl", check=True)
+    assert sh(f"findmnt -n {target}").stdout == ""
+    assert (nfs_export / "a.img").exists(), "stop unmounts; the export's files stay"
+
+
+def test_netfs_refusals(vsfs: Mount) -> None:
+    xml = vsfs.base / "bad.xml"
+    xml.write_text("<pool type='netfs'><name>b</name><source><host name='127.0.0.1'/>"
+                   "<dir path='/share'/><format type='cifs'/></source>"
+                   f"<target><path>{vsfs.base}/b</path></target></pool>")
+    sh(f"cat {xml} > {vsfs.path}/pools/define", check=True)
+    res = sh(f"echo start > {vsfs.path}/pools/b/ctl")
+    assert "Operation not supported" in res.stderr
+    assert "mount.cifs" in vsfs.error()
+    assert not (vsfs.base / "b").exists()
