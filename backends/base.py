@@ -15,7 +15,16 @@ from typing import ClassVar
 import trio
 
 from vsfs.errors import NotFound, Unsupported
-from vsfs.model import Permissions, PoolDef, PoolStatus, Volume, VolumeDef, check_space
+from vsfs.model import (
+    Permissions,
+    PoolDef,
+    PoolStatus,
+    Volume,
+    VolumeDef,
+    check_space,
+    data_format,
+)
+from vsfs.proc import run
 
 
 @dataclass(frozen=True)
@@ -152,3 +161,24 @@ class Backend(ABC):
         if vol.type not in ("file", "block"):
             raise Unsupported(f"volume {vol.name!r} holds no bytes to write")
         return os.open(vol.path, flags | os.O_CLOEXEC)
+
+
+class BlockBackend(Backend):
+    """A backend whose volumes are block devices made at a fixed size (partitions, LVs)."""
+
+    sized_at_creation: ClassVar[bool] = True
+
+    async def clone_volume(self, vdef: VolumeDef, source: Volume) -> Volume:
+        """A new volume of the source's size, holding its data (any image format read)."""
+        if source.type == "dir":
+            raise Unsupported(f"a directory cannot be copied into a {self.pool_type} volume")
+        vol = await self.create_volume(VolumeDef(name=vdef.name, capacity=source.capacity))
+        try:
+            await run(["qemu-img", "convert", "-U", "-q", "-n", "-f",
+                       data_format(source.format), "-O", "raw", source.path, vol.path],
+                      timeout=3600)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.delete_volume(vol)
+            raise
+        return vol

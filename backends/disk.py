@@ -16,11 +16,11 @@ from typing import ClassVar
 import trio
 
 from vsfs.errors import BackendFailed, Busy, Exists, Invalid, NoSpace, NotFound, Unsupported
-from vsfs.model import PoolDef, PoolStatus, Volume, VolumeDef, data_format
+from vsfs.model import PoolDef, PoolStatus, Volume, VolumeDef
 from vsfs.proc import run
 
 from . import blockdev
-from .base import Backend, Snapshot
+from .base import BlockBackend, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,8 @@ def partition_node(dev: str, number: int) -> str:
     return f"{dev}{sep}{number}"
 
 
-class DiskBackend(Backend):
+class DiskBackend(BlockBackend):
     pool_type: ClassVar[str] = "disk"
-    sized_at_creation: ClassVar[bool] = True
 
     def __init__(self, pool: PoolDef) -> None:
         super().__init__(pool)
@@ -300,16 +299,3 @@ class DiskBackend(Backend):
         await trio.to_thread.run_sync(blockdev.check_unused, vol.path)
         await run(["blkdiscard", "--zeroout", vol.path], timeout=3600)
 
-    async def clone_volume(self, vdef: VolumeDef, source: Volume) -> Volume:
-        if source.type == "dir":
-            raise Unsupported("a directory cannot be copied into a partition")
-        vol = await self.create_volume(VolumeDef(name=vdef.name, capacity=source.capacity))
-        fmt = data_format(source.format)
-        try:
-            await run(["qemu-img", "convert", "-U", "-q", "-n", "-f", fmt, "-O", "raw",
-                       source.path, vol.path], timeout=3600)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.delete_volume(vol)
-            raise
-        return vol

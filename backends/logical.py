@@ -32,12 +32,11 @@ from vsfs.model import (
     SourceDevice,
     Volume,
     VolumeDef,
-    data_format,
 )
 from vsfs.proc import run
 
 from . import blockdev
-from .base import Backend, Snapshot
+from .base import BlockBackend, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +62,8 @@ def _size(n: int) -> str:
     return f"{-(-n // 512) * 512}b"
 
 
-class LogicalBackend(Backend):
+class LogicalBackend(BlockBackend):
     pool_type: ClassVar[str] = "logical"
-    sized_at_creation: ClassVar[bool] = True
 
     @classmethod
     def validate(cls, pool: PoolDef) -> None:
@@ -261,19 +259,6 @@ class LogicalBackend(Backend):
             raise _lvm_error(e, f"resizing {vol.name}") from None
         return await self.volume(vol.name)
 
-    async def clone_volume(self, vdef: VolumeDef, source: Volume) -> Volume:
-        if source.type == "dir":
-            raise Unsupported("a directory cannot be copied into a logical volume")
-        vol = await self.create_volume(VolumeDef(name=vdef.name, capacity=source.capacity))
-        fmt = data_format(source.format)
-        try:
-            await run(["qemu-img", "convert", "-U", "-q", "-n", "-f", fmt, "-O", "raw",
-                       source.path, vol.path], timeout=3600)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.delete_volume(vol)
-            raise
-        return vol
 
     async def snapshot_volume(self, vol: Volume, name: str) -> Volume:
         # Room for 20% of the origin to change, at least 4 MiB.
