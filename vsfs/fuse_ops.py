@@ -119,12 +119,6 @@ class Operations(pyfuse3.Operations):
     def _ref(self, ino: int) -> None:
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
 
-    def _path(self, ino: int) -> tuple[str, ...]:
-        key = self._key_of.get(ino)
-        if key is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return key[0]
-
     def _node(self, ino: int) -> tuple[tuple[str, ...], Node]:
         key = self._key_of.get(ino)
         if key is None:
