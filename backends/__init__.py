@@ -10,9 +10,12 @@ from .base import Backend, Snapshot
 from .dir import DirBackend
 from .disk import DiskBackend
 from .fs import FsBackend
+from .iscsi import IscsiBackend
+from .iscsi import find_sources as find_iscsi_sources
 from .logical import LogicalBackend
 from .logical import find_sources as find_logical_sources
 from .netfs import NetfsBackend
+from .netfs import find_sources as find_netfs_sources
 
 BACKENDS: dict[str, type[Backend]] = {
     "dir": DirBackend,
@@ -20,11 +23,17 @@ BACKENDS: dict[str, type[Backend]] = {
     "disk": DiskBackend,
     "logical": LogicalBackend,
     "netfs": NetfsBackend,
+    "iscsi": IscsiBackend,
 }
 
-# virConnectFindStoragePoolSources: what pools of a type could be made here.
-SOURCE_FINDERS: dict[str, Callable[[], Awaitable[list[PoolSource]]]] = {
+# virConnectFindStoragePoolSources: what pools of a type could be made here, given
+# what the user said of the source (a host to ask, an initiator).
+SOURCE_FINDERS: dict[str, Callable[[PoolSource], Awaitable[list[PoolSource]]]] = {
     "logical": find_logical_sources,
+    "netfs": find_netfs_sources,
+    "iscsi": find_iscsi_sources,
 }
+# The finders that cannot work without a host to ask.
+SOURCES_NEED_HOST = frozenset({"netfs", "iscsi"})
 
-__all__ = ["BACKENDS", "SOURCE_FINDERS", "Backend", "Snapshot"]
+__all__ = ["BACKENDS", "SOURCES_NEED_HOST", "SOURCE_FINDERS", "Backend", "Snapshot"]

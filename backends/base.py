@@ -25,6 +25,7 @@ from vsfs.model import (
     data_format,
 )
 from vsfs.proc import run
+from vsfs.secrets import SecretStore
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,16 @@ class Backend(ABC):
     # once it gives the size.
     sized_at_creation: ClassVar[bool] = False
 
-    def __init__(self, pool: PoolDef) -> None:
+    def __init__(self, pool: PoolDef, secrets: SecretStore | None = None) -> None:
         self.pool = pool
+        # Where the credentials named in <auth> are looked up.
+        self.secrets = secrets
+
+    def require(self, callback: str, what: str) -> None:
+        """Refuse up front (EOPNOTSUPP) what this backend does not implement, so that the
+        answer does not depend on checks made before the callback (free space, say)."""
+        if getattr(type(self), callback) is getattr(Backend, callback):
+            raise Unsupported(f"{self.pool_type} pools cannot {what}")
 
     @classmethod
     def validate(cls, pool: PoolDef) -> None:

@@ -65,6 +65,12 @@ def check_unused(dev: str) -> None:
         raise Busy(f"{dev} is in use: {'; '.join(users)}")
 
 
+async def zero_out(dev: str) -> None:
+    """Write zeros over a whole block device that nothing uses (discarding where it can)."""
+    await trio.to_thread.run_sync(check_unused, dev)
+    await run(["blkdiscard", "--zeroout", dev], timeout=3600)
+
+
 async def signatures(dev: str) -> list[str]:
     """Filesystems, partition tables and RAID/LVM labels found on a device or file."""
     out = await run(["wipefs", "--no-act", "--json", dev])

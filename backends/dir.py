@@ -34,6 +34,7 @@ from vsfs.model import (
     data_format,
 )
 from vsfs.proc import run
+from vsfs.secrets import SecretStore
 
 from .base import Backend, Snapshot
 
@@ -95,8 +96,8 @@ class DirBackend(Backend):
     pool_type: ClassVar[str] = "dir"
     poll_interval: ClassVar[float] = 1.0
 
-    def __init__(self, pool: PoolDef) -> None:
-        super().__init__(pool)
+    def __init__(self, pool: PoolDef, secrets: SecretStore | None = None) -> None:
+        super().__init__(pool, secrets)
         self._probes: dict[str, _Probe] = {}
         self._dir_sig: tuple[int, int] | None = None
 

@@ -18,6 +18,7 @@ import trio
 from vsfs.errors import BackendFailed, Busy, Exists, Invalid, NoSpace, NotFound, Unsupported
 from vsfs.model import PoolDef, PoolStatus, Volume, VolumeDef
 from vsfs.proc import run
+from vsfs.secrets import SecretStore
 
 from . import blockdev
 from .base import BlockBackend, Snapshot
@@ -72,8 +73,8 @@ def partition_node(dev: str, number: int) -> str:
 class DiskBackend(BlockBackend):
     pool_type: ClassVar[str] = "disk"
 
-    def __init__(self, pool: PoolDef) -> None:
-        super().__init__(pool)
+    def __init__(self, pool: PoolDef, secrets: SecretStore | None = None) -> None:
+        super().__init__(pool, secrets)
         self.loop: str | None = None
         self._table: Table | None = None
 
@@ -296,6 +297,5 @@ class DiskBackend(BlockBackend):
         raise NotFound(f"no volume {name!r} in pool {self.pool.name!r}")
 
     async def wipe_volume(self, vol: Volume) -> None:
-        await trio.to_thread.run_sync(blockdev.check_unused, vol.path)
-        await run(["blkdiscard", "--zeroout", vol.path], timeout=3600)
+        await blockdev.zero_out(vol.path)
 

@@ -12,6 +12,7 @@ import trio
 from vsfs.errors import BackendFailed, Busy, Invalid
 from vsfs.model import PoolDef
 from vsfs.proc import run
+from vsfs.secrets import SecretStore
 
 from . import blockdev
 from .base import Snapshot
@@ -35,8 +36,8 @@ FS_FORMATS = frozenset({"auto", "ext2", "ext3", "ext4", "ufs", "iso9660", "udf",
 class FsBackend(DirBackend):
     pool_type: ClassVar[str] = "fs"
 
-    def __init__(self, pool: PoolDef) -> None:
-        super().__init__(pool)
+    def __init__(self, pool: PoolDef, secrets: SecretStore | None = None) -> None:
+        super().__init__(pool, secrets)
         self.loop: str | None = None  # the loop device we attached for an image file
 
     @classmethod

@@ -271,11 +271,14 @@ class LogicalBackend(BlockBackend):
         return await self.volume(name)
 
     async def wipe_volume(self, vol: Volume) -> None:
-        await run(["blkdiscard", "--zeroout", vol.path], timeout=3600)
+        await blockdev.zero_out(vol.path)
 
 
-async def find_sources() -> list[PoolSource]:
-    """Volume groups and their physical volumes (virsh find-storage-pool-sources logical)."""
+async def find_sources(spec: PoolSource) -> list[PoolSource]:
+    """Volume groups and their physical volumes (virsh find-storage-pool-sources logical).
+
+    Every group on the host: ``spec`` has nothing that narrows it.
+    """
     out = await run(["pvs", "--reportformat", "json", "-o", "pv_name,vg_name"])
     groups: dict[str, list[str]] = {}
     for row in json.loads(out)["report"][0]["pv"]:

@@ -12,7 +12,7 @@ from typing import ClassVar
 import trio
 
 from vsfs.errors import BackendFailed, Busy, Invalid, Unsupported
-from vsfs.model import PoolDef
+from vsfs.model import PoolDef, PoolSource, SourceHost
 from vsfs.proc import run
 
 from . import blockdev
@@ -95,3 +95,25 @@ class NetfsBackend(DirBackend):
             await run(["umount", self.root], timeout=60)
         except BackendFailed as e:
             raise Busy(f"cannot unmount {self.root}: {e.message}") from None
+
+
+async def find_sources(spec: PoolSource) -> list[PoolSource]:
+    """The NFS exports of a host (virsh find-storage-pool-sources netfs), from its mountd."""
+    if not spec.hosts:
+        raise Invalid("name the server: cat 'sources/netfs?host=HOST', or "
+                      "echo HOST > sources/netfs first")
+    if shutil.which("showmount") is None:
+        raise Unsupported("listing NFS exports needs showmount (Debian: nfs-common)")
+    host = spec.hosts[0].name
+    try:
+        out = await run(["showmount", "--no-headers", "--exports", host], timeout=30)
+    except BackendFailed as e:
+        raise BackendFailed(f"cannot list the exports of {host} (its mountd answers over "
+                            f"rpcbind; an NFSv4-only server has none): {e.message}") from None
+    sources = []
+    for line in out.splitlines():
+        # "/srv/export  client1,client2": the clients never hold white space, a path may.
+        path = line.strip().rsplit(None, 1)[0] if line.strip() else ""
+        if path.startswith("/"):
+            sources.append(PoolSource(hosts=(SourceHost(host),), dir=path, format="nfs"))
+    return sources

@@ -114,6 +114,13 @@ class Mount:
         return (f"<pool type='dir'><name>{name}</name>{extra}"
                 f"<target><path>{target}</path></target></pool>")
 
+    def define_pool(self, name: str, xml: str) -> Path:
+        """Define a pool from XML the way a user would (a file, cat); its directory."""
+        path = self.base / f"{name}.xml"
+        path.write_text(xml)
+        sh(f"cat {path} > {self.path}/pools/define", check=True)
+        return self.path / "pools" / name
+
     def dir_pool(self, name: str = "p", start: bool = True) -> Path:
         """Define, build and start a dir pool the way a user would; its target."""
         target = self.base / f"images-{name}"

@@ -23,3 +23,13 @@ def assert_valid(xml: bytes | str, name: str) -> None:
     rng = schema(name)
     doc = etree.fromstring(data)
     assert rng.validate(doc), f"not valid per {name}.rng: {rng.error_log}\n{data.decode()}"
+
+
+def assert_sources_make_pools(xml: bytes, ptype: str, target: str) -> None:
+    """libvirt has no schema for <sources>: each <source> in it must make a valid pool."""
+    root = etree.fromstring(xml)
+    assert root.tag == "sources" and len(root), xml
+    for src in root:
+        pool = (f"<pool type='{ptype}'><name>x</name>{etree.tostring(src).decode()}"
+                f"{target}</pool>")
+        assert_valid(pool, "storagepool")

@@ -170,11 +170,9 @@ def test_eopnotsupp_and_exdev(vsfs: Mount) -> None:
     vsfs.dir_pool()
     vsfs.dir_pool("q")
     p = vsfs.path / "pools" / "p"
-    (vsfs.base / "iscsi.xml").write_text(
-        "<pool type='iscsi'><name>t</name><source><host name='127.0.0.1'/>"
-        "<device path='iqn.2003-01.org.example:t'/></source>"
-        "<target><path>/dev/disk/by-path</path></target></pool>")
-    res = sh(f"cat {vsfs.base}/iscsi.xml > {vsfs.path}/pools/define")
+    (vsfs.base / "zfs.xml").write_text(
+        "<pool type='zfs'><name>t</name><source><name>tank</name></source></pool>")
+    res = sh(f"cat {vsfs.base}/zfs.xml > {vsfs.path}/pools/define")
     assert "Operation not supported" in res.stderr
     assert "not supported yet" in vsfs.error()
     sh(f"mkdir {p}/volumes/d", check=True)
@@ -301,3 +299,15 @@ def test_eperm_for_what_vsfs_files_cannot_do(vsfs: Mount) -> None:
         assert res.returncode != 0, cmd
         assert "Operation not permitted" in res.stderr, (cmd, res.stderr)
     assert os.listdir(p / "volumes") == []
+
+
+def test_sources_need_a_host(vsfs: Mount) -> None:
+    src = vsfs.path / "sources"
+    assert sorted(os.listdir(src)) == ["iscsi", "logical", "netfs"]
+    for stype, reason in (("iscsi", "name the portal"), ("netfs", "name the server")):
+        assert "Invalid argument" in sh(f"cat {src}/{stype}").stderr
+        assert reason in vsfs.error()
+        assert "Invalid argument" in sh(f"echo 'two hosts' > {src}/{stype}").stderr
+        assert "Invalid argument" in sh(f"cat '{src}/{stype}?port=3260'").stderr
+        assert "names no host" in vsfs.error()
+    assert not (src / "zfs?host=a").exists()

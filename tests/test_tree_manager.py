@@ -106,7 +106,7 @@ def test_files_table_matches_the_tree(tmp_path: Path) -> None:
             path = path.replace("UUID", uuid).replace("KEY", vol.key.replace("/", "\\x2f"))
             path = path.replace("LOCALPATH", vol.path.lstrip("/"))
             path = path.replace("<dev>", next(iter(m.host.devices())))
-            path = path.replace("<type>", "logical")
+            path = path.replace("<type>", "netfs").replace("<host>", "127.0.0.1")
             node = tree.resolve(tuple(path.split("/")))
             assert node is not None, f"{pattern} is in FILES but not in the tree"
             kind = {"link": Link, "dir": Dir}.get(access, File)
@@ -123,7 +123,6 @@ def test_files_table_matches_the_tree(tmp_path: Path) -> None:
             assert isinstance(node, Dir)
             for name, child in tree.children(node):
                 full = f"{base}/{name}".lstrip("/").replace(f"/{dev}/", "/<dev>/")
-                full = full.replace("sources/logical", "sources/<type>")
                 if isinstance(child, Dir) and any(d.startswith(full + "/") for d in documented):
                     continue
                 assert full in documented, f"{full} is in the tree but not in FILES"

@@ -25,6 +25,7 @@ from vsfs.model import (
     SourceHost,
     Volume,
 )
+from vsfs.tree import source_query, source_spec
 from vsfs.xmlio import (
     FS_NS,
     MAX_XML_BYTES,
@@ -1272,3 +1273,21 @@ def test_feeder_complete_doctype_document_is_still_refused_by_the_parser():
     assert done
     with pytest.raises(Invalid, match="DOCTYPE"):
         parse_pool(bytes(feeder.data))
+
+
+def test_source_queries_and_specs() -> None:
+    q = source_query("host=10.0.0.5&port=3261&initiator=iqn.2024-01.org.example:h")
+    assert q.hosts[0].name == "10.0.0.5" and q.hosts[0].port == 3261
+    assert q.initiator_iqn == "iqn.2024-01.org.example:h"
+    assert source_query("host=[fe80::1]:3260").hosts[0].name == "fe80::1"
+    assert source_query("host=nfs.example").hosts[0].port is None
+    for bad in ("", "host=", "hots=a", "port=1", "host=a&x=1", "host=a:99999", "host=a b"):
+        with pytest.raises(Invalid):
+            source_query(bad)
+    assert source_spec(b"nas:2049\n").hosts[0].port == 2049
+    assert source_spec(b"\n").hosts == ()
+    spec = source_spec(b"<source><host name='h'/><initiator><iqn name='iqn.2024-01.x:y'/>"
+                       b"</initiator></source>")
+    assert spec.hosts[0].name == "h" and spec.initiator_iqn == "iqn.2024-01.x:y"
+    with pytest.raises(Invalid):
+        source_spec(b"<pool/>")

@@ -57,6 +57,15 @@ class CrossDevice(VsfsError):
 
 
 class BackendFailed(VsfsError):
-    """A command or system call of the backend failed; the message says why."""
+    """A command or system call of the backend failed; the message says why.
+
+    ``returncode`` and ``stderr`` are the failed command's, when one failed,
+    for backends that tell causes apart by them.
+    """
 
     errno = errno.EIO
+
+    def __init__(self, message: str, returncode: int | None = None, stderr: str = "") -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.stderr = stderr

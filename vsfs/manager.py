@@ -38,6 +38,7 @@ from .model import (
     check_space,
     data_format,
 )
+from .secrets import SecretStore
 from .state import StateDir
 from .units import parse_size
 from .xmlio import parse_pool, parse_volume
@@ -105,6 +106,7 @@ class Manager:
         self._invalidate = invalidate
         self._define_lock = trio.Lock()
         self.host = HostDevices()
+        self.secrets = SecretStore(state.path / "secrets")
 
     def set_invalidator(self, invalidate: Invalidator) -> None:
         self._invalidate = invalidate
@@ -126,7 +128,7 @@ class Manager:
                 log.error("pool %s: type %r is not supported; left out", sp.pool.name,
                           sp.pool.type)
                 continue
-            self.pools[sp.pool.name] = PoolEntry(sp.pool, cls(sp.pool), sp.autostart)
+            self.pools[sp.pool.name] = PoolEntry(sp.pool, cls(sp.pool, self.secrets), sp.autostart)
         for entry in self.pools.values():
             try:
                 if await entry.backend.is_running():
@@ -204,7 +206,7 @@ class Manager:
                 raise Exists(f"pool {pool.name!r} already exists")
             self._check_unique(pool)
             await trio.to_thread.run_sync(self.state.save, pool)
-            self.pools[pool.name] = PoolEntry(pool, cls(pool))
+            self.pools[pool.name] = PoolEntry(pool, cls(pool, self.secrets))
         log.info("pool %s defined (%s)", pool.name, pool.type)
         return pool
 
@@ -246,7 +248,7 @@ class Manager:
             self._check_unique(new, replacing=name)
             await trio.to_thread.run_sync(self.state.save, new)
             entry.pool = new
-            entry.backend = cls(new)
+            entry.backend = cls(new, self.secrets)
         self._gone("pools", name, "target")
         log.info("pool %s redefined", name)
         return new
@@ -420,6 +422,7 @@ class Manager:
                 raise Invalid(f"pool {pool!r} is not active")
             if vdef.name in entry.volumes:
                 raise Exists(f"volume {vdef.name!r} already exists in pool {pool!r}")
+            entry.backend.require("create_volume", "create volumes")
             await self._check_space(entry, entry.backend.space_needed(vdef))
             vol = await entry.backend.create_volume(vdef)
             entry.volumes[vol.name] = vol
@@ -550,6 +553,7 @@ class Manager:
         entry = self.running_entry(pool)
         async with entry.lock:
             vol = self.volume(pool, name)
+            entry.backend.require("resize_volume", "resize volumes")
             if capacity > vol.capacity:
                 await self._check_space(entry, capacity - vol.capacity)
             new = await entry.backend.resize_volume(vol, capacity)
@@ -619,6 +623,7 @@ class Manager:
         async with dest.lock:
             if new_name in dest.volumes:
                 raise Exists(f"volume {new_name!r} already exists in pool {dest_pool!r}")
+            dest.backend.require("clone_volume", "hold copies of volumes")
             await self._check_space(dest, src.capacity)
             vdef = VolumeDef(name=new_name, capacity=src.capacity,
                              format=None if src.format == "dir" else data_format(src.format),

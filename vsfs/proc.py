@@ -16,13 +16,18 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 120.0
 
 
-async def run(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> str:
+async def run(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
+              secret: str | None = None) -> str:
     """Run ``argv`` and return its standard output.
 
     A non-zero exit or a time-out raises BackendFailed carrying the command's
-    own error message, which ends up in ``MNT/error``.
+    own error message, which ends up in ``MNT/error``. ``secret`` (a password
+    among the arguments) is masked wherever the command is logged or quoted.
     """
-    log.debug("run: %s", shlex.join(argv))
+    def masked(text: str) -> str:
+        return text.replace(secret, "********") if secret else text
+
+    log.debug("run: %s", masked(shlex.join(argv)))
     try:
         with trio.fail_after(timeout):
             result = await trio.run_process(
@@ -34,6 +39,7 @@ async def run(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> str:
     except OSError as e:
         raise BackendFailed(f"{argv[0]}: {e.strerror}") from None
     if result.returncode != 0:
-        err = result.stderr.decode(errors="replace").strip() or f"exit status {result.returncode}"
-        raise BackendFailed(f"{argv[0]}: {err.splitlines()[-1]}")
+        stderr = masked(result.stderr.decode(errors="replace").strip())
+        err = stderr or f"exit status {result.returncode}"
+        raise BackendFailed(f"{argv[0]}: {err.splitlines()[-1]}", result.returncode, stderr)
     return result.stdout.decode(errors="replace")

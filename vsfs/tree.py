@@ -14,13 +14,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from .backends import SOURCE_FINDERS
+from .backends import SOURCE_FINDERS, SOURCES_NEED_HOST
 from .backends.host import HostDevice
 from .errors import Invalid, NotFound, Unsupported
 from .manager import Manager, Upload, parse_bool
-from .model import Volume, VolumeDef, check_name
+from .model import PoolSource, SourceHost, Volume, VolumeDef, check_name
 from .units import parse_size
-from .xmlio import format_pool, format_sources, format_volume
+from .xmlio import format_pool, format_sources, format_volume, parse_source_spec
 
 Render = Callable[[], Awaitable[bytes]]
 Apply = Callable[[bytes], Awaitable[None]]
@@ -37,7 +37,11 @@ FILES: tuple[tuple[str, str, str], ...] = (
     ("by-uuid/<uuid>", "link", "-> ../pools/<pool>: a pool by its UUID"),
     ("by-key/<key>", "link", "-> the volume's entry; '/' in a key is written '\\x2f'"),
     ("by-path/<local path>", "link", "-> the volume's entry, e.g. by-path/var/lib/images/a.img"),
-    ("sources/<type>", "r", "<sources> XML: what pools of that type could be made here"),
+    ("sources/logical", "r", "<sources> XML: the volume groups here and their devices"),
+    ("sources/netfs", "rw", "the NFS exports of the host written into it (HOST)"),
+    ("sources/iscsi", "rw", "the targets of the portal written into it (HOST[:PORT])"),
+    ("sources/<type>?host=<host>", "r",
+     "the same for that host, without writing: ?host=H[&port=P][&initiator=IQN]"),
     ("host/volumes/<dev>", "link", "-> /dev/<dev>: every block device of the host"),
     ("host/volinfo/<dev>/size", "r", "bytes"),
     ("host/volinfo/<dev>/type", "r", "disk | part | loop | rom | ..."),
@@ -90,6 +94,7 @@ VERBS: tuple[tuple[str, str], ...] = (
     ("echo 'clone NEW [POOL]' > pools/P/volinfo/V/ctl", "copy it"),
     ("echo 'snapshot NEW' > pools/P/volinfo/V/ctl", "a qcow2 overlay backed by it"),
     ("echo wipe > pools/P/volinfo/V/ctl", "zero it"),
+    ("cat 'sources/netfs?host=H'", "what pools could be made from that server"),
 )
 
 
@@ -175,6 +180,8 @@ class Tree:
         self.m = manager
         # The last error per user id: MNT/error shows the reader's own.
         self.errors: dict[int, str] = {}
+        # What was last written into sources/<type>: the host to ask, and so on.
+        self.source_specs: dict[str, PoolSource] = {}
         # Directory nodes look the manager up when asked, so one object per
         # path serves for good; caching them keeps a lookup to a few dict hits.
         self._dirs: dict[tuple[str, ...], Dir] = {}
@@ -233,13 +240,25 @@ class Tree:
                                             "sources", "host", "pools"), child=child)
 
     def _sources(self) -> Dir:
-        def child(name: str) -> Node | None:
-            if name not in SOURCE_FINDERS:
-                return None
-
+        def finder(stype: str, spec: Callable[[], PoolSource]) -> Render:
             async def render() -> bytes:
-                return format_sources(await SOURCE_FINDERS[name]())
-            return File(RO_MODE, read=render)
+                return format_sources(await SOURCE_FINDERS[stype](spec()))
+            return render
+
+        def child(name: str) -> Node | None:
+            stype, query_mark, query = name.partition("?")
+            if stype not in SOURCE_FINDERS:
+                return None
+            if query_mark:
+                # sources/TYPE?host=H[&port=P][&initiator=IQN]: one query, nothing kept
+                return File(RO_MODE, read=finder(stype, lambda: source_query(query)))
+            if stype not in SOURCES_NEED_HOST:
+                return File(RO_MODE, read=finder(stype, PoolSource))
+
+            async def remember(data: bytes) -> None:
+                self.source_specs[stype] = source_spec(data)
+            return File(RW_MODE, write=remember,
+                        read=finder(stype, lambda: self.source_specs.get(stype, PoolSource())))
 
         return Dir(DIR_MODE, names=lambda: list(SOURCE_FINDERS), child=child)
 
@@ -526,6 +545,49 @@ class Tree:
             return make() if make is not None else None
 
         return Dir(DIR_MODE, names=lambda: list(files), child=child)
+
+
+def _host_port(text: str) -> SourceHost:
+    """HOST, HOST:PORT, [IPv6] or [IPv6]:PORT."""
+    host, port = text, None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                raise Invalid(f"bad host {text!r}")
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host or any(c.isspace() or c in "/?&<>" for c in host):
+        raise Invalid(f"bad host {text!r}")
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise Invalid(f"bad port in {text!r}")
+    return SourceHost(host, int(port) if port is not None else None)
+
+
+def source_query(query: str) -> PoolSource:
+    """``host=H[&port=P][&initiator=IQN]``, the query part of ``sources/TYPE?...``."""
+    fields: dict[str, str] = {}
+    for item in query.split("&"):
+        key, eq, value = item.partition("=")
+        if not eq or key not in ("host", "port", "initiator") or not value:
+            raise Invalid(f"bad query {query!r}: expected host=HOST[&port=PORT]"
+                          "[&initiator=IQN]")
+        fields[key] = value
+    if "host" not in fields:
+        raise Invalid(f"bad query {query!r}: it names no host")
+    host = _host_port(fields["host"])
+    if "port" in fields:
+        host = _host_port(f"[{host.name}]:{fields['port']}")
+    return PoolSource(hosts=(host,), initiator_iqn=fields.get("initiator"))
+
+
+def source_spec(data: bytes) -> PoolSource:
+    """What a user writes into sources/TYPE: HOST[:PORT], or a <source> document."""
+    if data.lstrip().startswith(b"<"):
+        return parse_source_spec(data)
+    text = _line(data)
+    return PoolSource(hosts=(_host_port(text),)) if text else PoolSource()
 
 
 def _line(data: bytes) -> str:

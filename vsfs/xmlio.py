@@ -288,6 +288,11 @@ def _parse_source(el: etree._Element | None) -> PoolSource:
     )
 
 
+def parse_source_spec(data: bytes) -> PoolSource:
+    """A ``<source>`` document, as ``virsh find-storage-pool-sources TYPE SPEC`` takes it."""
+    return _parse_source(parse_document(data, "source"))
+
+
 def parse_pool(data: bytes, default_uuid: str | None = None) -> PoolDef:
     """Parse a ``<pool>`` document (as ``virsh pool-dumpxml`` prints it).
 

@@ -43,12 +43,9 @@ def disks() -> Iterator[list[str]]:
 
 def define_vg(m: Mount, name: str, devices: list[str], vg: str = "vsfsvg") -> Path:
     devs = "".join(f"<device path='{d}'/>" for d in devices)
-    xml = m.base / f"{name}.xml"
-    xml.write_text(f"<pool type='logical'><name>{name}</name><source>{devs}<name>{vg}</name>"
-                   f"<format type='lvm2'/></source><target><path>/dev/{vg}</path></target>"
-                   "</pool>")
-    sh(f"cat {xml} > {m.path}/pools/define", check=True)
-    return m.path / "pools" / name
+    return m.define_pool(name, f"<pool type='logical'><name>{name}</name><source>{devs}"
+                         f"<name>{vg}</name><format type='lvm2'/></source>"
+                         f"<target><path>/dev/{vg}</path></target></pool>")
 
 
 def test_logical_pool_lifecycle(vsfs: Mount, disks: list[str]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, sh
+from rng import assert_sources_make_pools
 
 pytestmark = [pytest.mark.guest, pytest.mark.fuse, pytest.mark.root]
 
@@ -76,3 +77,60 @@ def test_netfs_refusals(vsfs: Mount) -> None:
     assert "Operation not supported" in res.stderr
     assert "mount.cifs" in vsfs.error()
     assert not (vsfs.base / "b").exists()
+
+
+@pytest.fixture
+def nfs3_server() -> Iterator[list[Path]]:
+    """Two exports of an NFSv3 server whose mountd answers through rpcbind (showmount)."""
+    sh("modprobe nfsd && (mountpoint -q /proc/fs/nfsd || mount -t nfsd nfsd /proc/fs/nfsd)",
+       check=True)
+    exports = [Path("/run/vsfs-nfs3-a"), Path("/run/vsfs-nfs3 b")]
+    Path("/etc/exports").write_text("")
+    for i, export in enumerate(exports, start=1):
+        export.mkdir(parents=True, exist_ok=True)
+        sh(f"mount -t tmpfs -o size=16m vsfs-nfs3 '{export}'", check=True)
+        sh(f"exportfs -o rw,fsid={i},no_subtree_check 127.0.0.1:'{export}'", check=True)
+    procs = [subprocess.Popen(["rpcbind", "-f", "-w"], start_new_session=True)]
+    sh("for i in $(seq 50); do rpcinfo -p 127.0.0.1 >/dev/null 2>&1 && break; sleep 0.1; done",
+       check=True)
+    procs.append(subprocess.Popen(["rpc.mountd", "-F", "--no-udp"], start_new_session=True))
+    sh("rpc.nfsd 2", check=True)
+    sh("for i in $(seq 50); do rpcinfo -p 127.0.0.1 | grep -q mountd && break; sleep 0.1; "
+       "done", check=True)
+    try:
+        yield exports
+    finally:
+        subprocess.run(["rpc.nfsd", "0"], check=False)
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=30)
+        subprocess.run(["exportfs", "-ua"], check=False)
+        for export in exports:
+            subprocess.run(["umount", "-l", str(export)], check=False)
+
+
+def test_sources_netfs(vsfs: Mount, nfs3_server: list[Path]) -> None:
+    src = vsfs.path / "sources"
+    xml = (src / "netfs?host=127.0.0.1").read_bytes()
+    assert_sources_make_pools(xml, "netfs", "<target><path>/mnt/x</path></target>")
+    text = xml.decode()
+    for export in nfs3_server:
+        assert f"<dir path=\"{export}\"/>" in text
+    assert text.count("<host name=\"127.0.0.1\"/>") == 2 and "<format type=\"nfs\"/>" in text
+    # the written form, also as the <source> document virsh takes
+    assert "Invalid argument" in sh(f"cat {src}/netfs").stderr
+    assert "name the server" in vsfs.error()
+    sh(f"echo 127.0.0.1 > {src}/netfs", check=True)
+    assert (src / "netfs").read_bytes() == xml
+    sh(f"echo \"<source><host name='127.0.0.1'/></source>\" > {src}/netfs", check=True)
+    assert (src / "netfs").read_bytes() == xml
+    assert "Invalid argument" in sh(f"echo 'a b' > {src}/netfs").stderr
+    assert "Invalid argument" in sh(f"cat '{src}/netfs?hots=127.0.0.1'").stderr
+    assert "bad query" in vsfs.error()
+
+
+def test_sources_netfs_v4_only(vsfs: Mount, nfs_export: Path) -> None:
+    """A v4-only server has no mountd on rpcbind to list exports: a clear EIO."""
+    res = sh(f"cat '{vsfs.path}/sources/netfs?host=127.0.0.1'")
+    assert "Input/output error" in res.stderr
+    assert "rpcbind" in vsfs.error()
