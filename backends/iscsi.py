@@ -171,7 +171,7 @@ class IscsiBackend(Backend):
 
     def __init__(self, pool: PoolDef, secrets: SecretStore | None = None) -> None:
         super().__init__(pool, secrets)
-        self._seen: tuple[tuple[str, str, int], ...] | None = None
+        self._seen: tuple[tuple[str, str, int], ...] | None = None  # at the last refresh
         self._addresses: frozenset[str] | None = None
         self._lost_logged = False
 
@@ -370,7 +370,6 @@ class IscsiBackend(Backend):
             vols.append(Volume(name=lun.name, key=lun.key, path=links.get(dev, dev),
                                type="block", format="none", capacity=lun.size,
                                allocation=lun.size, physical=lun.size))
-        self._seen = tuple((lun.name, lun.block, lun.size) for lun in luns)
         return vols
 
     @staticmethod
@@ -394,17 +393,21 @@ class IscsiBackend(Backend):
             except BackendFailed as e:
                 log.warning("pool %s: rescan failed: %s", self.pool.name, e.message)
         vols = await trio.to_thread.run_sync(self._scan, session)
+        # What the manager now holds: `changed` compares the LUNs with it.
+        self._seen = self._signature(vols)
         return Snapshot(self._status(vols), tuple(vols))
 
     async def status(self) -> PoolStatus:
         session = await self._session()
         return self._status(await trio.to_thread.run_sync(self._scan, session))
 
+    @staticmethod
+    def _signature(vols: list[Volume]) -> tuple[tuple[str, str, int], ...]:
+        return tuple((v.name, v.path, v.capacity) for v in vols)
+
     async def changed(self) -> bool:
-        seen = self._seen
         session = await self._session()
-        luns = await trio.to_thread.run_sync(_luns, session) if session else []
-        return tuple((lun.name, lun.block, lun.size) for lun in luns) != seen
+        return self._signature(await trio.to_thread.run_sync(self._scan, session)) != self._seen
 
     async def volume(self, name: str) -> Volume:
         session = await self._session()

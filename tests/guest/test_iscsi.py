@@ -142,6 +142,14 @@ def test_iscsi_pool_lifecycle(vsfs: Mount, target: Callable[..., list[Path]]) ->
     sh(f"echo refresh > {p}/ctl", check=True)
     assert "unit:0:0:2" in os.listdir(p / "volumes")
     assert (p / "capacity").read_text() == f"{112 * MiB}\n"
+    # ... and one that another tool's rescan brings shows by itself, within the poll
+    lio("add-lun", IQN, f"{LUNS}/lun3.img:8")
+    sh("iscsiadm -m session --rescan", check=True)
+    deadline = time.monotonic() + 10
+    while "unit:0:0:3" not in os.listdir(p / "volumes"):
+        assert time.monotonic() < deadline, "a LUN that appeared was not picked up"
+        time.sleep(0.2)
+    assert (p / "volinfo" / "unit:0:0:3" / "capacity").read_text() == f"{8 * MiB}\n"
 
     # in use: stop refuses and keeps the session
     sh(f"mkfs.ext4 -q {p}/volumes/unit:0:0:0", check=True)
