@@ -171,11 +171,14 @@ def test_iscsi_pool_lifecycle(vsfs: Mount, target: Callable[..., list[Path]]) ->
 
 def test_iscsi_session_survives_remount(mount_factory: Callable[..., Mount],
                                         target: Callable[..., list[Path]]) -> None:
-    """A pool whose session exists when vsfs mounts is adopted as running."""
+    """A pool whose session exists when vsfs mounts is adopted as running; this one logs in
+    with its own initiator IQN."""
     target(16)
     m = mount_factory()
-    p = define(m)
+    initiator = "iqn.2024-01.org.example:vsfs-host7"
+    p = define(m, extra=f"<initiator><iqn name='{initiator}'/></initiator>")
     sh(f"echo start > {p}/ctl", check=True)
+    assert sh("cat /sys/class/iscsi_session/*/initiatorname").stdout.split() == [initiator]
     m.kill9()
     assert IQN in sessions()
     m.start()
