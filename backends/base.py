@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import trio
 
@@ -26,6 +27,8 @@ from vsfs.model import (
 )
 from vsfs.proc import run
 from vsfs.secrets import SecretStore
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,11 @@ class Backend(ABC):
         self.pool = pool
         # Where the credentials named in <auth> are looked up.
         self.secrets = secrets
+
+    async def quick_io(self, fn: Callable[..., T], *args: object) -> T:
+        """A few syscalls on a volume's file (open, ftruncate, close) in a worker thread,
+        since storage may be slow to answer; local filesystems run them inline."""
+        return await trio.to_thread.run_sync(fn, *args)
 
     def require(self, callback: str, what: str) -> None:
         """Refuse up front (EOPNOTSUPP) what this backend does not implement, so that the

@@ -23,6 +23,20 @@ def _mount_table() -> list[tuple[str, str, str]]:
     return out
 
 
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem ``path`` is on (the deepest mount holding it). Blocking."""
+    real = os.path.realpath(path)
+    best, fstype = "", ""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            mnt = fields[4].replace("\\040", " ")
+            inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+            if inside and len(mnt) >= len(best):
+                best, fstype = mnt, fields[fields.index("-") + 1]
+    return fstype
+
+
 def _sys_block(devnum: str) -> str | None:
     path = f"/sys/dev/block/{devnum}"
     return os.path.realpath(path) if os.path.exists(path) else None

@@ -138,8 +138,12 @@ class Operations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
         a.generation = 0
+        # A volume being uploaded is a regular file only until it is closed: its name must
+        # be looked up again then (to find the symlink). Its attributes may be cached: the
+        # kernel keeps the size current through our setattr and write replies, and the
+        # inode is never reused for the volume that follows.
         a.entry_timeout = 0 if volatile or isinstance(node, UploadFile) else TIMEOUT
-        a.attr_timeout = 0 if isinstance(node, UploadFile) else TIMEOUT
+        a.attr_timeout = TIMEOUT
         a.st_uid = self.uid
         a.st_gid = self.gid
         a.st_nlink = 1

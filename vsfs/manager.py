@@ -497,15 +497,21 @@ class Manager:
                         entry.volumes[upload.name] = await entry.backend.volume(upload.name)
                     except NotFound:
                         entry.volumes.pop(upload.name, None)
-        # No kernel cache to drop: the regular file's entry was handed out with
-        # a zero timeout, so the next lookup finds the symlink (or nothing).
+        # The regular file's entry was handed out with a zero timeout, so the next
+        # lookup finds the symlink (or nothing); dropping the dentry now also spares
+        # the kernel a GETATTR of the old inode when a listing replaces it.
+        self._gone("pools", upload.pool, "volumes", upload.name)
 
     async def close_upload(self, upload: Upload) -> None:
         try:
             await self.finish_upload(upload)
         finally:
             if upload.fd >= 0:
-                await trio.to_thread.run_sync(os.close, upload.fd)
+                entry = self.pools.get(upload.pool)
+                if entry is not None:
+                    await entry.backend.quick_io(os.close, upload.fd)
+                else:
+                    await trio.to_thread.run_sync(os.close, upload.fd)
 
     async def _discard(self, entry: PoolEntry, vol: Volume) -> None:
         try:
