@@ -16,6 +16,7 @@ from .logical import LogicalBackend
 from .logical import find_sources as find_logical_sources
 from .netfs import NetfsBackend
 from .netfs import find_sources as find_netfs_sources
+from .rbd import RbdBackend
 
 BACKENDS: dict[str, type[Backend]] = {
     "dir": DirBackend,
@@ -24,6 +25,7 @@ BACKENDS: dict[str, type[Backend]] = {
     "logical": LogicalBackend,
     "netfs": NetfsBackend,
     "iscsi": IscsiBackend,
+    "rbd": RbdBackend,
 }
 
 # virConnectFindStoragePoolSources: what pools of a type could be made here, given

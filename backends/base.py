@@ -11,6 +11,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, TypeVar
 
 import trio
@@ -32,6 +33,16 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class Services:
+    """What the daemon lends every backend."""
+
+    secrets: SecretStore
+    # Runtime files of this mount (sockets, export points): gone at reboot, and
+    # separate for each state directory, so two mounts never share them.
+    run_dir: Path
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What one refresh found: the pool's sizes and every volume."""
 
@@ -49,10 +60,28 @@ class Backend(ABC):
     # once it gives the size.
     sized_at_creation: ClassVar[bool] = False
 
-    def __init__(self, pool: PoolDef, secrets: SecretStore | None = None) -> None:
+    # Volumes whose local path exists only while used (an export made on demand):
+    # prepare_volume makes it when the path is asked for, reap withdraws idle ones.
+    on_demand_paths: ClassVar[bool] = False
+
+    def __init__(self, pool: PoolDef, services: Services | None = None) -> None:
         self.pool = pool
-        # Where the credentials named in <auth> are looked up.
-        self.secrets = secrets
+        self.services = services
+
+    @property
+    def secrets(self) -> SecretStore:
+        """Where the credentials named in <auth> are looked up."""
+        if self.services is None:
+            raise NotFound("no secret store to read credentials from")
+        return self.services.secrets
+
+    def run_dir(self) -> Path:
+        """A directory of this pool's runtime files (sockets, export points), made on use."""
+        if self.services is None:
+            raise NotFound("no runtime directory")
+        path = self.services.run_dir / self.pool.uuid
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
 
     async def quick_io(self, fn: Callable[..., T], *args: object) -> T:
         """A few syscalls on a volume's file (open, ftruncate, close) in a worker thread,
@@ -100,6 +129,13 @@ class Backend(ABC):
         return False
 
     # ---- volumes
+
+    async def prepare_volume(self, vol: Volume) -> None:
+        """Make sure the volume's local path works (on_demand_paths backends)."""
+
+    async def reap(self) -> list[str]:
+        """Withdraw local paths nobody has used for a while; the volumes whose went."""
+        return []
 
     async def volume(self, name: str) -> Volume:
         """Re-read one volume (after it was written to, say)."""

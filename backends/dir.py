@@ -34,10 +34,9 @@ from vsfs.model import (
     data_format,
 )
 from vsfs.proc import run
-from vsfs.secrets import SecretStore
 
 from . import blockdev
-from .base import Backend, Snapshot, T
+from .base import Backend, Services, Snapshot, T
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +102,8 @@ class DirBackend(Backend):
     pool_type: ClassVar[str] = "dir"
     poll_interval: ClassVar[float] = 1.0
 
-    def __init__(self, pool: PoolDef, secrets: SecretStore | None = None) -> None:
-        super().__init__(pool, secrets)
+    def __init__(self, pool: PoolDef, services: Services | None = None) -> None:
+        super().__init__(pool, services)
         self._probes: dict[str, _Probe] = {}
         self._dir_sig: tuple[int, int] | None = None
         # Whether the target is on a local filesystem (set at each refresh).

@@ -18,10 +18,9 @@ import trio
 from vsfs.errors import BackendFailed, Busy, Exists, Invalid, NoSpace, NotFound, Unsupported
 from vsfs.model import PoolDef, PoolStatus, Volume, VolumeDef
 from vsfs.proc import run
-from vsfs.secrets import SecretStore
 
 from . import blockdev
-from .base import BlockBackend, Snapshot
+from .base import BlockBackend, Services, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +72,8 @@ def partition_node(dev: str, number: int) -> str:
 class DiskBackend(BlockBackend):
     pool_type: ClassVar[str] = "disk"
 
-    def __init__(self, pool: PoolDef, secrets: SecretStore | None = None) -> None:
-        super().__init__(pool, secrets)
+    def __init__(self, pool: PoolDef, services: Services | None = None) -> None:
+        super().__init__(pool, services)
         self.loop: str | None = None
         self._table: Table | None = None
 

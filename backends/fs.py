@@ -12,10 +12,9 @@ import trio
 from vsfs.errors import BackendFailed, Busy, Invalid
 from vsfs.model import PoolDef
 from vsfs.proc import run
-from vsfs.secrets import SecretStore
 
 from . import blockdev
-from .base import Snapshot
+from .base import Services, Snapshot
 from .dir import DirBackend
 
 log = logging.getLogger(__name__)
@@ -36,8 +35,8 @@ FS_FORMATS = frozenset({"auto", "ext2", "ext3", "ext4", "ufs", "iso9660", "udf",
 class FsBackend(DirBackend):
     pool_type: ClassVar[str] = "fs"
 
-    def __init__(self, pool: PoolDef, secrets: SecretStore | None = None) -> None:
-        super().__init__(pool, secrets)
+    def __init__(self, pool: PoolDef, services: Services | None = None) -> None:
+        super().__init__(pool, services)
         self.loop: str | None = None  # the loop device we attached for an image file
 
     @classmethod

@@ -26,10 +26,9 @@ import trio
 from vsfs.errors import BackendFailed, Busy, Denied, Invalid, NotFound
 from vsfs.model import PoolDef, PoolSource, PoolStatus, SourceDevice, SourceHost, Volume
 from vsfs.proc import run
-from vsfs.secrets import SecretStore
 
 from . import blockdev
-from .base import Backend, Snapshot
+from .base import Backend, Services, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +168,8 @@ class IscsiBackend(Backend):
     # within a second.
     poll_interval: ClassVar[float] = 1.0
 
-    def __init__(self, pool: PoolDef, secrets: SecretStore | None = None) -> None:
-        super().__init__(pool, secrets)
+    def __init__(self, pool: PoolDef, services: Services | None = None) -> None:
+        super().__init__(pool, services)
         self._seen: tuple[tuple[str, str, int], ...] | None = None  # at the last refresh
         self._addresses: frozenset[str] | None = None
         self._lost_logged = False
@@ -277,8 +276,6 @@ class IscsiBackend(Backend):
         auth = self.pool.source.auth
         if auth is None:
             return
-        if self.secrets is None:
-            raise NotFound("no secret store to read the CHAP password from")
         password = await trio.to_thread.run_sync(self.secrets.value, auth)
         update = [*self._node_argv(portal), "--op", "update", "--name"]
         for key, value in (("node.session.auth.authmethod", "CHAP"),

@@ -116,7 +116,7 @@ class Mount:
 
     def define_pool(self, name: str, xml: str) -> Path:
         """Define a pool from XML the way a user would (a file, cat); its directory."""
-        path = self.base / f"{name}.xml"
+        path = self.base / f"{self.path.name}-{name}.xml"
         path.write_text(xml)
         sh(f"cat {path} > {self.path}/pools/define", check=True)
         return self.path / "pools" / name

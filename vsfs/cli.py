@@ -206,7 +206,7 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
     manager = Manager(StateDir(state_dir))
     tree = Tree(manager)
     ops = Operations(tree, os.getuid(), os.getgid())
-    manager.set_invalidator(ops.invalidate)
+    manager.set_invalidator(ops.invalidate, ops.forget_link)
     await manager.load()
     options = set(pyfuse3.default_options)
     options |= {"fsname=vsfs", "subtype=vsfs"}

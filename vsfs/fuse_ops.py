@@ -105,6 +105,16 @@ class Operations(pyfuse3.Operations):
         except Exception:  # the kernel may be going away; nothing to undo
             log.debug("invalidate %s failed", "/".join(path), exc_info=True)
 
+    async def forget_link(self, path: tuple[str, ...], target: str) -> None:
+        """Make the kernel read a symlink's target again (from the manager)."""
+        ino = self._ino_of.get((path, f"link:{target}"))
+        if not self.mounted or ino is None:
+            return
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
+        except OSError:  # not cached any more
+            log.debug("invalidate_inode %d failed", ino, exc_info=True)
+
     def _register(self, path: tuple[str, ...], node: Node, kind: str | None = None) -> int:
         key = (path, kind or _kind(node))
         ino = self._ino_of.get(key)
@@ -239,6 +249,8 @@ class Operations(pyfuse3.Operations):
         _, node = self._node(inode)
         if not isinstance(node, Link):
             raise pyfuse3.FUSEError(errno.EINVAL)
+        if node.prepare is not None:
+            await self._dir_op(ctx, node.prepare)
         return os.fsencode(node.target)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

@@ -7,16 +7,17 @@ tree calls it and the FUSE adapter only translates.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
 
 from .backends import BACKENDS, Backend
-from .backends.base import Snapshot
+from .backends.base import Services, Snapshot
 from .backends.host import HostDevices
 from .errors import (
     Busy,
@@ -56,6 +57,8 @@ FRESH = 1.0
 
 # Called with the path (inside the mount) of an entry that vanished or changed.
 Invalidator = Callable[[tuple[str, ...]], None]
+# Called with the path of a symlink and its target, whose target the kernel must read again.
+LinkForgetter = Callable[[tuple[str, ...], str], Awaitable[None]]
 
 
 @dataclass
@@ -104,12 +107,15 @@ class Manager:
         self.pools: dict[str, PoolEntry] = {}
         self.uploads: dict[tuple[str, str], Upload] = {}
         self._invalidate = invalidate
+        self._forget_link: LinkForgetter | None = None
         self._define_lock = trio.Lock()
         self.host = HostDevices()
-        self.secrets = SecretStore(state.path / "secrets")
+        self.services = Services(SecretStore(state.path / "secrets"), runtime_dir(state.path))
 
-    def set_invalidator(self, invalidate: Invalidator) -> None:
+    def set_invalidator(self, invalidate: Invalidator,
+                        forget_link: LinkForgetter | None = None) -> None:
         self._invalidate = invalidate
+        self._forget_link = forget_link
 
     def _gone(self, *path: str) -> None:
         if self._invalidate is not None:
@@ -128,7 +134,7 @@ class Manager:
                 log.error("pool %s: type %r is not supported; left out", sp.pool.name,
                           sp.pool.type)
                 continue
-            self.pools[sp.pool.name] = PoolEntry(sp.pool, cls(sp.pool, self.secrets), sp.autostart)
+            self.pools[sp.pool.name] = PoolEntry(sp.pool, cls(sp.pool, self.services), sp.autostart)
         for entry in self.pools.values():
             try:
                 if await entry.backend.is_running():
@@ -206,7 +212,7 @@ class Manager:
                 raise Exists(f"pool {pool.name!r} already exists")
             self._check_unique(pool)
             await trio.to_thread.run_sync(self.state.save, pool)
-            self.pools[pool.name] = PoolEntry(pool, cls(pool, self.secrets))
+            self.pools[pool.name] = PoolEntry(pool, cls(pool, self.services))
         log.info("pool %s defined (%s)", pool.name, pool.type)
         return pool
 
@@ -248,7 +254,7 @@ class Manager:
             self._check_unique(new, replacing=name)
             await trio.to_thread.run_sync(self.state.save, new)
             entry.pool = new
-            entry.backend = cls(new, self.secrets)
+            entry.backend = cls(new, self.services)
         self._gone("pools", name, "target")
         log.info("pool %s redefined", name)
         return new
@@ -397,8 +403,26 @@ class Manager:
                     async with entry.lock:
                         if entry.running and await entry.backend.changed():
                             await self._refresh(entry)
+                        if entry.running and entry.backend.on_demand_paths:
+                            await self._reap(entry)
                 except VsfsError as e:
                     log.warning("pool %s: refresh failed: %s", entry.pool.name, e)
+
+    async def _reap(self, entry: PoolEntry) -> None:
+        for name in await entry.backend.reap():
+            vol = entry.volumes.get(name)
+            if vol is not None and self._forget_link is not None:
+                # The kernel keeps symlink targets: it must ask again, so that the
+                # next use makes the local path again.
+                await self._forget_link(("pools", entry.pool.name, "volumes", name), vol.path)
+
+    async def prepare_volume(self, pool: str, name: str) -> None:
+        """Make a volume's local path usable (backends whose paths come on demand)."""
+        entry = self.running_entry(pool)
+        if not entry.backend.on_demand_paths:
+            return
+        async with entry.lock:
+            await entry.backend.prepare_volume(self.volume(pool, name))
 
     async def pool_status(self, name: str) -> PoolStatus:
         """Current sizes of a running pool (cheap: no volume listing)."""
@@ -647,9 +671,19 @@ class Manager:
             if new_name in entry.volumes:
                 raise Exists(f"volume {new_name!r} already exists in pool {pool!r}")
             snap = await entry.backend.snapshot_volume(vol, new_name)
-            entry.volumes[new_name] = snap
+            # Named by the backend: RBD's are IMAGE@SNAP.
+            entry.volumes[snap.name] = snap
         log.info("volume %s/%s: snapshot %s made", pool, name, new_name)
         return snap
+
+
+def runtime_dir(state_dir: Path) -> Path:
+    """Where a mount keeps runtime files: one directory per state directory."""
+    tag = hashlib.sha256(os.fsencode(os.path.abspath(state_dir))).hexdigest()[:12]
+    if os.geteuid() == 0:
+        return Path("/run/vsfs") / tag
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/vsfs-{os.geteuid()}"
+    return Path(base) / "vsfs" / tag
 
 
 def default_state_dir() -> Path:

@@ -140,6 +140,9 @@ class VolumeDef:
     type: str | None = None
     perms: Permissions = field(default_factory=Permissions)
     backing: BackingStore | None = None
+    # What libvirt's XML calls the volume's path when the local path differs
+    # (a network volume: "POOL/IMAGE" for RBD).
+    xml_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,3 +164,6 @@ class Volume:
     mtime_ns: int | None = None
     ctime_ns: int | None = None
     backing: BackingStore | None = None
+    # What libvirt's XML calls the volume's path when the local path differs
+    # (a network volume: "POOL/IMAGE" for RBD).
+    xml_path: str | None = None

@@ -64,8 +64,22 @@ class SecretStore:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
 
+    def ceph_key(self, auth: SourceAuth) -> str:
+        """A Ceph key as Ceph prints it (base64): a key file's text, or a libvirt secret's
+        ``.base64`` file, which holds exactly that."""
+        if auth.secret_usage is not None and auth.secret_usage.startswith("/"):
+            return self.value(auth).strip()
+        return base64.b64encode(self.raw(auth)).decode()
+
     def value(self, auth: SourceAuth) -> str:
         """The password ``auth`` refers to, as text."""
+        try:
+            return self.raw(auth).decode("utf-8")
+        except UnicodeDecodeError:
+            raise Invalid("the secret is not UTF-8 text") from None
+
+    def raw(self, auth: SourceAuth) -> bytes:
+        """The bytes of the secret ``auth`` refers to."""
         if auth.secret_usage is not None and auth.secret_usage.startswith("/"):
             data = _read_private(Path(auth.secret_usage))
             data = data.removesuffix(b"\n")
@@ -80,10 +94,7 @@ class SecretStore:
                 raise Invalid(f"{self.dir / uuid}.base64 is not base64") from None
         if not data:
             raise Invalid("the secret is empty")
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise Invalid("the secret is not UTF-8 text") from None
+        return data
 
     def _uuid_of(self, auth: SourceAuth) -> str:
         """The UUID of the stored secret whose usage is ``auth.secret_usage``."""

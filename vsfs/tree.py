@@ -151,6 +151,8 @@ class File(Node):
 @dataclass
 class Link(Node):
     target: str = ""
+    # Run before the target is handed out: makes a local path that exists on demand.
+    prepare: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -479,7 +481,12 @@ class Tree:
             if entry is None or not entry.running:
                 return None
             vol = entry.volumes.get(name)
-            return Link(0o777, target=vol.path) if vol is not None else None
+            if vol is None:
+                return None
+            if entry.backend.on_demand_paths:
+                return Link(0o777, target=vol.path,
+                            prepare=lambda: m.prepare_volume(pool, name))
+            return Link(0o777, target=vol.path)
 
         async def create(name: str) -> Upload:
             return await m.begin_upload(pool, name)
@@ -530,12 +537,17 @@ class Tree:
         async def ctl(data: bytes) -> None:
             await m.volume_command(pool, name, _line(data))
 
+        async def path() -> bytes:
+            # Whoever asks for the path will open it: make it usable.
+            await m.prepare_volume(pool, name)
+            return _value((await m.refresh_volume(pool, name)).path)
+
         files: dict[str, Callable[[], Node]] = {
             "xml": lambda: File(RO_MODE, read=xml),
             "capacity": lambda: File(RW_MODE, read=field_of(lambda v: v.capacity), write=resize),
             "allocation": lambda: File(RO_MODE, read=field_of(lambda v: v.allocation)),
             "format": lambda: File(RO_MODE, read=field_of(lambda v: v.format)),
-            "path": lambda: File(RO_MODE, read=field_of(lambda v: v.path)),
+            "path": lambda: File(RO_MODE, read=path),
             "key": lambda: File(RO_MODE, read=field_of(lambda v: v.key)),
             "ctl": lambda: File(WO_MODE, write=ctl),
         }

@@ -489,7 +489,7 @@ def format_volume(vol: Volume) -> bytes:
     _size(root, "allocation", vol.allocation)
     _size(root, "physical", vol.physical)
     t = _sub(root, "target")
-    _sub(t, "path", vol.path)
+    _sub(t, "path", vol.xml_path or vol.path)
     # libvirt's schema has no name for these: its block volumes say "none".
     _sub(t, "format", type="none" if vol.format in BLOCK_FORMATS else vol.format)
     _perms(t, Permissions(vol.mode, vol.owner, vol.group))

@@ -1,0 +1,253 @@
+"""rbd pools against a real single-node Ceph cluster on 127.0.0.1, through the mount.
+
+Data goes in through each volume's local path (a qemu-storage-daemon FUSE export) and is read
+back with Ceph's own `rbd export`, and the reverse with `rbd import`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from ceph_cluster import CephCluster
+from conftest import Mount, sh
+from rng import assert_valid
+
+from vsfs.manager import runtime_dir
+
+pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.ceph]
+
+MiB = 1 << 20
+REQUIRED = ("ceph-mon", "ceph-osd", "ceph-mgr", "rbd", "rados", "qemu-storage-daemon")
+
+
+@pytest.fixture(scope="module")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    missing = [t for t in REQUIRED if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: run .ci/setup --test")
+    cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def rbd_pool(ceph: CephCluster) -> Iterator[Callable[[Mount, str], Path]]:
+    """Defines and starts an rbd pool on a mount; stops every such pool and empties the
+    RADOS pool afterwards."""
+    started: list[tuple[Mount, Path]] = []
+
+    def make(m: Mount, name: str = "r") -> Path:
+        p = m.define_pool(name, f"<pool type='rbd'><name>{name}</name><source>"
+                          f"<name>{ceph.pool}</name><host name='127.0.0.1' port='{ceph.port}'/>"
+                          "</source></pool>")
+        sh(f"echo start > {p}/ctl", check=True)
+        started.append((m, p))
+        return p
+
+    yield make
+    for m, p in started:
+        if m.proc is not None and (p / "state").exists() and \
+                (p / "state").read_text() == "running\n":
+            sh(f"echo stop > {p}/ctl")
+        # a daemon left behind (the mount died) is ended by its pid file
+        for pidfile in runtime_dir(m.state).glob("*/qsd.pid"):
+            subprocess.run(["kill", pidfile.read_text().strip()], check=False)
+    for line in ceph.cli("rbd", "ls", ceph.pool).stdout.decode().split():
+        ceph.cli("rbd", "snap", "purge", f"{ceph.pool}/{line}", check=False)
+        ceph.cli("rbd", "rm", f"{ceph.pool}/{line}", check=False)
+
+
+def rbd_export(ceph: CephCluster, image: str) -> bytes:
+    return ceph.cli("rbd", "export", "--no-progress", f"{ceph.pool}/{image}", "-").stdout
+
+
+def lockers(ceph: CephCluster, image: str) -> list[dict[str, str]]:
+    """Who holds vsfs's advisory lock on an image (a RADOS lock beside it)."""
+    res = ceph.cli("rados", "-p", ceph.pool, "lock", "info", f"vsfs_lock.{image}", "vsfs",
+                   "--format", "json", check=False)
+    return json.loads(res.stdout).get("lockers", []) if res.returncode == 0 else []
+
+
+def rbd_size(ceph: CephCluster, image: str) -> int:
+    info = json.loads(ceph.cli("rbd", "info", "--format", "json",
+                               f"{ceph.pool}/{image}").stdout)
+    return int(info["size"])
+
+
+def test_rbd_pool_lifecycle(vsfs: Mount, ceph: CephCluster,
+                            rbd_pool: Callable[[Mount, str], Path]) -> None:
+    p = rbd_pool(vsfs, "r")
+    assert (p / "type").read_text() == "rbd\n"
+    assert int((p / "capacity").read_text()) >= 1 << 30
+    assert int((p / "free").read_text()) > 0
+    assert_valid((p / "xml").read_bytes(), "storagepool")
+
+    # truncate makes a thin image; its local path is QEMU's export of it
+    sh(f"truncate -s 64M {p}/volumes/img1", check=True)
+    assert rbd_size(ceph, "img1") == 64 * MiB
+    link = os.readlink(p / "volumes" / "img1")
+    assert link.startswith(str(runtime_dir(vsfs.state)))
+    assert os.stat(link).st_size == 64 * MiB
+    xml = (p / "volinfo" / "img1" / "xml").read_text()
+    assert_valid(xml, "storagevol")
+    assert f"<path>{ceph.pool}/img1</path>" in xml and "type=\"network\"" in xml
+    assert (p / "volinfo" / "img1" / "path").read_text() == f"{link}\n"
+    assert (p / "volinfo" / "img1" / "key").read_text() == f"{ceph.pool}/img1\n"
+
+    # bytes in through the path, out through Ceph's own tool, and the reverse
+    data = os.urandom(4 * MiB)
+    (vsfs.base / "data").write_bytes(data)
+    sh(f"dd if={vsfs.base}/data of={p}/volumes/img1 bs=1M conv=notrunc status=none",
+       check=True)
+    assert rbd_export(ceph, "img1")[:4 * MiB] == data
+    other = os.urandom(3 * MiB)
+    ceph.cli("rbd", "import", "--no-progress", "-", f"{ceph.pool}/img2", stdin=other)
+    sh(f"echo refresh > {p}/ctl", check=True)
+    assert (p / "volumes" / "img2").read_bytes() == other
+    assert "raw" in sh(f"qemu-img info {p}/volumes/img2", check=True).stdout
+
+    # cp makes an image from a file
+    sh(f"cp {vsfs.base}/data {p}/volumes/img3", check=True)
+    assert rbd_export(ceph, "img3") == data
+
+    # resize: grow by writing capacity; shrinking only by the explicit command
+    sh(f"echo 128M > {p}/volinfo/img1/capacity", check=True)
+    assert rbd_size(ceph, "img1") == 128 * MiB
+    assert os.stat(p / "volumes" / "img1").st_size == 128 * MiB
+    res = sh(f"echo 32M > {p}/volinfo/img1/capacity")
+    assert "Operation not supported" in res.stderr and "shrink" in vsfs.error()
+    sh(f"echo 'shrink 32M' > {p}/volinfo/img1/ctl", check=True)
+    assert rbd_size(ceph, "img1") == 32 * MiB
+
+    # snapshots are volumes IMAGE@SNAP, read-only, with the bytes of their time
+    sh(f"echo 'snapshot s1' > {p}/volinfo/img1/ctl", check=True)
+    assert "img1@s1" in os.listdir(p / "volumes")
+    sh(f"dd if=/dev/zero of={p}/volumes/img1 bs=1M count=1 conv=notrunc status=none",
+       check=True)
+    assert (p / "volumes" / "img1@s1").read_bytes()[:4 * MiB] == data
+    res = sh(f"dd if=/dev/zero of={p}/volumes/img1@s1 bs=4k count=1 conv=notrunc status=none")
+    assert res.returncode != 0 and "Permission denied" in res.stderr
+    res = sh(f"rm {p}/volumes/img1")
+    assert "Directory not empty" in res.stderr and "snapshots" in vsfs.error()
+    sh(f"rm {p}/volumes/img1@s1", check=True)
+    assert b"s1" not in ceph.cli("rbd", "snap", "ls", f"{ceph.pool}/img1").stdout
+
+    # rename, clone (rbd cp), clone into a dir pool, wipe, delete
+    sh(f"mv {p}/volumes/img2 {p}/volumes/renamed", check=True)
+    assert ceph.cli("rbd", "ls", ceph.pool).stdout.split().count(b"renamed") == 1
+    assert (p / "volumes" / "renamed").read_bytes() == other
+    sh(f"echo 'clone copy' > {p}/volinfo/renamed/ctl", check=True)
+    assert rbd_export(ceph, "copy") == other
+    d = vsfs.dir_pool("d")
+    sh(f"echo 'clone local.raw d' > {p}/volinfo/renamed/ctl", check=True)
+    assert (d / "local.raw").read_bytes() == other
+    sh(f"echo 'clone back r' > {vsfs.path}/pools/d/volinfo/local.raw/ctl", check=True)
+    assert rbd_export(ceph, "back") == other
+    sh(f"echo wipe > {p}/volinfo/copy/ctl", check=True)
+    assert rbd_export(ceph, "copy") == bytes(len(other))
+    for name in ("copy", "back", "img3", "renamed", "img1"):
+        sh(f"rm {p}/volumes/{name}", check=True)
+    assert ceph.cli("rbd", "ls", ceph.pool).stdout.split() == []
+
+    # stop ends the exports; start brings them back
+    sh(f"truncate -s 8M {p}/volumes/last", check=True)
+    sh(f"echo stop > {p}/ctl", check=True)
+    assert os.listdir(p / "volumes") == []
+    assert not sh(f"findmnt -rn -o TARGET | grep -F {runtime_dir(vsfs.state)}").stdout
+    sh(f"echo start > {p}/ctl", check=True)
+    assert os.listdir(p / "volumes") == ["last"]
+    assert os.stat(p / "volumes" / "last").st_size == 8 * MiB
+
+
+def test_rbd_two_hosts(mount_factory: Callable[..., Mount], ceph: CephCluster,
+                       rbd_pool: Callable[[Mount, str], Path], tmp_path: Path) -> None:
+    """Two mounts with their own state directories, as two hosts, on one cluster."""
+    a = mount_factory(name="host-a", state=tmp_path / "state-a")
+    b = mount_factory(name="host-b", state=tmp_path / "state-b")
+    pa, pb = rbd_pool(a, "shared"), rbd_pool(b, "shared")
+    sh(f"truncate -s 16M {pa}/volumes/vm1", check=True)
+    sh(f"echo refresh > {pb}/ctl", check=True)
+    assert os.listdir(pb / "volumes") == ["vm1"]
+    # a volume one host uses is locked against the other: a clear EBUSY, and no delete
+    data = os.urandom(MiB)
+    (a.base / "d").write_bytes(data)
+    sh(f"dd if={a.base}/d of={pa}/volumes/vm1 bs=1M conv=notrunc,fsync status=none",
+       check=True)
+    res = sh(f"dd if=/dev/zero of={pb}/volumes/vm1 bs=4k count=1 conv=notrunc status=none")
+    assert res.returncode != 0 and "Device or resource busy" in res.stderr
+    assert "in use by vsfs on" in b.error()
+    res = sh(f"rm {pb}/volumes/vm1")
+    assert "Device or resource busy" in res.stderr
+    assert len(lockers(ceph, "vm1")) == 1
+    # once host A lets go (here: its pool stops), host B reads what A wrote
+    sh(f"echo stop > {pa}/ctl", check=True)
+    assert lockers(ceph, "vm1") == []
+    assert (pb / "volumes" / "vm1").read_bytes()[:MiB] == data
+    sh(f"echo stop > {pb}/ctl && echo start > {pb}/ctl && echo start > {pa}/ctl", check=True)
+    # without a refresh, within the poll period (5 s) and a margin
+    sh(f"truncate -s 8M {pa}/volumes/vm2", check=True)
+    sh(f"echo 32M > {pa}/volinfo/vm1/capacity", check=True)
+    deadline = time.monotonic() + 10
+    while sorted(os.listdir(pb / "volumes")) != ["vm1", "vm2"] or \
+            (pb / "volinfo" / "vm1" / "capacity").read_text() != f"{32 * MiB}\n":
+        assert time.monotonic() < deadline, "the other host did not see the changes"
+        time.sleep(0.25)
+    sh(f"rm {pa}/volumes/vm2", check=True)
+    sh(f"echo refresh > {pb}/ctl", check=True)
+    assert os.listdir(pb / "volumes") == ["vm1"]
+
+
+def test_rbd_refusals(vsfs: Mount, ceph: CephCluster) -> None:
+    p = vsfs.define_pool("nopool", f"<pool type='rbd'><name>nopool</name><source>"
+                         f"<name>no-such-pool</name><host name='127.0.0.1' port='{ceph.port}'/>"
+                         "</source></pool>")
+    res = sh(f"echo start > {p}/ctl")
+    assert "No such file" in res.stderr and "no-such-pool" in vsfs.error()
+    assert (p / "state").read_text() == "inactive\n"
+    bad = vsfs.base / "bad.xml"
+    bad.write_text("<pool type='rbd'><name>bad</name><source><name>x</name>"
+                   "<auth type='chap' username='u'><secret usage='s'/></auth></source></pool>")
+    res = sh(f"cat {bad} > {vsfs.path}/pools/define")
+    assert "Invalid argument" in res.stderr and "ceph" in vsfs.error()
+
+
+def test_rbd_local_paths_on_demand(mount_factory: Callable[..., Mount], ceph: CephCluster,
+                                   rbd_pool: Callable[[Mount, str], Path],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local path appears when asked for, and goes (releasing the image and its lock)
+    once nothing has it open for VSFS_EXPORT_IDLE seconds; asking again brings it back."""
+    monkeypatch.setenv("VSFS_EXPORT_IDLE", "2")
+    m = mount_factory()
+    p = rbd_pool(m, "r")
+    ceph.cli("rbd", "import", "--no-progress", "-", f"{ceph.pool}/disk", stdin=b"x" * MiB)
+    sh(f"echo refresh > {p}/ctl", check=True)
+
+    def exported() -> bool:
+        return str(runtime_dir(m.state)) in sh("findmnt -rn -o TARGET").stdout
+
+    assert not exported() and lockers(ceph, "disk") == []
+    assert (p / "volumes" / "disk").read_bytes() == b"x" * MiB
+    assert exported() and len(lockers(ceph, "disk")) == 1
+    # held open: it stays
+    with open(p / "volumes" / "disk", "rb") as f:
+        time.sleep(4)
+        assert exported()
+        assert f.read(4) == b"xxxx"
+    deadline = time.monotonic() + 15
+    while exported():
+        assert time.monotonic() < deadline, "an idle local path was not withdrawn"
+        time.sleep(0.25)
+    assert lockers(ceph, "disk") == []
+    # another host could delete it now; here it is simply used again
+    assert (p / "volumes" / "disk").read_bytes() == b"x" * MiB
+    assert exported()
