@@ -38,15 +38,12 @@ from vsfs.errors import (
 from vsfs.model import PoolDef, PoolStatus, Volume, VolumeDef, data_format
 from vsfs.proc import run
 
-from .base import Backend, Services, Snapshot
-from .qsd import StorageDaemon
+from .base import Services, Snapshot
+from .exports import ExportingBackend
 
 log = logging.getLogger(__name__)
 
 MSGR1_PORT = 6789
-# A local path (export) nobody has opened for this many seconds is withdrawn.
-IDLE_ENV = "VSFS_EXPORT_IDLE"
-IDLE_DEFAULT = 30.0
 # The advisory lock each mount takes on an image it exports writable.
 LOCK_OBJECT = "vsfs_lock."
 LOCK_NAME = "vsfs"
@@ -79,20 +76,15 @@ def _mon_address(name: str, port: int | None) -> str:
     return f"{'v1' if port == MSGR1_PORT else 'v2'}:{host}:{port}"
 
 
-class RbdBackend(Backend):
+class RbdBackend(ExportingBackend):
     pool_type: ClassVar[str] = "rbd"
     poll_interval: ClassVar[float] = 1.0
-    on_demand_paths: ClassVar[bool] = True
 
     def __init__(self, pool: PoolDef, services: Services | None = None) -> None:
         super().__init__(pool, services)
-        self._qsd: StorageDaemon | None = None
         self._next_poll = 0.0
         self._seen: dict[str, int] | None = None
         # Exported volumes and when their path was last asked for.
-        self._exports: dict[str, float] = {}
-        self._next_reap = 0.0
-        self._idle = float(os.environ.get(IDLE_ENV, IDLE_DEFAULT))
 
     @classmethod
     def validate(cls, pool: PoolDef) -> None:
@@ -107,12 +99,6 @@ class RbdBackend(Backend):
         return self.pool.source.name
 
     # ---------------------------------------------------------------- configuration
-
-    @property
-    def qsd(self) -> StorageDaemon:
-        if self._qsd is None:
-            self._qsd = StorageDaemon(self.run_dir(), f"pool {self.pool.name}")
-        return self._qsd
 
     def _conf_path(self) -> Path:
         return self.run_dir() / "ceph.conf"
@@ -152,6 +138,13 @@ class RbdBackend(Backend):
         except BackendFailed as e:
             raise _rbd_error(e, what) from None
 
+    def writable(self, name: str) -> bool:
+        return "@" not in name  # snapshots are read-only
+
+    def blockdev(self, name: str) -> dict[str, Any]:
+        image, _, snap = name.partition("@")
+        return self._blockdev(image, snap or None)
+
     def _blockdev(self, image: str, snap: str | None = None) -> dict[str, Any]:
         dev: dict[str, Any] = {"driver": "rbd", "pool": self.rados_pool, "image": image,
                                "conf": str(self._conf_path()), "discard": "unmap"}
@@ -164,7 +157,7 @@ class RbdBackend(Backend):
             dev["read-only"] = True
         return dev
 
-    def _objects(self) -> list[str]:
+    def qsd_objects(self) -> list[str]:
         if self.pool.source.auth is None:
             return []
         return [f"secret,id=cephkey,file={self._key_path()},format=base64"]
@@ -178,9 +171,7 @@ class RbdBackend(Backend):
         if not await self.qsd.alive():
             return False
         await trio.to_thread.run_sync(self._write_config)
-        # The exports it still has (vsfs restarted): each is a file in its directory.
-        now = trio.current_time()
-        self._exports = {n: now for n in os.listdir(self.qsd.exports_dir)}
+        self.adopt_exports()
         return True
 
     async def start(self) -> None:
@@ -190,12 +181,10 @@ class RbdBackend(Backend):
                               "qemu-system-common, qemu-block-extra)")
         await trio.to_thread.run_sync(self._write_config)
         await self._rbd("ls", what=f"RADOS pool {self.rados_pool}", timeout=60)
-        await self.qsd.start(self._objects())
+        await self.qsd.start(self.qsd_objects())
 
     async def stop(self) -> None:
-        for name in list(self._exports):
-            await self._unexport(name)
-        await self.qsd.stop()
+        await self.stop_exports()
         self._seen = None
         with contextlib.suppress(FileNotFoundError):
             self._key_path().unlink()
@@ -285,6 +274,15 @@ class RbdBackend(Backend):
         lockers: list[dict[str, str]] = json.loads(out).get("lockers", []) if out else []
         return lockers
 
+    async def claim(self, name: str) -> None:
+        if "@" not in name:
+            await self._lock(name)
+
+    async def release(self, name: str) -> None:
+        if "@" not in name:
+            with contextlib.suppress(NotFound):
+                await self._unlock(name)
+
     async def _lock(self, image: str) -> None:
         """Claim the image for this mount: EBUSY while another mount (host) has it.
 
@@ -313,59 +311,6 @@ class RbdBackend(Backend):
     async def _drop_lock_object(self, image: str) -> None:
         with contextlib.suppress(NotFound):
             await self._rados("rm", LOCK_OBJECT + image, what=f"lock of {image}")
-
-    async def _export(self, name: str) -> str:
-        image, _, snap = name.partition("@")
-        if name in self._exports:
-            self._exports[name] = trio.current_time()
-            return self.qsd.path_of(name)
-        if not snap:
-            await self._lock(image)
-        try:
-            path = await self.qsd.export(name, self._blockdev(image, snap or None),
-                                         writable=not snap)
-        except BaseException:
-            if not snap:
-                with trio.CancelScope(shield=True), contextlib.suppress(VsfsError):
-                    await self._unlock(image)
-            raise
-        self._exports[name] = trio.current_time()
-        return path
-
-    async def _unexport(self, name: str) -> None:
-        with contextlib.suppress(NotFound):
-            await self.qsd.unexport(name)
-        self._exports.pop(name, None)
-        if "@" not in name:
-            with contextlib.suppress(NotFound):
-                await self._unlock(name)
-
-    async def prepare_volume(self, vol: Volume) -> None:
-        await self._export(vol.name)
-
-    async def reap(self) -> list[str]:
-        """Withdraw exports idle for a while that no process has open, so that the image
-        is not held here (another host may want it), checked every third of that time."""
-        now = trio.current_time()
-        if now < self._next_reap or not self._exports:
-            return []
-        self._next_reap = now + self._idle / 3
-        idle = [n for n, used in self._exports.items() if now - used >= self._idle]
-        if not idle:
-            return []
-        busy = await trio.to_thread.run_sync(_open_files, {self.qsd.path_of(n) for n in idle})
-        reaped = []
-        for name in idle:
-            if self.qsd.path_of(name) in busy:
-                self._exports[name] = now
-                continue
-            try:
-                await self._unexport(name)
-            except Busy:
-                self._exports[name] = now
-                continue
-            reaped.append(name)
-        return reaped
 
     async def changed(self) -> bool:
         """Every few seconds, one ``rbd ls -l``: images other hosts made, resized or removed."""
@@ -500,25 +445,6 @@ class RbdBackend(Backend):
 
 def replace_path(vol: Volume, path: str) -> Volume:
     return replace(vol, path=path)
-
-
-def _open_files(paths: set[str]) -> set[str]:
-    """Which of ``paths`` some process has open (its /proc/PID/fd). Blocking."""
-    found: set[str] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"{fd_dir}/{fd}")
-                if target in paths:
-                    found.add(target)
-    return found
 
 
 def _write_private(path: Path, text: str) -> None:

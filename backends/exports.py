@@ -1,0 +1,142 @@
+"""Backends whose volumes have no local device: a local path made on demand.
+
+Each volume is exported by the pool's qemu-storage-daemon (backends/qsd.py)
+onto a file when its path is first asked for (the readlink of ``volumes/V``,
+or ``volinfo/V/path``), and withdrawn once no process has had it open for a
+while (``VSFS_EXPORT_IDLE`` seconds, 30 by default), so that the volume is not
+held by this host when nobody uses it here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from abc import abstractmethod
+from typing import Any, ClassVar
+
+import trio
+
+from vsfs.errors import Busy, NotFound
+from vsfs.model import PoolDef, Volume
+
+from .base import Backend, Services
+from .qsd import StorageDaemon
+
+IDLE_ENV = "VSFS_EXPORT_IDLE"
+IDLE_DEFAULT = 30.0
+
+
+class ExportingBackend(Backend):
+    on_demand_paths: ClassVar[bool] = True
+
+    def __init__(self, pool: PoolDef, services: Services | None = None) -> None:
+        super().__init__(pool, services)
+        self._qsd: StorageDaemon | None = None
+        # Exported volumes, and when their path was last asked for.
+        self._exports: dict[str, float] = {}
+        self._next_reap = 0.0
+        self._idle = float(os.environ.get(IDLE_ENV, IDLE_DEFAULT))
+
+    # ---- what a subclass says
+
+    @abstractmethod
+    def blockdev(self, name: str) -> dict[str, Any]:
+        """QEMU's blockdev-add arguments (without node-name) for a volume."""
+
+    def writable(self, name: str) -> bool:
+        return True
+
+    def qsd_objects(self) -> list[str]:
+        """QEMU objects (secrets) the daemon starts with."""
+        return []
+
+    async def claim(self, name: str) -> None:
+        """Before a volume is exported: take what keeps other hosts off it."""
+
+    async def release(self, name: str) -> None:
+        """After its export went."""
+
+    # ---- the daemon and its exports
+
+    @property
+    def qsd(self) -> StorageDaemon:
+        if self._qsd is None:
+            self._qsd = StorageDaemon(self.run_dir(), f"pool {self.pool.name}")
+        return self._qsd
+
+    def adopt_exports(self) -> None:
+        """After a restart of vsfs: the daemon's exports are the files in its directory."""
+        now = trio.current_time()
+        with contextlib.suppress(FileNotFoundError):
+            self._exports = {n: now for n in os.listdir(self.qsd.exports_dir)}
+
+    async def stop_exports(self) -> None:
+        for name in list(self._exports):
+            await self._unexport(name)
+        await self.qsd.stop()
+
+    async def _export(self, name: str) -> str:
+        if name in self._exports:
+            self._exports[name] = trio.current_time()
+            return self.qsd.path_of(name)
+        await self.claim(name)
+        try:
+            path = await self.qsd.export(name, self.blockdev(name), writable=self.writable(name))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.release(name)
+            raise
+        self._exports[name] = trio.current_time()
+        return path
+
+    async def _unexport(self, name: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self.qsd.unexport(name)
+        self._exports.pop(name, None)
+        await self.release(name)
+
+    async def prepare_volume(self, vol: Volume) -> None:
+        await self._export(vol.name)
+
+    async def reap(self) -> list[str]:
+        """Withdraw exports idle for a while that no process has open (checked every third
+        of that time); the volumes whose went."""
+        now = trio.current_time()
+        if now < self._next_reap or not self._exports:
+            return []
+        self._next_reap = now + self._idle / 3
+        idle = [n for n, used in self._exports.items() if now - used >= self._idle]
+        if not idle:
+            return []
+        busy = await trio.to_thread.run_sync(open_files, {self.qsd.path_of(n) for n in idle})
+        reaped = []
+        for name in idle:
+            if self.qsd.path_of(name) in busy:
+                self._exports[name] = now
+                continue
+            try:
+                await self._unexport(name)
+            except Busy:
+                self._exports[name] = now
+                continue
+            reaped.append(name)
+        return reaped
+
+
+def open_files(paths: set[str]) -> set[str]:
+    """Which of ``paths`` some process has open (its /proc/PID/fd). Blocking."""
+    found: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"{fd_dir}/{fd}")
+                if target in paths:
+                    found.add(target)
+    return found
