@@ -12,6 +12,8 @@ from .disk import DiskBackend
 from .fs import FsBackend
 from .iscsi import IscsiBackend
 from .iscsi import find_sources as find_iscsi_sources
+from .iscsi_direct import IscsiDirectBackend
+from .iscsi_direct import find_sources as find_iscsi_direct_sources
 from .logical import LogicalBackend
 from .logical import find_sources as find_logical_sources
 from .netfs import NetfsBackend
@@ -25,6 +27,7 @@ BACKENDS: dict[str, type[Backend]] = {
     "logical": LogicalBackend,
     "netfs": NetfsBackend,
     "iscsi": IscsiBackend,
+    "iscsi-direct": IscsiDirectBackend,
     "rbd": RbdBackend,
 }
 
@@ -34,8 +37,9 @@ SOURCE_FINDERS: dict[str, Callable[[PoolSource], Awaitable[list[PoolSource]]]] =
     "logical": find_logical_sources,
     "netfs": find_netfs_sources,
     "iscsi": find_iscsi_sources,
+    "iscsi-direct": find_iscsi_direct_sources,
 }
 # The finders that cannot work without a host to ask.
-SOURCES_NEED_HOST = frozenset({"netfs", "iscsi"})
+SOURCES_NEED_HOST = frozenset({"netfs", "iscsi", "iscsi-direct"})
 
 __all__ = ["BACKENDS", "SOURCES_NEED_HOST", "SOURCE_FINDERS", "Backend", "Snapshot"]

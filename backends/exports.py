@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from abc import abstractmethod
 from typing import Any, ClassVar
 
 import trio
 
-from vsfs.errors import Busy, NotFound
+from vsfs.errors import Busy, NotFound, Unsupported
 from vsfs.model import PoolDef, Volume
+from vsfs.proc import run
 
 from .base import Backend, Services
 from .qsd import StorageDaemon
@@ -64,11 +66,23 @@ class ExportingBackend(Backend):
             self._qsd = StorageDaemon(self.run_dir(), f"pool {self.pool.name}")
         return self._qsd
 
-    def adopt_exports(self) -> None:
-        """After a restart of vsfs: the daemon's exports are the files in its directory."""
+    async def daemon_running(self) -> bool:
+        """Whether this pool's daemon (from before a restart of vsfs) still answers; its
+        exports, the files in its directory, are then taken over."""
+        if self.services is None or not (self.run_dir() / "qmp.sock").exists():
+            return False
+        if not await self.qsd.alive():
+            return False
         now = trio.current_time()
         with contextlib.suppress(FileNotFoundError):
             self._exports = {n: now for n in os.listdir(self.qsd.exports_dir)}
+        return True
+
+    def require_tools(self, tools: tuple[str, ...], packages: str) -> None:
+        missing = [t for t in tools if shutil.which(t) is None]
+        if missing:
+            raise Unsupported(f"{self.pool_type} pools need {', '.join(missing)} "
+                              f"(Debian: {packages})")
 
     async def stop_exports(self) -> None:
         for name in list(self._exports):
@@ -94,6 +108,15 @@ class ExportingBackend(Backend):
             await self.qsd.unexport(name)
         self._exports.pop(name, None)
         await self.release(name)
+
+    async def wipe_volume(self, vol: Volume) -> None:
+        if not self.writable(vol.name):
+            raise Unsupported(f"volume {vol.name!r} is read-only")
+        # Zeros through the export: QEMU turns them into the storage's own write-zeroes
+        # (or discard) where it has one.
+        path = await self._export(vol.name)
+        await run(["fallocate", "--zero-range", "--offset", "0", "--length",
+                   str(vol.capacity), path], timeout=3600)
 
     async def prepare_volume(self, vol: Volume) -> None:
         await self._export(vol.name)

@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +36,7 @@ from vsfs.errors import (
 )
 from vsfs.model import PoolDef, PoolStatus, Volume, VolumeDef, data_format
 from vsfs.proc import run
+from vsfs.state import atomic_write
 
 from .base import Services, Snapshot
 from .exports import ExportingBackend
@@ -119,9 +119,9 @@ class RbdBackend(ExportingBackend):
             if "\n" in key or "\n" in value:
                 raise Invalid("rbd:config_opts may not hold newlines")
             lines.append(f"{key} = {value}")
-        _write_private(self._conf_path(), "\n".join(lines) + "\n")
+        atomic_write(self._conf_path(), ("\n".join(lines) + "\n").encode())
         if auth is not None:
-            _write_private(self._key_path(), self.secrets.ceph_key(auth) + "\n")
+            atomic_write(self._key_path(), (self.secrets.ceph_key(auth) + "\n").encode())
 
     def _cli(self) -> list[str]:
         argv = ["--conf", str(self._conf_path())]
@@ -165,20 +165,13 @@ class RbdBackend(ExportingBackend):
     # ---------------------------------------------------------------- pools
 
     async def is_running(self) -> bool:
-        """Up when this pool's qemu-storage-daemon (from before a restart) still answers."""
-        if self.services is None or not (self.run_dir() / "qmp.sock").exists():
-            return False
-        if not await self.qsd.alive():
+        if not await self.daemon_running():
             return False
         await trio.to_thread.run_sync(self._write_config)
-        self.adopt_exports()
         return True
 
     async def start(self) -> None:
-        missing = [t for t in TOOLS if shutil.which(t) is None]
-        if missing:
-            raise Unsupported(f"rbd pools need {', '.join(missing)} (Debian: ceph-common, "
-                              "qemu-system-common, qemu-block-extra)")
+        self.require_tools(TOOLS, "ceph-common, qemu-system-common, qemu-block-extra")
         await trio.to_thread.run_sync(self._write_config)
         await self._rbd("ls", what=f"RADOS pool {self.rados_pool}", timeout=60)
         await self.qsd.start(self.qsd_objects())
@@ -434,24 +427,7 @@ class RbdBackend(ExportingBackend):
         # Thin, as at creation: the export passes the new size on to the image.
         await trio.to_thread.run_sync(os.ftruncate, fd, size)
 
-    async def wipe_volume(self, vol: Volume) -> None:
-        if "@" in vol.name:
-            raise Unsupported("snapshots are read-only")
-        # Zeroing through the export: QEMU turns it into RBD's write-zeroes/discard.
-        await self._export(vol.name)
-        await run(["fallocate", "--zero-range", "--offset", "0", "--length",
-                   str(vol.capacity), vol.path], timeout=3600)
 
 
 def replace_path(vol: Volume, path: str) -> Volume:
     return replace(vol, path=path)
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)

@@ -303,8 +303,9 @@ def test_eperm_for_what_vsfs_files_cannot_do(vsfs: Mount) -> None:
 
 def test_sources_need_a_host(vsfs: Mount) -> None:
     src = vsfs.path / "sources"
-    assert sorted(os.listdir(src)) == ["iscsi", "logical", "netfs"]
-    for stype, reason in (("iscsi", "name the portal"), ("netfs", "name the server")):
+    assert sorted(os.listdir(src)) == ["iscsi", "iscsi-direct", "logical", "netfs"]
+    for stype, reason in (("iscsi", "name the portal"), ("netfs", "name the server"),
+                          ("iscsi-direct", "and an initiator")):
         assert "Invalid argument" in sh(f"cat {src}/{stype}").stderr
         assert reason in vsfs.error()
         assert "Invalid argument" in sh(f"echo 'two hosts' > {src}/{stype}").stderr

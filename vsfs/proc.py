@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shlex
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import trio
 
@@ -17,7 +17,7 @@ DEFAULT_TIMEOUT = 120.0
 
 
 async def run(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
-              secret: str | None = None) -> str:
+              secret: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """Run ``argv`` and return its standard output.
 
     A non-zero exit or a time-out raises BackendFailed carrying the command's
@@ -32,7 +32,7 @@ async def run(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
         with trio.fail_after(timeout):
             result = await trio.run_process(
                 list(argv), capture_stdout=True, capture_stderr=True, check=False,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL, env=env,
             )
     except trio.TooSlowError:
         raise BackendFailed(f"{argv[0]}: no answer after {timeout:g} s") from None

@@ -40,6 +40,8 @@ FILES: tuple[tuple[str, str, str], ...] = (
     ("sources/logical", "r", "<sources> XML: the volume groups here and their devices"),
     ("sources/netfs", "rw", "the NFS exports of the host written into it (HOST)"),
     ("sources/iscsi", "rw", "the targets of the portal written into it (HOST[:PORT])"),
+    ("sources/iscsi-direct", "rw",
+     "the same without a kernel initiator: write a <source> with host and initiator"),
     ("sources/<type>?host=<host>", "r",
      "the same for that host, without writing: ?host=H[&port=P][&initiator=IQN]"),
     ("host/volumes/<dev>", "link", "-> /dev/<dev>: every block device of the host"),
