@@ -1,8 +1,8 @@
 """A throw-away single-node Ceph cluster on 127.0.0.1 for the rbd tests.
 
 One monitor (msgr2 only, on a free port), one manager (pool statistics come from it) and one
-OSD on memstore (RAM, 1 GiB), no cephx, pools of size 1. Every file lives under one
-directory; every daemon is ended by the PID it wrote.
+OSD on memstore (RAM, 1 GiB unless told otherwise), no cephx, pools of size 1. Every file
+lives under one directory; every daemon is ended by the PID it wrote.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ def _free_port() -> int:
 
 
 class CephCluster:
-    def __init__(self, base: Path, pool: str = "vsfs") -> None:
+    def __init__(self, base: Path, pool: str = "vsfs", device_bytes: int = 1 << 30) -> None:
         self.dir = base
         self.pool = pool
+        self.device_bytes = device_bytes
         self.port = _free_port()
         self.conf = base / "ceph.conf"
 
@@ -60,7 +61,7 @@ auth_client_required = none
 ms_bind_msgr1 = false
 ms_bind_msgr2 = true
 osd_objectstore = memstore
-memstore_device_bytes = 1073741824
+memstore_device_bytes = {self.device_bytes}
 mon_allow_pool_size_one = true
 mon_warn_on_pool_no_redundancy = false
 osd_pool_default_size = 1
