@@ -11,7 +11,8 @@ data sequentially, 4 MiB at a time, one request in flight, four ways:
 
 - through the volume's local path: ``dd`` with O_DIRECT (write, then read);
 - QEMU straight to the cluster: ``qemu-img bench`` on ``rbd:POOL/IMAGE`` with the same
-  request size and depth (QEMU's own direct access, the baseline of the target);
+  request size, depth and cache mode as the export (QEMU's own direct access, the baseline
+  of the target);
 - Ceph's own tools: ``rbd import`` and ``rbd export``.
 
 It checks the bytes (``rbd export`` of what went through the local path equals the data),
@@ -92,12 +93,13 @@ def main() -> int:
 
         rows: list[tuple[str, float, float, float]] = []
         # write
-        os.truncate(pool / "volumes" / "local", size)
+        sh("truncate", "-s", str(size), str(pool / "volumes" / "local"))
         path = os.path.realpath(pool / "volumes" / "local")
         w_local = sh("dd", f"if={data}", f"of={path}", f"bs={BLOCK}", "oflag=direct",
                      "conv=notrunc,fsync", "status=none")
         sh("rbd", "--conf", conf, "create", "--size", f"{size}B", f"{cluster.pool}/direct")
-        w_qemu = sh("qemu-img", "bench", "-w", "-f", "raw", "-t", "none", "-c", str(count),
+        # QEMU with the cache mode the export uses (writeback: librbd's cache on).
+        w_qemu = sh("qemu-img", "bench", "-w", "-f", "raw", "-t", "writeback", "-c", str(count),
                     "-s", str(BLOCK), "-S", str(BLOCK), "-d", "1", rbd_url)
         w_rbd = sh("rbd", "--conf", conf, "import", "--no-progress", str(data),
                    f"{cluster.pool}/imported")
@@ -105,10 +107,10 @@ def main() -> int:
         # read (the page cache of the export is bypassed with O_DIRECT)
         r_local = sh("dd", f"if={path}", "of=/dev/null", f"bs={BLOCK}", "iflag=direct",
                      "status=none")
-        r_qemu = sh("qemu-img", "bench", "-f", "raw", "-t", "none", "-c", str(count),
+        r_qemu = sh("qemu-img", "bench", "-f", "raw", "-t", "writeback", "-c", str(count),
                     "-s", str(BLOCK), "-S", str(BLOCK), "-d", "1", rbd_url)
-        r_rbd = sh("rbd", "--conf", conf, "export", "--no-progress",
-                   f"{cluster.pool}/imported", "/dev/null")
+        r_rbd = sh("bash", "-c", f"rbd --conf {conf} export --no-progress "
+                   f"{cluster.pool}/imported - > /dev/null")
         rows.append(("sequential read", r_local, r_qemu, r_rbd))
 
         exported = subprocess.run(["rbd", "--conf", conf, "export", "--no-progress",
