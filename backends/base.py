@@ -75,12 +75,13 @@ class Backend(ABC):
             raise NotFound("no secret store to read credentials from")
         return self.services.secrets
 
-    def run_dir(self) -> Path:
+    def run_dir(self, create: bool = True) -> Path:
         """A directory of this pool's runtime files (sockets, export points), made on use."""
         if self.services is None:
             raise NotFound("no runtime directory")
         path = self.services.run_dir / self.pool.uuid
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if create:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
         return path
 
     async def quick_io(self, fn: Callable[..., T], *args: object) -> T:

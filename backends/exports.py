@@ -69,7 +69,7 @@ class ExportingBackend(Backend):
     async def daemon_running(self) -> bool:
         """Whether this pool's daemon (from before a restart of vsfs) still answers; its
         exports, the files in its directory, are then taken over."""
-        if self.services is None or not (self.run_dir() / "qmp.sock").exists():
+        if self.services is None or not (self.run_dir(create=False) / "qmp.sock").exists():
             return False
         if not await self.qsd.alive():
             return False
@@ -88,6 +88,9 @@ class ExportingBackend(Backend):
         for name in list(self._exports):
             await self._unexport(name)
         await self.qsd.stop()
+        # Its configuration, key and socket go with it; start writes them anew.
+        await trio.to_thread.run_sync(
+            lambda: shutil.rmtree(self.qsd.dir, ignore_errors=True))
 
     async def _export(self, name: str) -> str:
         if name in self._exports:

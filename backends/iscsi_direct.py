@@ -140,9 +140,7 @@ class IscsiDirectBackend(ExportingBackend):
             raise
 
     async def stop(self) -> None:
-        await self.stop_exports()
-        with contextlib.suppress(FileNotFoundError):
-            self._password_path().unlink()
+        await self.stop_exports()  # the password file goes with the runtime directory
 
     async def _luns(self) -> list[int]:
         """The data LUNs of our target: one iscsi-ls."""

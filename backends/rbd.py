@@ -177,10 +177,8 @@ class RbdBackend(ExportingBackend):
         await self.qsd.start(self.qsd_objects())
 
     async def stop(self) -> None:
-        await self.stop_exports()
+        await self.stop_exports()  # the key file goes with the runtime directory
         self._seen = None
-        with contextlib.suppress(FileNotFoundError):
-            self._key_path().unlink()
 
     async def _status(self) -> PoolStatus:
         try:

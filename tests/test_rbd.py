@@ -164,6 +164,8 @@ def test_rbd_pool_lifecycle(vsfs: Mount, ceph: CephCluster,
     sh(f"echo stop > {p}/ctl", check=True)
     assert os.listdir(p / "volumes") == []
     assert not sh(f"findmnt -rn -o TARGET | grep -F {runtime_dir(vsfs.state)}").stdout
+    # its configuration, socket and export points went with it
+    assert not list(runtime_dir(vsfs.state).glob("*"))
     sh(f"echo start > {p}/ctl", check=True)
     assert os.listdir(p / "volumes") == ["last"]
     assert os.stat(p / "volumes" / "last").st_size == 8 * MiB

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -232,6 +233,8 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
         ops.mounted = False
         pyfuse3.close(unmount=clean)
         log.info("unmounted %s", mnt)
+        with contextlib.suppress(OSError):
+            manager.services.run_dir.rmdir()  # when no pool keeps files there
 
 
 async def _on_signals() -> None:
