@@ -116,6 +116,16 @@ def test_rbd_pool_lifecycle(vsfs: Mount, ceph: CephCluster,
     assert (p / "volumes" / "img2").read_bytes() == other
     assert "raw" in sh(f"qemu-img info {p}/volumes/img2", check=True).stdout
 
+    # <volume> XML makes a thin raw image; other formats are not RBD's
+    (vsfs.base / "v.xml").write_text("<volume><name>fromxml</name>"
+                                     "<capacity unit='M'>16</capacity></volume>")
+    sh(f"cat {vsfs.base}/v.xml > {p}/define", check=True)
+    assert rbd_size(ceph, "fromxml") == 16 * MiB
+    (vsfs.base / "q.xml").write_text("<volume><name>q</name><capacity>1048576</capacity>"
+                                     "<target><format type='qcow2'/></target></volume>")
+    assert "Operation not supported" in sh(f"cat {vsfs.base}/q.xml > {p}/define").stderr
+    sh(f"rm {p}/volumes/fromxml", check=True)
+
     # cp makes an image from a file
     sh(f"cp {vsfs.base}/data {p}/volumes/img3", check=True)
     assert rbd_export(ceph, "img3") == data

@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 import trio
 
+from vsfs.backends.base import Services
+from vsfs.backends.rbd import RbdBackend
 from vsfs.errors import BackendFailed, Denied, Invalid, NotFound
 from vsfs.model import SourceAuth
 from vsfs.proc import run
 from vsfs.secrets import SecretStore
+from vsfs.xmlio import parse_pool
 
 UUID = "0b6b2c4e-2f0e-4c57-9d9e-6d1c8f4a7b21"
 VALUE = "pa55-w0rd-xyz"
@@ -98,3 +101,47 @@ def test_commands_mask_the_secret(caplog: pytest.LogCaptureFixture) -> None:
         trio.run(main)
     assert caplog.records, "the command was logged"
     assert all(VALUE not in r.getMessage() for r in caplog.records)
+
+
+def test_ceph_keys_from_files_keyrings_and_libvirt(tmp_path: Path) -> None:
+    key = "AQBxN0VlAAAAABAAvRcuQj5Q0k1UOZ6dXw8rWA=="
+    f = private(tmp_path / "key", f"{key}\n".encode())
+    ring = private(tmp_path / "ring", f"[client.libvirt]\n\tkey = {key}\n".encode())
+    s = SecretStore(tmp_path / "secrets")
+    for path in (f, ring):
+        assert s.ceph_key(SourceAuth("ceph", "libvirt", None, str(path))) == key
+    bad = private(tmp_path / "bad", b"[client.x]\ncaps mon = allow r\n")
+    with pytest.raises(Invalid, match="no Ceph key"):
+        s.ceph_key(SourceAuth("ceph", "libvirt", None, str(bad)))
+    # libvirt keeps the raw key; its .base64 file is the key as Ceph prints it
+    s.dir.mkdir(mode=0o700)
+    (s.dir / f"{UUID}.xml").write_text(
+        f"<secret><uuid>{UUID}</uuid><usage type='ceph'><name>client.libvirt secret</name>"
+        "</usage></secret>")
+    private(s.dir / f"{UUID}.base64", key.encode())
+    assert s.ceph_key(SourceAuth("ceph", "libvirt", None, "client.libvirt secret")) == key
+
+
+def test_rbd_configuration_keeps_the_key_private(tmp_path: Path) -> None:
+    """What an rbd pool hands Ceph and QEMU: the key only in a 0600 file, never in argv."""
+    key = "AQBxN0VlAAAAABAAvRcuQj5Q0k1UOZ6dXw8rWA=="
+    f = private(tmp_path / "key", key.encode())
+    pool = parse_pool(
+        "<pool type='rbd'><name>c</name><source><name>rbd</name>"
+        "<host name='10.0.0.1' port='3300'/><host name='10.0.0.2' port='6789'/>"
+        f"<host name='ceph3'/><auth type='ceph' username='libvirt'><secret usage='{f}'/></auth>"
+        "</source><rbd:config_opts xmlns:rbd='http://libvirt.org/schemas/storagepool/rbd/1.0'>"
+        "<rbd:option name='rbd_cache' value='false'/></rbd:config_opts></pool>".encode())
+    b = RbdBackend(pool, Services(SecretStore(tmp_path / "secrets"), tmp_path / "run"))
+    b._write_config()
+    conf = (b.run_dir() / "ceph.conf").read_text()
+    assert "mon_host = v2:10.0.0.1:3300,v1:10.0.0.2:6789,ceph3" in conf
+    assert "rbd_cache = false" in conf and "auth_client_required" not in conf
+    assert key not in conf
+    keyfile = b.run_dir() / "key"
+    assert keyfile.read_text().strip() == key and (keyfile.stat().st_mode & 0o777) == 0o600
+    argv = b._cli()
+    assert key not in " ".join(argv) and argv[-2:] == ["--keyfile", str(keyfile)]
+    assert "--id" in argv and "libvirt" in argv
+    assert b.blockdev("img")["key-secret"] == "cephkey" and key not in str(b.blockdev("img"))
+    assert key not in " ".join(b.qsd_objects())

@@ -65,10 +65,17 @@ class SecretStore:
         self.dir = directory
 
     def ceph_key(self, auth: SourceAuth) -> str:
-        """A Ceph key as Ceph prints it (base64): a key file's text, or a libvirt secret's
-        ``.base64`` file, which holds exactly that."""
+        """A Ceph key as Ceph prints it (base64): from a key file, a keyring (its
+        ``key = …`` line), or a libvirt secret's ``.base64`` file, which holds exactly that."""
         if auth.secret_usage is not None and auth.secret_usage.startswith("/"):
-            return self.value(auth).strip()
+            text = self.value(auth).strip()
+            for line in text.splitlines():
+                name, eq, value = line.partition("=")
+                if eq and name.strip() == "key":
+                    return value.strip()  # a keyring
+            if "\n" in text or "[" in text:
+                raise Invalid(f"{auth.secret_usage} holds no Ceph key")
+            return text
         return base64.b64encode(self.raw(auth)).decode()
 
     def value(self, auth: SourceAuth) -> str:
