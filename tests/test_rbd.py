@@ -126,6 +126,16 @@ def test_rbd_pool_lifecycle(vsfs: Mount, ceph: CephCluster,
     assert "Operation not supported" in sh(f"cat {vsfs.base}/q.xml > {p}/define").stderr
     sh(f"rm {p}/volumes/fromxml", check=True)
 
+    # path-only tools: mkfs straight on the path, and a loop device over it
+    sh(f"truncate -s 32M {p}/volumes/fs && mkfs.ext4 -q {p}/volumes/fs", check=True)
+    loop = sh(f"losetup -f --show {p}/volumes/fs", check=True).stdout.strip()
+    try:
+        assert "ext4" in sh(f"blkid -o value -s TYPE {loop}").stdout
+    finally:
+        sh(f"losetup -d {loop}", check=True)
+    assert rbd_export(ceph, "fs")[1080:1082] == b"\x53\xef"  # ext4's magic, in Ceph
+    sh(f"rm {p}/volumes/fs", check=True)
+
     # cp makes an image from a file
     sh(f"cp {vsfs.base}/data {p}/volumes/img3", check=True)
     assert rbd_export(ceph, "img3") == data
