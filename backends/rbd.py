@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import socket
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -331,8 +330,8 @@ class RbdBackend(ExportingBackend):
                         what=f"creating {vdef.name}")
         try:
             # Exported at once: it is about to be written (cp, a clone).
-            path = await self._export(vdef.name)
-            return replace_path(await self.volume(vdef.name), path)
+            await self._export(vdef.name)
+            return await self.volume(vdef.name)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._remove(vdef.name)
@@ -424,8 +423,3 @@ class RbdBackend(ExportingBackend):
     async def truncate_upload(self, fd: int, size: int) -> None:
         # Thin, as at creation: the export passes the new size on to the image.
         await trio.to_thread.run_sync(os.ftruncate, fd, size)
-
-
-
-def replace_path(vol: Volume, path: str) -> Volume:
-    return replace(vol, path=path)
