@@ -225,6 +225,10 @@ def test_rbd_two_hosts(mount_factory: Callable[..., Mount], ceph: CephCluster,
         assert time.monotonic() < deadline, "the other host did not see the changes"
         time.sleep(0.25)
     sh(f"rm {pa}/volumes/vm2", check=True)
+    deadline = time.monotonic() + 10
+    while "vm2" in os.listdir(pb / "volumes"):
+        assert time.monotonic() < deadline, "the other host did not see the delete"
+        time.sleep(0.25)
     sh(f"echo refresh > {pb}/ctl", check=True)
     assert os.listdir(pb / "volumes") == ["vm1"]
 
