@@ -60,6 +60,9 @@ class Backend(ABC):
     # once it gives the size.
     sized_at_creation: ClassVar[bool] = False
 
+    # How long a volume's values, once read, are served without asking the backend
+    # again (a read costs a stat here, a command to a cluster elsewhere).
+    values_fresh_for: ClassVar[float] = 1.0
     # Volumes whose local path exists only while used (an export made on demand):
     # prepare_volume makes it when the path is asked for, reap withdraws idle ones.
     on_demand_paths: ClassVar[bool] = False
@@ -88,6 +91,22 @@ class Backend(ABC):
         """A few syscalls on a volume's file (open, ftruncate, close) in a worker thread,
         since storage may be slow to answer; local filesystems run them inline."""
         return await trio.to_thread.run_sync(fn, *args)
+
+    async def clone_by_copy(self, vdef: VolumeDef, source: Volume) -> Volume:
+        """A new raw volume of the source's size, holding its data (any image format read):
+        for volumes made at a fixed size (partitions, LVs, images)."""
+        if source.type == "dir":
+            raise Unsupported(f"a directory cannot be copied into a {self.pool_type} volume")
+        vol = await self.create_volume(VolumeDef(name=vdef.name, capacity=source.capacity))
+        try:
+            await run(["qemu-img", "convert", "-U", "-q", "-n", "-f",
+                       data_format(source.format), "-O", "raw", source.path, vol.path],
+                      timeout=3600)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.delete_volume(vol)
+            raise
+        return vol
 
     def require(self, callback: str, what: str) -> None:
         """Refuse up front (EOPNOTSUPP) what this backend does not implement, so that the
@@ -223,16 +242,4 @@ class BlockBackend(Backend):
     sized_at_creation: ClassVar[bool] = True
 
     async def clone_volume(self, vdef: VolumeDef, source: Volume) -> Volume:
-        """A new volume of the source's size, holding its data (any image format read)."""
-        if source.type == "dir":
-            raise Unsupported(f"a directory cannot be copied into a {self.pool_type} volume")
-        vol = await self.create_volume(VolumeDef(name=vdef.name, capacity=source.capacity))
-        try:
-            await run(["qemu-img", "convert", "-U", "-q", "-n", "-f",
-                       data_format(source.format), "-O", "raw", source.path, vol.path],
-                      timeout=3600)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self.delete_volume(vol)
-            raise
-        return vol
+        return await self.clone_by_copy(vdef, source)

@@ -30,6 +30,8 @@ IDLE_DEFAULT = 30.0
 
 class ExportingBackend(Backend):
     on_demand_paths: ClassVar[bool] = True
+    # Reading a volume's values is a command to the storage: the last ones serve a while.
+    values_fresh_for: ClassVar[float] = 5.0
 
     def __init__(self, pool: PoolDef, services: Services | None = None) -> None:
         super().__init__(pool, services)

@@ -26,7 +26,7 @@ from vsfs.model import PoolDef, PoolSource, PoolStatus, SourceDevice, Volume
 from vsfs.proc import run
 from vsfs.state import atomic_write
 
-from .base import Services, Snapshot
+from .base import Snapshot
 from .exports import ExportingBackend
 from .iscsi import ISCSI_NAME, portal_of
 
@@ -49,9 +49,6 @@ def _libiscsi_error(e: BackendFailed, what: str) -> VsfsError:
 
 class IscsiDirectBackend(ExportingBackend):
     pool_type: ClassVar[str] = "iscsi-direct"
-
-    def __init__(self, pool: PoolDef, services: Services | None = None) -> None:
-        super().__init__(pool, services)
 
     @classmethod
     def validate(cls, pool: PoolDef) -> None:

@@ -33,7 +33,7 @@ from vsfs.errors import (
     Unsupported,
     VsfsError,
 )
-from vsfs.model import PoolDef, PoolStatus, Volume, VolumeDef, data_format
+from vsfs.model import PoolDef, PoolStatus, Volume, VolumeDef
 from vsfs.proc import run
 from vsfs.state import atomic_write
 
@@ -397,23 +397,12 @@ class RbdBackend(ExportingBackend):
 
     async def clone_volume(self, vdef: VolumeDef, source: Volume) -> Volume:
         """A full, independent copy: ``rbd cp`` inside the pool, else QEMU copies the bytes."""
-        if source.type == "dir":
-            raise Unsupported("a directory cannot be copied into an rbd image")
         if source.key == f"{self.rados_pool}/{source.name}":
             await self._rbd("cp", "--no-progress", f"{self.rados_pool}/{source.name}",
                             f"{self.rados_pool}/{vdef.name}",
                             what=f"copying {source.name}", timeout=3600)
             return await self.volume(vdef.name)
-        vol = await self.create_volume(VolumeDef(name=vdef.name, capacity=source.capacity))
-        try:
-            await run(["qemu-img", "convert", "-U", "-q", "-n", "-f",
-                       data_format(source.format), "-O", "raw", source.path, vol.path],
-                      timeout=3600)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await self._remove(vdef.name)
-            raise
-        return vol
+        return await self.clone_by_copy(vdef, source)
 
     def open_volume(self, vol: Volume, flags: int) -> int:
         if "@" in vol.name:

@@ -171,6 +171,12 @@ def test_rbd_pool_lifecycle(vsfs: Mount, ceph: CephCluster,
     d = vsfs.dir_pool("d")
     sh(f"echo 'clone local.raw d' > {p}/volinfo/renamed/ctl", check=True)
     assert (d / "local.raw").read_bytes() == other
+    # a source whose local path nobody asked for yet is exported for the copy
+    ceph.cli("rbd", "import", "--no-progress", "-", f"{ceph.pool}/fresh", stdin=other)
+    sh(f"echo refresh > {p}/ctl && echo 'clone fresh.raw d' > {p}/volinfo/fresh/ctl",
+       check=True)
+    assert (d / "fresh.raw").read_bytes() == other
+    sh(f"rm {p}/volumes/fresh", check=True)
     sh(f"echo 'clone back r' > {vsfs.path}/pools/d/volinfo/local.raw/ctl", check=True)
     assert rbd_export(ceph, "back") == other
     sh(f"echo wipe > {p}/volinfo/copy/ctl", check=True)

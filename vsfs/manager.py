@@ -52,9 +52,6 @@ LIBVIRT_POOL_TYPES = frozenset({
     "rbd", "sheepdog", "gluster", "zfs", "vstorage",
 })
 
-# Seconds for which a volume's sizes, once read, are served without asking again.
-FRESH = 1.0
-
 # Called with the path (inside the mount) of an entry that vanished or changed.
 Invalidator = Callable[[tuple[str, ...]], None]
 # Called with the path of a symlink and its target, whose target the kernel must read again.
@@ -601,8 +598,9 @@ class Manager:
         entry = self.running_entry(pool)
         now = trio.current_time()
         cached = entry.volumes.get(name)
+        fresh = entry.backend.values_fresh_for
         if cached is not None and now - max(entry.scanned_at,
-                                            entry.read_at.get(name, -FRESH)) < FRESH:
+                                            entry.read_at.get(name, -fresh)) < fresh:
             return cached
         try:
             vol = await entry.backend.volume(name)
@@ -649,6 +647,8 @@ class Manager:
     async def clone_volume(self, pool: str, name: str, dest_pool: str, new_name: str) -> Volume:
         check_name(new_name, "volume name")
         src = self.volume(pool, name)
+        # The copy reads the source through its local path, which may come on demand.
+        await self.prepare_volume(pool, name)
         dest = self.running_entry(dest_pool)
         async with dest.lock:
             if new_name in dest.volumes:
