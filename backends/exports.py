@@ -86,13 +86,28 @@ class ExportingBackend(Backend):
             raise Unsupported(f"{self.pool_type} pools need {', '.join(missing)} "
                               f"(Debian: {packages})")
 
+    async def check_storage(self) -> None:
+        """Before the daemon starts: write what it needs, check that the storage answers."""
+
+    async def start(self) -> None:
+        try:
+            await self.check_storage()
+            await self.qsd.start(self.qsd_objects())
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._drop_runtime()
+            raise
+
     async def stop_exports(self) -> None:
         for name in list(self._exports):
             await self._unexport(name)
         await self.qsd.stop()
-        # Its configuration, key and socket go with it; start writes them anew.
-        await trio.to_thread.run_sync(
-            lambda: shutil.rmtree(self.qsd.dir, ignore_errors=True))
+        await self._drop_runtime()
+
+    async def _drop_runtime(self) -> None:
+        """The pool's configuration, secrets and socket: start writes them anew."""
+        path = self.run_dir(create=False)
+        await trio.to_thread.run_sync(lambda: shutil.rmtree(path, ignore_errors=True))
 
     async def _export(self, name: str) -> str:
         if name in self._exports:

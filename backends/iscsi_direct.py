@@ -12,7 +12,6 @@ through a command line.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -122,19 +121,13 @@ class IscsiDirectBackend(ExportingBackend):
     async def is_running(self) -> bool:
         return await self.daemon_running()
 
-    async def start(self) -> None:
+    async def check_storage(self) -> None:
         self.require_tools(TOOLS, "libiscsi-bin, qemu-system-common, qemu-block-extra")
         auth = self.pool.source.auth
         if auth is not None:
             password = await trio.to_thread.run_sync(self.secrets.value, auth)
             await trio.to_thread.run_sync(atomic_write, self._password_path(), password.encode())
-        try:
-            await self._luns()  # the target is there and lets us in
-            await self.qsd.start(self.qsd_objects())
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                self._password_path().unlink()
-            raise
+        await self._luns()  # the target is there and lets us in
 
     async def stop(self) -> None:
         await self.stop_exports()  # the password file goes with the runtime directory

@@ -169,11 +169,10 @@ class RbdBackend(ExportingBackend):
         await trio.to_thread.run_sync(self._write_config)
         return True
 
-    async def start(self) -> None:
+    async def check_storage(self) -> None:
         self.require_tools(TOOLS, "ceph-common, qemu-system-common, qemu-block-extra")
         await trio.to_thread.run_sync(self._write_config)
         await self._rbd("ls", what=f"RADOS pool {self.rados_pool}", timeout=60)
-        await self.qsd.start(self.qsd_objects())
 
     async def stop(self) -> None:
         await self.stop_exports()  # the key file goes with the runtime directory

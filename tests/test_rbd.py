@@ -246,6 +246,7 @@ def test_rbd_refusals(vsfs: Mount, ceph: CephCluster) -> None:
     res = sh(f"echo start > {p}/ctl")
     assert "No such file" in res.stderr and "no-such-pool" in vsfs.error()
     assert (p / "state").read_text() == "inactive\n"
+    assert not list(runtime_dir(vsfs.state).glob("*")), "a failed start leaves no files"
     bad = vsfs.base / "bad.xml"
     bad.write_text("<pool type='rbd'><name>bad</name><source><name>x</name>"
                    "<auth type='chap' username='u'><secret usage='s'/></auth></source></pool>")
