@@ -225,6 +225,7 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
             nursery.start_soon(_on_signals)
             nursery.start_soon(manager.poll)
             nursery.start_soon(manager.watch_host)
+            nursery.start_soon(ops.run_lazy_invalidations)
             tell("ok")
             await pyfuse3.main()
             clean = True

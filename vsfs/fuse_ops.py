@@ -7,6 +7,7 @@ caller's MNT/error). It holds no storage logic.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 # Entries we change ourselves are invalidated explicitly; these bound how long
 # the kernel trusts an entry that changed behind our back.
 TIMEOUT = 1.0
+# Lazy invalidations (the dentries of uploads once closed) wait this long, so that
+# one worker thread call sends many; at most LAZY_QUEUE wait, more go at once.
+LAZY_INVALIDATE = 0.05
+LAZY_QUEUE = 4096
 
 R = TypeVar("R")
 
@@ -90,20 +95,52 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
         self.mounted = False
+        self._lazy_send: trio.MemorySendChannel[tuple[int, bytes]] | None = None
 
     # ---------------------------------------------------------------- plumbing
 
-    def invalidate(self, path: tuple[str, ...]) -> None:
-        """Tell the kernel to forget a cached entry (from the manager)."""
+    def invalidate(self, path: tuple[str, ...], lazy: bool = False) -> None:
+        """Tell the kernel to forget a cached entry (from the manager); a lazy one
+        goes with others after LAZY_INVALIDATE seconds, in one worker thread call."""
         if not self.mounted or not path:
             return
         parent = self._ino_of.get((path[:-1], "dir"))
         if parent is None:
             return
+        name = os.fsencode(path[-1])
+        if lazy and self._lazy_send is not None:
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                self._lazy_send.send_nowait((parent, name))
+                return
         try:
-            pyfuse3.invalidate_entry_async(parent, os.fsencode(path[-1]), ignore_enoent=True)
+            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
         except Exception:  # the kernel may be going away; nothing to undo
             log.debug("invalidate %s failed", "/".join(path), exc_info=True)
+
+    async def run_lazy_invalidations(self) -> None:
+        """Serve lazy invalidations until cancelled (a task of the mount)."""
+        send, receive = trio.open_memory_channel[tuple[int, bytes]](LAZY_QUEUE)
+        self._lazy_send = send
+        try:
+            async with receive:
+                async for first in receive:
+                    await trio.sleep(LAZY_INVALIDATE)
+                    batch = [first]
+                    with contextlib.suppress(trio.WouldBlock):
+                        while True:
+                            batch.append(receive.receive_nowait())
+                    await trio.to_thread.run_sync(self._invalidate_now, batch)
+        finally:
+            self._lazy_send = None
+
+    def _invalidate_now(self, entries: list[tuple[int, bytes]]) -> None:
+        for parent, name in entries:
+            try:
+                pyfuse3.invalidate_entry(parent, name)
+            except FileNotFoundError:  # the kernel has forgotten it already
+                pass
+            except Exception:  # the kernel may be going away; nothing to undo
+                log.debug("invalidate %r failed", name, exc_info=True)
 
     async def forget_link(self, path: tuple[str, ...], target: str) -> None:
         """Make the kernel read a symlink's target again (from the manager)."""

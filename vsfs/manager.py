@@ -52,10 +52,33 @@ LIBVIRT_POOL_TYPES = frozenset({
     "rbd", "sheepdog", "gluster", "zfs", "vstorage",
 })
 
-# Called with the path (inside the mount) of an entry that vanished or changed.
-Invalidator = Callable[[tuple[str, ...]], None]
+# Called with the path (inside the mount) of an entry that vanished or changed, and
+# whether the kernel may learn it a moment later (when its cache is only inefficient,
+# not wrong, until then).
+Invalidator = Callable[[tuple[str, ...], bool], None]
 # Called with the path of a symlink and its target, whose target the kernel must read again.
 LinkForgetter = Callable[[tuple[str, ...], str], Awaitable[None]]
+
+
+class _Held:
+    """``async with`` for a trio Lock that does not pass through the scheduler when
+    the lock is free: a FUSE handler that never waits is served without a task
+    switch (see the pyfuse3 fast-loop patch), and most volume operations take
+    their pool's lock uncontended."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: trio.Lock) -> None:
+        self.lock = lock
+
+    async def __aenter__(self) -> None:
+        try:
+            self.lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self.lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.release()
 
 
 @dataclass
@@ -75,6 +98,10 @@ class PoolEntry:
     @property
     def running(self) -> bool:
         return self.state in (PoolState.RUNNING, PoolState.DEGRADED)
+
+    def locked(self) -> _Held:
+        """The pool's lock, held for one change of the pool or its volumes."""
+        return _Held(self.lock)
 
 
 @dataclass
@@ -114,9 +141,9 @@ class Manager:
         self._invalidate = invalidate
         self._forget_link = forget_link
 
-    def _gone(self, *path: str) -> None:
+    def _gone(self, *path: str, lazy: bool = False) -> None:
         if self._invalidate is not None:
-            self._invalidate(path)
+            self._invalidate(path, lazy)
 
     # ---------------------------------------------------------------- loading
 
@@ -245,7 +272,7 @@ class Manager:
         if new.uuid != entry.pool.uuid:
             raise Invalid(f"pool {name!r} has UUID {entry.pool.uuid}, not {new.uuid}")
         cls = self._backend_class(new)
-        async with entry.lock:
+        async with entry.locked():
             if entry.state != PoolState.INACTIVE:
                 raise Busy(f"pool {name!r} is active; stop it before redefining it")
             self._check_unique(new, replacing=name)
@@ -258,7 +285,7 @@ class Manager:
 
     async def undefine_pool(self, name: str) -> None:
         entry = self.entry(name)
-        async with entry.lock:
+        async with entry.locked():
             if entry.state != PoolState.INACTIVE:
                 raise Busy(f"pool {name!r} is active; stop it before undefining it")
             await trio.to_thread.run_sync(self.state.remove, name)
@@ -268,7 +295,7 @@ class Manager:
 
     async def set_autostart(self, name: str, on: bool) -> None:
         entry = self.entry(name)
-        async with entry.lock:
+        async with entry.locked():
             await trio.to_thread.run_sync(self.state.set_autostart, name, on)
             entry.autostart = on
 
@@ -280,7 +307,7 @@ class Manager:
         entry = self.entry(name)
         if cmd == "build":
             overwrite = self._build_flags(args)
-            async with entry.lock:
+            async with entry.locked():
                 if entry.state != PoolState.INACTIVE:
                     raise Busy(f"pool {name!r} is active; stop it before building it")
                 entry.state = PoolState.BUILDING
@@ -293,12 +320,12 @@ class Manager:
         if args:
             raise Invalid(f"{cmd!r} takes no arguments")
         if cmd == "start":
-            async with entry.lock:
+            async with entry.locked():
                 if entry.running:
                     raise Busy(f"pool {name!r} is already active")
                 await self._activate(entry, start=True)
         elif cmd == "stop":
-            async with entry.lock:
+            async with entry.locked():
                 if not entry.running:
                     raise Invalid(f"pool {name!r} is not active")
                 busy = next((u for u in self.uploads.values() if u.pool == name), None)
@@ -313,12 +340,12 @@ class Manager:
                 self._deactivate(entry)
             log.info("pool %s stopped", name)
         elif cmd == "refresh":
-            async with entry.lock:
+            async with entry.locked():
                 if not entry.running:
                     raise Invalid(f"pool {name!r} is not active")
                 await self._refresh(entry)
         elif cmd == "delete":
-            async with entry.lock:
+            async with entry.locked():
                 if entry.state != PoolState.INACTIVE:
                     raise Busy(f"pool {name!r} is active; stop it before deleting its storage")
                 await entry.backend.delete()
@@ -397,7 +424,7 @@ class Manager:
                 if not entry.running or entry.backend.poll_interval <= 0 or entry.lock.locked():
                     continue
                 try:
-                    async with entry.lock:
+                    async with entry.locked():
                         if entry.running and await entry.backend.changed():
                             await self._refresh(entry)
                         if entry.running and entry.backend.on_demand_paths:
@@ -418,7 +445,7 @@ class Manager:
         entry = self.running_entry(pool)
         if not entry.backend.on_demand_paths:
             return
-        async with entry.lock:
+        async with entry.locked():
             await entry.backend.prepare_volume(self.volume(pool, name))
 
     async def pool_status(self, name: str) -> PoolStatus:
@@ -438,7 +465,7 @@ class Manager:
     async def create_volume(self, pool: str, vdef: VolumeDef) -> Volume:
         check_name(vdef.name, "volume name")
         entry = self.running_entry(pool)
-        async with entry.lock:
+        async with entry.locked():
             if not entry.running:
                 raise Invalid(f"pool {pool!r} is not active")
             if vdef.name in entry.volumes:
@@ -457,7 +484,7 @@ class Manager:
         """Create an empty raw volume and open it, for ``truncate`` and ``cp``."""
         check_name(name, "volume name")
         entry = self.running_entry(pool)
-        async with entry.lock:
+        async with entry.locked():
             if not entry.running:
                 raise Invalid(f"pool {pool!r} is not active")
             if name in entry.volumes:
@@ -479,7 +506,7 @@ class Manager:
         try:
             if upload.fd < 0:
                 # Backends whose volumes need a size (partitions) make them now.
-                async with entry.lock:
+                async with entry.locked():
                     await self._check_space(entry, size)
                     made, upload.fd = await entry.backend.create_sized_upload(
                         VolumeDef(name=upload.name, capacity=size, format="raw"))
@@ -506,8 +533,8 @@ class Manager:
         self.uploads.pop((upload.pool, upload.name), None)
         entry = self.pools.get(upload.pool)
         vol = entry.volumes.get(upload.name) if entry is not None else None
-        if entry is not None and vol is not None:
-            async with entry.lock:
+        if entry is not None and vol is not None and (upload.failed or upload.written):
+            async with entry.locked():
                 if upload.failed:
                     await self._discard(entry, vol)
                     log.info("volume %s/%s removed: its upload failed", upload.pool,
@@ -519,9 +546,10 @@ class Manager:
                     except NotFound:
                         entry.volumes.pop(upload.name, None)
         # The regular file's entry was handed out with a zero timeout, so the next
-        # lookup finds the symlink (or nothing); dropping the dentry now also spares
-        # the kernel a GETATTR of the old inode when a listing replaces it.
-        self._gone("pools", upload.pool, "volumes", upload.name)
+        # lookup finds the symlink (or nothing); dropping the dentry too spares the
+        # kernel a GETATTR of the old inode when a listing replaces it. Being only
+        # that, it may come a moment later, with others, which is cheaper.
+        self._gone("pools", upload.pool, "volumes", upload.name, lazy=True)
 
     async def close_upload(self, upload: Upload) -> None:
         try:
@@ -545,7 +573,7 @@ class Manager:
 
     async def delete_volume(self, pool: str, name: str) -> None:
         entry = self.running_entry(pool)
-        async with entry.lock:
+        async with entry.locked():
             vol = self.volume(pool, name)
             why = self.in_use(pool, vol)
             if why is not None:
@@ -560,7 +588,7 @@ class Manager:
         if new_pool != pool:
             raise CrossDevice("volumes move between pools with 'clone NEW POOL', not mv")
         entry = self.running_entry(pool)
-        async with entry.lock:
+        async with entry.locked():
             vol = self.volume(pool, name)
             if new_name == name:
                 return
@@ -578,7 +606,7 @@ class Manager:
 
     async def resize_volume(self, pool: str, name: str, capacity: int) -> Volume:
         entry = self.running_entry(pool)
-        async with entry.lock:
+        async with entry.locked():
             vol = self.volume(pool, name)
             entry.backend.require("resize_volume", "resize volumes")
             if capacity > vol.capacity:
@@ -621,7 +649,7 @@ class Manager:
             await self.delete_volume(pool, name)
         elif cmd == "wipe" and (not args or args == ["zero"]):
             entry = self.running_entry(pool)
-            async with entry.lock:
+            async with entry.locked():
                 vol = self.volume(pool, name)
                 await entry.backend.wipe_volume(vol)
                 entry.volumes[name] = await entry.backend.volume(name)
@@ -629,7 +657,7 @@ class Manager:
         elif cmd == "shrink" and len(args) == 1:
             size = parse_size(args[0])
             entry = self.running_entry(pool)
-            async with entry.lock:
+            async with entry.locked():
                 vol = self.volume(pool, name)
                 entry.volumes[name] = await entry.backend.shrink_volume(vol, size)
             log.info("volume %s/%s shrunk to %d bytes", pool, name, size)
@@ -650,7 +678,7 @@ class Manager:
         # The copy reads the source through its local path, which may come on demand.
         await self.prepare_volume(pool, name)
         dest = self.running_entry(dest_pool)
-        async with dest.lock:
+        async with dest.locked():
             if new_name in dest.volumes:
                 raise Exists(f"volume {new_name!r} already exists in pool {dest_pool!r}")
             dest.backend.require("clone_volume", "hold copies of volumes")
@@ -666,7 +694,7 @@ class Manager:
     async def snapshot_volume(self, pool: str, name: str, new_name: str) -> Volume:
         check_name(new_name, "volume name")
         entry = self.running_entry(pool)
-        async with entry.lock:
+        async with entry.locked():
             vol = self.volume(pool, name)
             if new_name in entry.volumes:
                 raise Exists(f"volume {new_name!r} already exists in pool {pool!r}")
