@@ -35,6 +35,7 @@ from .model import (
     PoolStatus,
     Volume,
     VolumeDef,
+    VolumeTable,
     check_name,
     check_space,
     data_format,
@@ -89,7 +90,7 @@ class PoolEntry:
     state: PoolState = PoolState.INACTIVE
     status: PoolStatus = field(default_factory=PoolStatus)
     live_perms: Permissions | None = None
-    volumes: dict[str, Volume] = field(default_factory=dict)
+    volumes: VolumeTable = field(default_factory=VolumeTable)
     lock: trio.Lock = field(default_factory=trio.Lock)
     # When each volume, or the whole pool, was last read from the backend.
     read_at: dict[str, float] = field(default_factory=dict)
@@ -201,18 +202,30 @@ class Manager:
                 return name
         return None
 
+    def _first_running(self, find: Callable[[VolumeTable], Volume | None]
+                       ) -> tuple[str, Volume] | None:
+        for name, entry in self.pools.items():
+            if entry.running:
+                vol = find(entry.volumes)
+                if vol is not None:
+                    return name, vol
+        return None
+
     def by_key(self, key: str) -> tuple[str, Volume] | None:
-        return next(((p, v) for p, v in self.all_volumes() if v.key == key), None)
+        return self._first_running(lambda vols: vols.with_key(key))
 
     def by_path(self, path: str) -> tuple[str, Volume] | None:
-        return next(((p, v) for p, v in self.all_volumes() if v.path == path), None)
+        return self._first_running(lambda vols: vols.with_path(path))
 
     def source_users(self, path: str) -> list[str]:
         """Running pools whose source device is ``path`` (pools nest)."""
+        devices = [(name, d.path) for name, e in self.pools.items() if e.running
+                   for d in e.pool.source.devices]
+        if not devices:
+            return []
         real = os.path.realpath(path)
-        return [name for name, e in self.pools.items()
-                if e.running and any(os.path.realpath(d.path) == real
-                                     for d in e.pool.source.devices)]
+        return list(dict.fromkeys(name for name, dev in devices
+                                  if os.path.realpath(dev) == real))
 
     def in_use(self, pool: str, vol: Volume) -> str | None:
         """Why ``vol`` may not be deleted or renamed now, if anything."""
@@ -221,9 +234,9 @@ class Manager:
         users = self.source_users(vol.path)
         if users:
             return f"volume {vol.name!r} is the source of running pool {users[0]!r}"
-        for other_pool, other in self.all_volumes():
-            if other.backing is not None and other.backing.path == vol.path:
-                return f"volume {vol.name!r} is the backing store of {other_pool}/{other.name}"
+        overlay = self._first_running(lambda vols: vols.backed_by(vol.path))
+        if overlay is not None:
+            return f"volume {vol.name!r} is the backing store of {overlay[0]}/{overlay[1].name}"
         return None
 
     # ---------------------------------------------------------------- pools
@@ -399,7 +412,7 @@ class Manager:
         for vname in entry.volumes.keys() - new.keys():
             self._gone("pools", entry.pool.name, "volumes", vname)
             self._gone("pools", entry.pool.name, "volinfo", vname)
-        entry.volumes = new
+        entry.volumes = VolumeTable(snap.volumes)
         entry.status = snap.status
         entry.live_perms = snap.live_perms
         entry.scanned_at = trio.current_time()

@@ -7,6 +7,7 @@ live in separate objects that a backend's refresh produces.
 from __future__ import annotations
 
 import enum
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, MutableMapping, ValuesView
 from dataclasses import dataclass, field
 
 from .errors import Invalid, NoSpace
@@ -167,3 +168,79 @@ class Volume:
     # What libvirt's XML calls the volume's path when the local path differs
     # (a network volume: "POOL/IMAGE" for RBD).
     xml_path: str | None = None
+
+
+class VolumeTable(MutableMapping[str, Volume]):
+    """A pool's volumes by name, also indexed by path, key and backing store, so that a
+    lookup in ``by-path/`` or ``by-key/`` and the in-use check of a delete do not walk
+    every volume of every pool."""
+
+    def __init__(self, volumes: Iterable[Volume] = ()) -> None:
+        self._vols: dict[str, Volume] = {}
+        # value -> names holding it, in insertion order (a dict used as an ordered set)
+        self._by_path: dict[str, dict[str, None]] = {}
+        self._by_key: dict[str, dict[str, None]] = {}
+        self._by_backing: dict[str, dict[str, None]] = {}
+        for vol in volumes:
+            self[vol.name] = vol
+
+    def _indexes(self, vol: Volume) -> Iterator[tuple[dict[str, dict[str, None]], str]]:
+        yield self._by_path, vol.path
+        yield self._by_key, vol.key
+        if vol.backing is not None:
+            yield self._by_backing, vol.backing.path
+
+    def __getitem__(self, name: str) -> Volume:
+        return self._vols[name]
+
+    def __setitem__(self, name: str, vol: Volume) -> None:
+        if name in self._vols:
+            del self[name]
+        self._vols[name] = vol
+        for index, value in self._indexes(vol):
+            index.setdefault(value, {})[name] = None
+
+    def __delitem__(self, name: str) -> None:
+        vol = self._vols.pop(name)
+        for index, value in self._indexes(vol):
+            names = index[value]
+            del names[name]
+            if not names:
+                del index[value]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._vols)
+
+    def __len__(self) -> int:
+        return len(self._vols)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._vols
+
+    # The Mapping mixins would go through __getitem__ for each volume.
+    def keys(self) -> KeysView[str]:
+        return self._vols.keys()
+
+    def values(self) -> ValuesView[Volume]:
+        return self._vols.values()
+
+    def items(self) -> ItemsView[str, Volume]:
+        return self._vols.items()
+
+    def clear(self) -> None:
+        for index in (self._vols, self._by_path, self._by_key, self._by_backing):
+            index.clear()
+
+    def with_path(self, path: str) -> Volume | None:
+        return self._first(self._by_path, path)
+
+    def with_key(self, key: str) -> Volume | None:
+        return self._first(self._by_key, key)
+
+    def backed_by(self, path: str) -> Volume | None:
+        """A volume whose backing store is ``path`` (an overlay of it), if any."""
+        return self._first(self._by_backing, path)
+
+    def _first(self, index: dict[str, dict[str, None]], value: str) -> Volume | None:
+        names = index.get(value)
+        return self._vols[next(iter(names))] if names else None
