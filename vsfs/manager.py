@@ -439,6 +439,8 @@ class Manager:
                 try:
                     async with entry.locked():
                         if entry.running and await entry.backend.changed():
+                            log.debug("pool %s changed outside vsfs: rescanning",
+                                      entry.pool.name)
                             await self._refresh(entry)
                         if entry.running and entry.backend.on_demand_paths:
                             await self._reap(entry)

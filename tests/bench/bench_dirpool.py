@@ -84,6 +84,11 @@ class Results:
     batch_rate_vsfs: float = 0.0
     batch_rate_base: float = 0.0
     pids_during: dict[str, int] = field(default_factory=dict)
+    # CPU steal (ms) during each of vsfs's first listings, and the median of those
+    # listings that lost none: this VM's neighbours make that figure swing.
+    first_ls_steal_ms: list[float] = field(default_factory=list)
+    first_ls_no_steal_ms: float | None = None
+    first_ls_no_steal_runs: int = 0
     virsh_ms: float | None = None
     virsh_note: str = "n/a"
     daemon_rc: int | None = None
@@ -110,6 +115,24 @@ def timed(argv: Sequence[str]) -> tuple[float, str]:
     t0 = time.perf_counter_ns()
     res = run(argv)
     return (time.perf_counter_ns() - t0) / 1e6, res.stdout
+
+
+def steal_ms() -> float | None:
+    """CPU time the hypervisor has taken from this VM so far (all CPUs), in ms; in
+    10 ms steps. A listing that loses CPU this way waits at every request."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def timed_steal(argv: Sequence[str]) -> tuple[float, str, float | None]:
+    """As timed(), and the CPU steal during the run (None where unknown)."""
+    before = steal_ms()
+    ms, out = timed(argv)
+    after = steal_ms()
+    return ms, out, None if before is None or after is None else after - before
 
 
 def bash(script: str, *args: str) -> list[str]:
@@ -348,9 +371,10 @@ class Bench:
         # Let vsfs's entry/attr caches of what the loop made expire first.
         time.sleep(KERNEL_TIMEOUT + 0.1)
         ls = ["ls", "-l", str(links)]
-        ms, out = timed(ls)
+        ms, out, stolen = timed_steal(ls)
         self.ls_check(out)
         t["ls_cold"] = [ms]
+        t["ls_cold_steal"] = [] if stolen is None else [stolen]
         t["ls"] = self.repeated(ls, self.ls_check, pids=tag and "ls -l (warm)")
         t["ls_expired"] = self.repeated(ls, self.ls_check, pause=KERNEL_TIMEOUT + 0.1,
                                         pids=tag and "ls -l (expired)")
@@ -405,9 +429,11 @@ class Bench:
             for side, d, store in sides:
                 self.create_batch(d)
                 time.sleep(KERNEL_TIMEOUT + 0.1)
-                ms, out = timed(["ls", "-l", str(d)])
+                ms, out, stolen = timed_steal(["ls", "-l", str(d)])
                 self.ls_check(out)
                 t[side]["ls_cold"].append(ms)
+                if stolen is not None:
+                    t[side]["ls_cold_steal"].append(stolen)
                 run(bash('rm "$1"/w*', str(d)))
                 if os.listdir(store):
                     raise BenchError(f"{side}: rm left files behind in {store}")
@@ -459,6 +485,12 @@ class Bench:
         self.res.create_extra_ms = (v["create"][0] - b["create"][0]) / n
         self.res.batch_rate_vsfs = n / (v["batch"][0] / 1e3)
         self.res.batch_rate_base = n / (b["batch"][0] / 1e3)
+        steal = v.get("ls_cold_steal", [])
+        if len(steal) == len(v["ls_cold"]):
+            self.res.first_ls_steal_ms = steal
+            quiet = [ms for ms, st in zip(v["ls_cold"], steal, strict=True) if st == 0]
+            self.res.first_ls_no_steal_runs = len(quiet)
+            self.res.first_ls_no_steal_ms = median(quiet) if quiet else None
 
 
 # ---------------------------------------------------------------- report
@@ -506,6 +538,9 @@ def table(res: Results) -> str:
         f"{res.create_rate_base:.0f}/s (truncate process start included); vsfs adds "
         f"{res.create_extra_ms:.2f} ms per volume; with one truncate for all: vsfs "
         f"{res.batch_rate_vsfs:.0f}/s, baseline {res.batch_rate_base:.0f}/s",
+        "first ls -l after creating, vsfs: CPU steal per run "
+        f"{[round(x) for x in res.first_ls_steal_ms]} ms; median of the "
+        f"{res.first_ls_no_steal_runs} runs without steal: {fmt_ms(res.first_ls_no_steal_ms)}",
         "PIDs used by others during a run (fewest over the runs; 0 = vsfs started no "
         "process or thread): " + ", ".join(f"{k} {v}" for k, v in res.pids_during.items()),
         "",
