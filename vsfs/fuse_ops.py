@@ -37,6 +37,10 @@ LAZY_QUEUE = 4096
 
 R = TypeVar("R")
 
+# pyfuse3 built with .ci/patches/pyfuse3-noflush.patch can open a file with
+# FOPEN_NOFLUSH; a stock build cannot, and then every close sends a FLUSH.
+HAS_NOFLUSH = hasattr(pyfuse3.FileInfo(), "noflush")
+
 Key = tuple[tuple[str, ...], str]
 
 
@@ -452,7 +456,11 @@ class Operations(pyfuse3.Operations):
             handle.feeder = DocumentFeeder()
         self._handles[fh] = handle
         static = node.size > 0
-        return pyfuse3.FileInfo(fh=fh, direct_io=not static, keep_cache=static)
+        info = pyfuse3.FileInfo(fh=fh, direct_io=not static, keep_cache=static)
+        if not writing and HAS_NOFLUSH:
+            # A reader has nothing to flush: spare it the FLUSH request on close.
+            setattr(info, "noflush", True)  # noqa: B010 (absent from a stock pyfuse3)
+        return info
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
