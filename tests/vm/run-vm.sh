@@ -155,7 +155,9 @@ for ((i = 0; i < DISKS; i++)); do
             -device "virtio-blk-pci,drive=d$i,serial=VSFSDISK$i")
 done
 
-APPEND="console=ttyS0 panic=-1 vsfs.mode=$([ -n "$SHELL_MODE" ] && echo shell || echo run)"
+# oops=panic: a guest kernel oops ends the run at once (panic, then QEMU exits) instead of
+# leaving a wedged guest to the timeout.
+APPEND="console=ttyS0 panic=-1 oops=panic vsfs.mode=$([ -n "$SHELL_MODE" ] && echo shell || echo run)"
 [ -n "$VERBOSE" ] || APPEND="$APPEND quiet"
 [ -z "$TMPFS_TMP" ] || APPEND="$APPEND vsfs.tmp=tmpfs"
 [ -z "$OVERLAY_SIZE" ] || APPEND="$APPEND vsfs.rwsize=$OVERLAY_SIZE"
