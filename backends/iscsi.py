@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,7 +48,7 @@ ERR_TRANS = 4
 ERR_TRANS_TIMEOUT = 8
 # SCSI peripheral types that hold data: disk and CD/DVD (as libvirt keeps).
 DATA_TYPES = frozenset({"0", "5"})
-LINK_WAIT = 5.0  # seconds udev gets to make the stable links after a login
+LINK_WAIT = 5.0  # seconds new LUNs get to attach and have their stable links made
 
 
 def _read(path: str) -> str:
@@ -127,13 +128,13 @@ def _serial(block: str) -> str:
     return prefix + "_".join(ident.split())
 
 
-def _luns(session: Session) -> list[Lun]:
-    """The data LUNs a session shows. Blocking (sysfs only)."""
-    out = []
+def _units(session: Session) -> Iterator[tuple[list[str], list[str]]]:
+    """The data LUNs of a session as sysfs has them: H:B:T:L and block devices (none
+    yet while the disk driver is still attaching one). Blocking."""
     try:
         targets = [t for t in os.listdir(session.device) if t.startswith("target")]
     except OSError:
-        return []
+        return
     for t in targets:
         tdir = os.path.join(session.device, t)
         try:
@@ -150,9 +151,20 @@ def _luns(session: Session) -> list[Lun]:
             try:
                 blocks = os.listdir(os.path.join(udir, "block"))
             except OSError:
-                continue  # not a block device yet
-            if not blocks:
-                continue
+                blocks = []
+            yield hbtl, blocks
+
+
+def _attaching(session: Session) -> bool:
+    """Whether a data LUN of the session has no block device yet. Blocking."""
+    return any(not blocks for _, blocks in _units(session))
+
+
+def _luns(session: Session) -> list[Lun]:
+    """The data LUNs a session shows. Blocking (sysfs only)."""
+    out = []
+    for hbtl, blocks in _units(session):
+        if blocks:
             block = blocks[0]
             sectors = _read(f"/sys/block/{block}/size")
             out.append(Lun(name=f"unit:{hbtl[1]}:{hbtl[2]}:{hbtl[3]}", block=block,
@@ -307,20 +319,26 @@ class IscsiBackend(Backend):
         except BackendFailed as e:
             raise _iscsi_error(e, f"login to {self.iqn} at {portal}") from None
         log.info("pool %s: logged in to %s at %s", self.pool.name, self.iqn, portal)
-        await self._wait_for_links()
+        await self._settle()
 
-    async def _wait_for_links(self) -> None:
-        """Give udev a moment to make the stable names, as libvirt does, when it runs."""
-        if not os.path.exists("/run/udev/control") or self.target_dir == "/dev":
-            return
+    async def _settle(self) -> None:
+        """After a login or a rescan: give the disk driver a moment to attach the new
+        LUNs' block devices (those are the volumes), and udev to make their stable
+        names, as libvirt does, when it runs."""
+        udev = os.path.exists("/run/udev/control") and self.target_dir != "/dev"
         with trio.move_on_after(LINK_WAIT):
             while True:
                 session = await self._session()
-                luns = await trio.to_thread.run_sync(_luns, session) if session else []
-                links = await trio.to_thread.run_sync(self._links)
-                if all(f"/dev/{lun.block}" in links for lun in luns):
+                if session is None:
                     return
-                await trio.sleep(0.1)
+                if not await trio.to_thread.run_sync(_attaching, session):
+                    if not udev:
+                        return
+                    luns = await trio.to_thread.run_sync(_luns, session)
+                    links = await trio.to_thread.run_sync(self._links)
+                    if all(f"/dev/{lun.block}" in links for lun in luns):
+                        return
+                await trio.sleep(0.05)
 
     async def stop(self) -> None:
         session = await self._session()
@@ -389,6 +407,9 @@ class IscsiBackend(Backend):
                 await run(["iscsiadm", "--mode", "session", "--sid", session.sid, "--rescan"])
             except BackendFailed as e:
                 log.warning("pool %s: rescan failed: %s", self.pool.name, e.message)
+            # The rescan returns once the SCSI devices exist; their block devices come
+            # a moment later.
+            await self._settle()
         vols = await trio.to_thread.run_sync(self._scan, session)
         # What the manager now holds: `changed` compares the LUNs with it.
         self._seen = self._signature(vols)
