@@ -59,6 +59,17 @@ def _read(path: str) -> str:
         return ""
 
 
+def check_target(pool: PoolDef) -> None:
+    """What both iSCSI pool types need: one portal, the target's IQN, CHAP if any."""
+    src, kind = pool.source, pool.type
+    if len(src.hosts) != 1:
+        raise Invalid(f"an {kind} pool needs one <source><host name=... [port=...]/>")
+    if len(src.devices) != 1 or not ISCSI_NAME.match(src.devices[0].path):
+        raise Invalid(f"an {kind} pool needs the target's IQN in <source><device path=.../>")
+    if src.auth is not None and src.auth.type != "chap":
+        raise Invalid(f"{kind} pools take <auth type='chap'>, not {src.auth.type!r}")
+
+
 def portal_of(host: SourceHost) -> str:
     port = host.port or PORT
     name = f"[{host.name}]" if ":" in host.name and not host.name.startswith("[") else host.name
@@ -188,15 +199,10 @@ class IscsiBackend(Backend):
 
     @classmethod
     def validate(cls, pool: PoolDef) -> None:
+        check_target(pool)
         src = pool.source
-        if len(src.hosts) != 1:
-            raise Invalid("an iscsi pool needs one <source><host name=... [port=...]/>")
-        if len(src.devices) != 1 or not ISCSI_NAME.match(src.devices[0].path):
-            raise Invalid("an iscsi pool needs the target's IQN in <source><device path=.../>")
         if src.initiator_iqn is not None and not ISCSI_NAME.match(src.initiator_iqn):
             raise Invalid(f"bad initiator IQN {src.initiator_iqn!r}")
-        if src.auth is not None and src.auth.type != "chap":
-            raise Invalid(f"iscsi pools take <auth type='chap'>, not {src.auth.type!r}")
         if pool.target_path is not None and not pool.target_path.startswith("/dev"):
             raise Invalid("the target of an iscsi pool is a directory of device nodes "
                           f"such as {DEFAULT_TARGET}")

@@ -27,7 +27,7 @@ from vsfs.state import atomic_write
 
 from .base import Snapshot
 from .exports import ExportingBackend
-from .iscsi import ISCSI_NAME, portal_of
+from .iscsi import ISCSI_NAME, check_target, portal_of
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,11 @@ class IscsiDirectBackend(ExportingBackend):
 
     @classmethod
     def validate(cls, pool: PoolDef) -> None:
+        check_target(pool)
         src = pool.source
-        if len(src.hosts) != 1:
-            raise Invalid("an iscsi-direct pool needs one <source><host name=... [port=...]/>")
-        if len(src.devices) != 1 or not ISCSI_NAME.match(src.devices[0].path):
-            raise Invalid("an iscsi-direct pool needs the target's IQN in "
-                          "<source><device path=.../>")
         if src.initiator_iqn is None or not ISCSI_NAME.match(src.initiator_iqn):
             raise Invalid("an iscsi-direct pool needs its initiator IQN in "
                           "<source><initiator><iqn name=.../></initiator>")
-        if src.auth is not None and src.auth.type != "chap":
-            raise Invalid(f"iscsi-direct pools take <auth type='chap'>, not {src.auth.type!r}")
 
     @property
     def iqn(self) -> str:

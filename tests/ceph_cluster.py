@@ -11,20 +11,14 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
+from conftest import free_port
+
 DAEMONS = ("osd.0", "mgr.x", "mon.a")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class CephCluster:
@@ -32,7 +26,7 @@ class CephCluster:
         self.dir = base
         self.pool = pool
         self.device_bytes = device_bytes
-        self.port = _free_port()
+        self.port = free_port()
         self.conf = base / "ceph.conf"
 
     def cli(self, *args: str, check: bool = True, stdin: bytes | None = None,

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, sh
+from conftest import Mount, free_port, sh
 from rng import assert_sources_make_pools, assert_valid
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
@@ -26,20 +25,13 @@ INITIATOR = "iqn.2024-01.org.example:vsfs-test"
 REQUIRED = ("tgtd", "tgtadm", "iscsi-ls", "iscsi-readcapacity16", "qemu-storage-daemon")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class Tgt:
     """A tgtd on a free portal and control port, with file-backed LUNs."""
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self.port = _free_port()
-        self.control = _free_port() % 10000 + 20000  # tgtd's own socket number
+        self.port = free_port()
+        self.control = free_port() % 10000 + 20000  # tgtd's own socket number
         self.proc: subprocess.Popen[bytes] | None = None
 
     def adm(self, *args: str) -> None:
