@@ -1,9 +1,11 @@
-"""A tiny pyfuse3 filesystem for tests/test_fuse_loop.py (run as a script: loopfs.py MNT).
+"""A tiny pyfuse3 filesystem for tests/test_fuse_loop.py (run as a script:
+loopfs.py MNT [SPIN_US], SPIN_US being the read spin, pyfuse3.set_read_spin).
 
 It checks the request loop of the pyfuse3 that vsfs runs on (built with
-.ci/patches/pyfuse3-fast-loop.patch), not vsfs: handlers that wait must not hold
-up others, and trio locks must pass between handlers. The root holds only
-symlinks, whose readlink handlers behave as their names say:
+.ci/patches/pyfuse3-fast-loop.patch and pyfuse3-read-spin.patch), not vsfs:
+handlers that wait must not hold up others, and trio locks must pass between
+handlers. The root holds only symlinks, whose readlink handlers behave as their
+names say:
 
 - ``slow``  waits until ``fast`` has been read;  ``fast`` answers at once;
 - ``gate``  answers "open" once GATE readers wait in it together;
@@ -115,6 +117,8 @@ async def serve() -> None:
 def main() -> None:
     options = set(pyfuse3.default_options) | {"fsname=loopfs"}
     pyfuse3.init(LoopFs(), sys.argv[1], options)
+    if len(sys.argv) > 2:
+        pyfuse3.set_read_spin(int(sys.argv[2]) * 1000)
     clean = False
     try:
         trio.run(serve)

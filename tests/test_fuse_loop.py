@@ -5,7 +5,9 @@ reads the next one at once; only a handler that waits gets another task to read
 meanwhile. These tests mount tests/loopfs.py, a tiny filesystem whose handlers
 wait on each other, and read it with readlink and ls: if a waiting handler held
 up the loop, or a lock could not pass between handlers, they would time out or
-the filesystem would die.
+the filesystem would die. Each test runs twice: without and with the read spin
+(.ci/patches/pyfuse3-read-spin.patch), which keeps a reader polling the descriptor
+for a moment after each request before it waits through trio.
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ def answer(proc: subprocess.Popen[str]) -> str:
     return out.strip()
 
 
-@pytest.fixture
-def loopfs(tmp_path: Path) -> Iterator[LoopMount]:
+@pytest.fixture(params=[0, 50, 5000], ids=["no-spin", "spin-50us", "spin-5ms"])
+def loopfs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LoopMount]:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     err = open(tmp_path / "stderr", "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([sys.executable, str(LOOPFS), str(mnt)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=err)
+    proc = subprocess.Popen([sys.executable, str(LOOPFS), str(mnt), str(request.param)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 20
         while not os.path.ismount(mnt):

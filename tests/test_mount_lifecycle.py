@@ -197,3 +197,31 @@ def test_demo(tmp_path: Path) -> None:
     finally:
         subprocess.run([*VSFS, "umount", str(mnt)], check=False)
     assert not os.path.ismount(mnt)
+
+
+@pytest.mark.parametrize("value", ["-1", "10001", "soon"])
+def test_read_spin_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run([*VSFS, "mount", str(mnt), "--state-dir", str(tmp_path / "st"),
+                          "--read-spin", value], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert res.returncode == 2
+    assert "--read-spin" in res.stderr and "microseconds from 0 to 10000" in res.stderr
+    assert not os.path.ismount(mnt)
+    assert not (tmp_path / "st").exists()
+
+
+@pytest.mark.parametrize("spin", ["0", "3000"])
+def test_read_spin_off_or_long_serves_as_usual(mount_factory, spin: str) -> None:
+    """The read spin only changes when the daemon sleeps: none, or a long one (3 ms,
+    longer than the gaps between a shell's requests), serves the same files."""
+    m = mount_factory(extra_args=["--read-spin", spin])
+    target = m.dir_pool()
+    vols = m.path / "pools" / "p" / "volumes"
+    sh(f'cd {vols} && for i in $(seq 100); do truncate -s 1M v$i || exit 1; done', check=True)
+    out = sh(f"ls -l {vols}", check=True).stdout
+    links = [line.split(" -> ")[1] for line in out.splitlines() if " -> " in line]
+    assert sorted(links) == sorted(str(target / f"v{i}") for i in range(1, 101))
+    sh(f"rm {vols}/v*", check=True)
+    assert os.listdir(vols) == [] and os.listdir(target) == []

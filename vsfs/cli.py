@@ -18,7 +18,7 @@ import pyfuse3
 import trio
 
 from .errors import VsfsError
-from .fuse_ops import Operations
+from .fuse_ops import READ_SPIN_US, Operations, set_read_spin
 from .manager import Manager, default_state_dir
 from .state import StateDir
 from .tree import Tree
@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     m.add_argument("--log-file", type=Path, default=None)
+    m.add_argument("--read-spin", type=_microseconds, default=READ_SPIN_US, metavar="USEC",
+                   help="after answering a request, look for the next one this long "
+                        f"before sleeping (default {READ_SPIN_US}; 0 never does)")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount vsfs")
     u.add_argument("mountpoint", type=Path)
@@ -64,6 +67,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="directory of the demo pool (default: under /var/lib/vsfs or "
                         "$XDG_DATA_HOME/vsfs)")
     return p
+
+
+def _microseconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of microseconds "
+                                         "from 0 to 10000")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +153,8 @@ def spawn_daemon(mnt: Path, state_dir: Path, args: argparse.Namespace) -> int:
     r, w = os.pipe()
     argv = [sys.executable, "-m", "vsfs", "mount", str(mnt), "--foreground",
             "--state-dir", str(state_dir), "--log-level", args.log_level,
-            "--log-file", str(log_file), "--ready-fd", str(w)]
+            "--log-file", str(log_file), "--read-spin", str(args.read_spin),
+            "--ready-fd", str(w)]
     if args.allow_other:
         argv.append("--allow-other")
     child = subprocess.Popen(argv, pass_fds=(w,), stdin=subprocess.DEVNULL,
@@ -190,7 +205,7 @@ def run_daemon(mnt: Path, state_dir: Path, args: argparse.Namespace) -> int:
             ready_fd = None
 
     try:
-        trio.run(serve, mnt, state_dir, args.allow_other, tell)
+        trio.run(serve, mnt, state_dir, args.allow_other, tell, args.read_spin)
     except Refused as e:
         log.error("%s", e)
         tell(f"error: {e}")
@@ -203,7 +218,7 @@ def run_daemon(mnt: Path, state_dir: Path, args: argparse.Namespace) -> int:
 
 
 async def serve(mnt: Path, state_dir: Path, allow_other: bool,
-                tell: Callable[[str], None]) -> None:
+                tell: Callable[[str], None], read_spin_us: int = READ_SPIN_US) -> None:
     manager = Manager(StateDir(state_dir))
     tree = Tree(manager)
     ops = Operations(tree, os.getuid(), os.getgid())
@@ -218,6 +233,7 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
     except RuntimeError as e:
         raise Refused(f"cannot mount {mnt}: {e}") from None
     ops.mounted = True
+    set_read_spin(read_spin_us)
     log.info("mounted %s (state directory %s)", mnt, state_dir)
     clean = False
     try:
@@ -303,7 +319,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             pool = parse_pool(DEMO_POOL.format(path=images).encode())
             state.save(pool)
             state.set_autostart("demo", True)
-        ns = argparse.Namespace(allow_other=False, log_level="INFO", log_file=None)
+        ns = argparse.Namespace(allow_other=False, log_level="INFO", log_file=None,
+                                read_spin=READ_SPIN_US)
         check_mountpoint(mnt)
         spawn_daemon(mnt, state_dir, ns)
     vols = mnt / "pools" / "demo" / "volumes"
