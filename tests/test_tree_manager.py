@@ -71,6 +71,34 @@ def test_manager_pool_and_volume_rules(tmp_path: Path) -> None:
     trio.run(main)
 
 
+def test_volume_listing_matches_lookups(tmp_path: Path) -> None:
+    """volumes/ is listed in one pass (Dir.entries): it must show what a lookup of each
+    name finds, an upload in progress as a regular file, and nothing once stopped."""
+    async def main() -> None:
+        m, tree = make(tmp_path)
+        await m.load()
+        await m.define_pool(pool_xml("p", tmp_path / "img"))
+        await m.pool_command("p", "build")
+        await m.pool_command("p", "start")
+        for name in ("a", "b"):
+            await m.create_volume("p", VolumeDef(name, 1024))
+        upload = await m.begin_upload("p", "c")
+        vols = tree.resolve(("pools", "p", "volumes"))
+        assert isinstance(vols, Dir) and vols.entries is not None
+        listed = tree.children(vols)
+        one_by_one = [(n, vols.child(n)) for n in vols.names()]
+        assert listed == one_by_one
+        assert [(n, type(node).__name__) for n, node in listed] == [
+            ("a", "Link"), ("b", "Link"), ("c", "UploadFile")]
+        assert [node.target for _, node in listed if isinstance(node, Link)] == [
+            str(tmp_path / "img" / "a"), str(tmp_path / "img" / "b")]
+        await m.close_upload(upload)
+        await m.pool_command("p", "stop")
+        assert tree.children(vols) == []
+
+    trio.run(main)
+
+
 def test_autostart_pool_starts_on_load(tmp_path: Path) -> None:
     async def main() -> None:
         m, _ = make(tmp_path)

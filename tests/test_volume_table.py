@@ -57,6 +57,8 @@ def test_mapping_behaviour() -> None:
     t.update({"x": vol("x"), "y": vol("y")})
     assert "x" in t and "z" not in t
     assert t.get("z") is None
+    assert t.get("z", "none") == "none"
+    assert t.get("x") is t["x"]
     assert [v.name for v in t.values()] == ["x", "y"]
     assert dict(t.items()) == {"x": t["x"], "y": t["y"]}
     assert t.keys() - {"x"} == {"y"}

@@ -110,6 +110,7 @@ class Operations(pyfuse3.Operations):
         self._ino_of: dict[Key, int] = {((), "dir"): pyfuse3.ROOT_INODE}
         self._key_of: dict[int, Key] = {pyfuse3.ROOT_INODE: ((), "dir")}
         self._lookups: dict[int, int] = {pyfuse3.ROOT_INODE: 1}
+        self._link_attrs: dict[int, pyfuse3.EntryAttributes] = {}
         self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
@@ -201,6 +202,16 @@ class Operations(pyfuse3.Operations):
         return path, node
 
     def _attrs(self, ino: int, node: Node, volatile: bool = False) -> pyfuse3.EntryAttributes:
+        if isinstance(node, Link) and not volatile:
+            # A link inode's target never changes (it is part of its key), so neither do
+            # its attributes: built once, they serve every listing until it is forgotten.
+            a = self._link_attrs.get(ino)
+            if a is None:
+                a = self._link_attrs[ino] = self._new_attrs(ino, node, False)
+            return a
+        return self._new_attrs(ino, node, volatile)
+
+    def _new_attrs(self, ino: int, node: Node, volatile: bool) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = ino
         a.generation = 0
@@ -275,6 +286,7 @@ class Operations(pyfuse3.Operations):
                 self._lookups[ino] = max(left, 0)
                 continue
             self._lookups.pop(ino, None)
+            self._link_attrs.pop(ino, None)
             key = self._key_of.pop(ino, None)
             if key is not None and self._ino_of.get(key) == ino:
                 del self._ino_of[key]

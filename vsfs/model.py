@@ -9,8 +9,11 @@ from __future__ import annotations
 import enum
 from collections.abc import ItemsView, Iterable, Iterator, KeysView, MutableMapping, ValuesView
 from dataclasses import dataclass, field
+from typing import TypeVar, overload
 
 from .errors import Invalid, NoSpace
+
+_T = TypeVar("_T")
 
 NAME_MAX = 255
 
@@ -216,6 +219,14 @@ class VolumeTable(MutableMapping[str, Volume]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._vols
+
+    @overload
+    def get(self, name: str, /) -> Volume | None: ...
+    @overload
+    def get(self, name: str, /, default: Volume | _T) -> Volume | _T: ...
+
+    def get(self, name: str, /, default: object = None) -> object:
+        return self._vols.get(name, default)
 
     # The Mapping mixins would go through __getitem__ for each volume.
     def keys(self) -> KeysView[str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from .backends import SOURCE_FINDERS, SOURCES_NEED_HOST
 from .backends.host import HostDevice
 from .errors import Invalid, NotFound, Unsupported
-from .manager import Manager, Upload, parse_bool
+from .manager import Manager, PoolEntry, Upload, parse_bool
 from .model import PoolSource, SourceHost, Volume, VolumeDef, check_name
 from .units import parse_size
 from .xmlio import format_pool, format_sources, format_volume, parse_source_spec
@@ -168,6 +168,8 @@ class UploadFile(Node):
 class Dir(Node):
     names: Callable[[], Iterable[str]] = lambda: ()
     child: Callable[[str], Node | None] = lambda name: None
+    # Every (name, child) at once, where that is cheaper than child() per name.
+    entries: Callable[[], list[tuple[str, Node]]] | None = None
     create: Callable[[str], Awaitable[Upload]] | None = None
     mkdir: Callable[[str], Awaitable[None]] | None = None
     unlink: Callable[[str], Awaitable[None]] | None = None
@@ -210,6 +212,8 @@ class Tree:
         return node
 
     def children(self, node: Dir) -> list[tuple[str, Node]]:
+        if node.entries is not None:
+            return node.entries()
         out = []
         for name in node.names():
             child = node.child(name)
@@ -478,20 +482,35 @@ class Tree:
     def _volumes(self, pool: str) -> Dir:
         m = self.m
 
-        def child(name: str) -> Node | None:
+        def node(entry: PoolEntry, name: str, vol: Volume | None) -> Node | None:
             upload = m.uploads.get((pool, name))
             if upload is not None:
                 return UploadFile(0o600, upload=upload)
-            entry = m.pools.get(pool)
-            if entry is None or not entry.running:
-                return None
-            vol = entry.volumes.get(name)
             if vol is None:
                 return None
             if entry.backend.on_demand_paths:
                 return Link(0o777, target=vol.path,
                             prepare=lambda: m.prepare_volume(pool, name))
             return Link(0o777, target=vol.path)
+
+        def child(name: str) -> Node | None:
+            entry = m.pools.get(pool)
+            if entry is None or not entry.running:
+                upload = m.uploads.get((pool, name))
+                return UploadFile(0o600, upload=upload) if upload is not None else None
+            return node(entry, name, entry.volumes.get(name))
+
+        def entries() -> list[tuple[str, Node]]:
+            # One pass over the pool's volumes: a listing of thousands is served from it.
+            entry = m.pools.get(pool)
+            if entry is None or not entry.running:
+                return []
+            out: list[tuple[str, Node]] = []
+            for name, vol in entry.volumes.items():
+                found = node(entry, name, vol)
+                if found is not None:
+                    out.append((name, found))
+            return out
 
         async def create(name: str) -> Upload:
             return await m.begin_upload(pool, name)
@@ -513,7 +532,7 @@ class Tree:
             await m.rename_volume(pool, name, new_parent[1], new_name)
 
         return Dir(DIR_MODE, names=lambda: self._volume_names(pool), child=child,
-                   create=create, mkdir=mkdir, unlink=unlink, rename=rename)
+                   entries=entries, create=create, mkdir=mkdir, unlink=unlink, rename=rename)
 
     def _volinfo(self, pool: str) -> Dir:
         def child(name: str) -> Node | None:
