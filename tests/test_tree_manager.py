@@ -32,6 +32,16 @@ def make(tmp_path: Path) -> tuple[Manager, Tree]:
     return m, Tree(m)
 
 
+async def running_pool(tmp_path: Path) -> tuple[Manager, Tree]:
+    """A manager and tree with dir pool p over tmp_path/img, built and started."""
+    m, tree = make(tmp_path)
+    await m.load()
+    await m.define_pool(pool_xml("p", tmp_path / "img"))
+    await m.pool_command("p", "build")
+    await m.pool_command("p", "start")
+    return m, tree
+
+
 def test_manager_pool_and_volume_rules(tmp_path: Path) -> None:
     async def main() -> None:
         m, _ = make(tmp_path)
@@ -75,11 +85,7 @@ def test_volume_listing_matches_lookups(tmp_path: Path) -> None:
     """volumes/ is listed in one pass (Dir.entries): it must show what a lookup of each
     name finds, an upload in progress as a regular file, and nothing once stopped."""
     async def main() -> None:
-        m, tree = make(tmp_path)
-        await m.load()
-        await m.define_pool(pool_xml("p", tmp_path / "img"))
-        await m.pool_command("p", "build")
-        await m.pool_command("p", "start")
+        m, tree = await running_pool(tmp_path)
         for name in ("a", "b"):
             await m.create_volume("p", VolumeDef(name, 1024))
         upload = await m.begin_upload("p", "c")
@@ -121,11 +127,7 @@ def _instances(pattern: str) -> str:
 
 def test_files_table_matches_the_tree(tmp_path: Path) -> None:
     async def main() -> None:
-        m, tree = make(tmp_path)
-        await m.load()
-        await m.define_pool(pool_xml("p", tmp_path / "img"))
-        await m.pool_command("p", "build")
-        await m.pool_command("p", "start")
+        m, tree = await running_pool(tmp_path)
         vol = await m.create_volume("p", VolumeDef("v", 1024))
         uuid = m.entry("p").pool.uuid
         documented = set()
