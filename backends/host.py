@@ -7,8 +7,10 @@ without udevd, so a loop device attached with losetup shows up at once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +20,16 @@ import trio
 log = logging.getLogger(__name__)
 
 RESCAN_SECONDS = 5.0
+
+# pyudev.Context() finds libudev with ctypes.util.find_library, which runs
+# `ldconfig -p`: one process per context. Listings share one context instead,
+# one thread at a time (libudev's objects are not thread-safe).
+_context_lock = threading.Lock()
+
+
+@functools.cache
+def _shared_context() -> pyudev.Context:
+    return pyudev.Context()
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,11 @@ def _parent_sys(dev: pyudev.Device) -> pyudev.Device:
 
 def list_host_devices() -> list[HostDevice]:
     """Every block device: disks, partitions, and loop devices that have a backing file."""
-    context = pyudev.Context()
+    with _context_lock:
+        return _list_devices(_shared_context())
+
+
+def _list_devices(context: pyudev.Context) -> list[HostDevice]:
     mounts = _mounts()
     out = []
     for dev in context.list_devices(subsystem="block"):
