@@ -50,10 +50,11 @@ READ_SPIN_US = 50
 
 
 def set_read_spin(microseconds: int) -> None:
-    """Set the read spin (a stock pyfuse3 has none: it always sleeps)."""
+    """Set the read spin (a stock pyfuse3 has none: it always sleeps). With one CPU to
+    run on, polling would only keep the client from sending its next request: none."""
     setter = getattr(pyfuse3, "set_read_spin", None)
     if setter is not None:
-        setter(microseconds * 1000)
+        setter(microseconds * 1000 if len(os.sched_getaffinity(0)) > 1 else 0)
 
 
 Key = tuple[tuple[str, ...], str]
