@@ -385,12 +385,23 @@ class DirBackend(Backend):
             except OSError as e:
                 raise BackendFailed(f"creating {path}: {e.strerror}") from None
             try:
-                os.fchmod(fd, mode)  # the umask must not narrow what was asked for
-                os.fchown(fd, uid, gid)
-                os.ftruncate(fd, vdef.capacity)
+                # Each metadata change is a journal update on ext4: make only those needed.
+                st = os.fstat(fd)
+                changes = 0
+                if stat.S_IMODE(st.st_mode) != mode:
+                    os.fchmod(fd, mode)  # the umask narrowed what was asked for
+                    changes += 1
+                if (st.st_uid, st.st_gid) != (uid, gid):
+                    os.fchown(fd, uid, gid)
+                    changes += 1
+                if vdef.capacity:
+                    os.ftruncate(fd, vdef.capacity)
+                    changes += 1
                 if vdef.allocation:
                     os.posix_fallocate(fd, 0, min(vdef.allocation, vdef.capacity))
-                st = os.fstat(fd)
+                    changes += 1
+                if changes:
+                    st = os.fstat(fd)
             except OSError as e:
                 os.close(fd)
                 os.unlink(path)
