@@ -250,6 +250,13 @@ def test_volume_ownership_from_pool_permissions(vsfs: Mount) -> None:
     sh(f"cat {vsfs.base}/v.xml > {o}/define", check=True)
     st = os.stat(target / "b")
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o644)
+    # Wider than the daemon's umask lets open() make: set afterwards.
+    (vsfs.base / "w.xml").write_text(
+        "<volume><name>w</name><capacity>0</capacity><target><permissions>"
+        "<mode>0666</mode></permissions></target></volume>")
+    sh(f"cat {vsfs.base}/w.xml > {o}/define", check=True)
+    st = os.stat(target / "w")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777, st.st_size) == (65534, 65534, 0o666, 0)
     xml = (o / "xml").read_text()
     assert "<mode>0750</mode>" in xml and "<owner>65534</owner>" in xml
 
