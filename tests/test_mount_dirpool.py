@@ -132,6 +132,12 @@ def test_truncate_creates_sparse_raw_volume(vsfs: Mount) -> None:
     rel = str(target / "web.img").lstrip("/")
     assert os.readlink(vsfs.path / "by-path" / rel).endswith("pools/p/volumes/web.img")
     assert os.path.samefile(vsfs.path / "by-path" / rel, target / "web.img")
+    # Its directories are there as long as a volume lies below them.
+    assert os.listdir(vsfs.path / "by-path" / str(target).lstrip("/")) == ["web.img"]
+    sh(f"rm {vsfs.path}/pools/p/volumes/web.img", check=True)
+    assert not os.path.lexists(vsfs.path / "by-path" / rel)
+    assert not os.path.exists(vsfs.path / "by-path" / str(target).lstrip("/"))
+    assert os.listdir(vsfs.path / "by-path") == []
 
 
 def test_mkdir_cp_mv_rm(vsfs: Mount) -> None:

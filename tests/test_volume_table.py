@@ -64,3 +64,21 @@ def test_mapping_behaviour() -> None:
     assert t.keys() - {"x"} == {"y"}
     assert t.setdefault("z", vol("z")).name == "z"
     assert t.with_path("/pool/z") == t["z"]
+
+
+def test_directories_and_normalised_paths_for_by_path() -> None:
+    # by-path/ walks directories: each volume's parents are known, as long as it is there.
+    t = VolumeTable([vol("a", path="/srv/img//a.img"), vol("b", path="/srv/img/sub/b"),
+                     vol("net", path="pool/net")])
+    assert t.with_normal_path("/srv/img/a.img") == t["a"]
+    assert t.with_path("/srv/img/a.img") is None  # as spelled, only
+    assert [t.has_below(d) for d in ("/srv", "/srv/img", "/srv/img/sub", "/srv/img/a.img",
+                                     "/sr", "/srv/im")] == [True, True, True, False, False,
+                                                            False]
+    t["b"] = replace(t["b"], path="/srv/other/b")  # renamed: its old directory is gone
+    assert not t.has_below("/srv/img/sub") and t.has_below("/srv/other")
+    del t["a"]
+    assert not t.has_below("/srv/img") and t.has_below("/srv")
+    assert t.with_normal_path("/srv/img/a.img") is None
+    t.clear()
+    assert not t.has_below("/srv")

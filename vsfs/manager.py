@@ -217,6 +217,14 @@ class Manager:
     def by_path(self, path: str) -> tuple[str, Volume] | None:
         return self._first_running(lambda vols: vols.with_path(path))
 
+    def by_normal_path(self, path: str) -> tuple[str, Volume] | None:
+        """A running pool's volume whose path, normalised (model.normal_path), is ``path``."""
+        return self._first_running(lambda vols: vols.with_normal_path(path))
+
+    def has_volumes_below(self, directory: str) -> bool:
+        """Whether a running pool has a volume below ``directory`` (normalised)."""
+        return any(e.running and e.volumes.has_below(directory) for e in self.pools.values())
+
     def source_users(self, path: str) -> list[str]:
         """Running pools whose source device is ``path`` (pools nest)."""
         devices = [(name, d.path) for name, e in self.pools.items() if e.running

@@ -173,6 +173,17 @@ class Volume:
     xml_path: str | None = None
 
 
+def normal_path(path: str) -> str:
+    """An absolute path without empty components ("/a//b/" is "/a/b")."""
+    return "/" + "/".join(c for c in path.split("/") if c)
+
+
+def _parents(path: str) -> list[str]:
+    """The directories above an absolute path, normalised: "/a/b/c" gives "/a", "/a/b"."""
+    parts = [c for c in path.split("/") if c]
+    return ["/" + "/".join(parts[:i]) for i in range(1, len(parts))]
+
+
 class VolumeTable(MutableMapping[str, Volume]):
     """A pool's volumes by name, also indexed by path, key and backing store, so that a
     lookup in ``by-path/`` or ``by-key/`` and the in-use check of a delete do not walk
@@ -184,11 +195,16 @@ class VolumeTable(MutableMapping[str, Volume]):
         self._by_path: dict[str, dict[str, None]] = {}
         self._by_key: dict[str, dict[str, None]] = {}
         self._by_backing: dict[str, dict[str, None]] = {}
+        # by-path/ spells paths normalised, and its directories are every volume's parents.
+        self._by_normal_path: dict[str, dict[str, None]] = {}
+        self._below: dict[str, int] = {}  # directory -> volumes somewhere below it
         for vol in volumes:
             self[vol.name] = vol
 
     def _indexes(self, vol: Volume) -> Iterator[tuple[dict[str, dict[str, None]], str]]:
         yield self._by_path, vol.path
+        if vol.path.startswith("/"):
+            yield self._by_normal_path, normal_path(vol.path)
         yield self._by_key, vol.key
         if vol.backing is not None:
             yield self._by_backing, vol.backing.path
@@ -202,6 +218,9 @@ class VolumeTable(MutableMapping[str, Volume]):
         self._vols[name] = vol
         for index, value in self._indexes(vol):
             index.setdefault(value, {})[name] = None
+        if vol.path.startswith("/"):
+            for parent in _parents(vol.path):
+                self._below[parent] = self._below.get(parent, 0) + 1
 
     def __delitem__(self, name: str) -> None:
         vol = self._vols.pop(name)
@@ -210,6 +229,13 @@ class VolumeTable(MutableMapping[str, Volume]):
             del names[name]
             if not names:
                 del index[value]
+        if vol.path.startswith("/"):
+            for parent in _parents(vol.path):
+                left = self._below[parent] - 1
+                if left:
+                    self._below[parent] = left
+                else:
+                    del self._below[parent]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._vols)
@@ -239,11 +265,20 @@ class VolumeTable(MutableMapping[str, Volume]):
         return self._vols.items()
 
     def clear(self) -> None:
-        for index in (self._vols, self._by_path, self._by_key, self._by_backing):
+        for index in (self._vols, self._by_path, self._by_key, self._by_backing,
+                      self._by_normal_path, self._below):
             index.clear()
 
     def with_path(self, path: str) -> Volume | None:
         return self._first(self._by_path, path)
+
+    def with_normal_path(self, path: str) -> Volume | None:
+        """A volume whose path, normalised (normal_path), is ``path``."""
+        return self._first(self._by_normal_path, path)
+
+    def has_below(self, directory: str) -> bool:
+        """Whether some volume's path lies below ``directory`` (normalised)."""
+        return directory in self._below
 
     def with_key(self, key: str) -> Volume | None:
         return self._first(self._by_key, key)

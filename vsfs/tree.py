@@ -365,15 +365,12 @@ class Tree:
         def child(name: str) -> Node | None:
             sub = (*prefix, name)
             up = "../" * len(sub)
-            found = self.m.by_path("/" + "/".join(sub))  # indexed: the usual case
+            path = "/" + "/".join(sub)
+            # As spelled, else spelled with "//" or a trailing "/": both indexed.
+            found = self.m.by_path(path) or self.m.by_normal_path(path)
             if found is not None:
                 return Link(0o777, target=f"{up}pools/{found[0]}/volumes/{found[1].name}")
-            deeper = False
-            for p, pool, vol in paths():
-                if p == sub:  # a path spelled with "//" or a trailing "/"
-                    return Link(0o777, target=f"{up}pools/{pool}/volumes/{vol.name}")
-                deeper = deeper or p[:len(sub)] == sub
-            return self._by_path(sub) if deeper else None
+            return self._by_path(sub) if self.m.has_volumes_below(path) else None
 
         return Dir(DIR_MODE, names=names, child=child, volatile=True)
 
