@@ -542,42 +542,73 @@ class Tree:
         return Dir(DIR_MODE, names=lambda: self._volume_names(pool), child=child)
 
     def _volinfo_dir(self, pool: str, name: str) -> Dir:
-        m = self.m
+        files = _VolumeFiles(self.m, pool, name)
+        return Dir(DIR_MODE, names=_VolumeFiles.names, child=files.child)
 
-        def field_of(fn: Callable[[Volume], object]) -> Render:
-            async def render() -> bytes:
-                return _value(fn(await m.refresh_volume(pool, name)))
-            return render
 
-        async def xml() -> bytes:
-            return format_volume(await m.refresh_volume(pool, name))
+class _VolumeFiles:
+    """The files of volinfo/<vol>/. One per volume, kept with its cached directory node:
+    a few objects rather than a closure per file, which Python's garbage collector
+    would walk again and again with thousands of volumes."""
 
-        async def resize(data: bytes) -> None:
-            await m.resize_volume(pool, name, parse_size(_line(data)))
+    __slots__ = ("m", "name", "pool")
+    NAMES = ("xml", "capacity", "allocation", "format", "path", "key", "ctl")
 
-        async def ctl(data: bytes) -> None:
-            await m.volume_command(pool, name, _line(data))
+    def __init__(self, m: Manager, pool: str, name: str) -> None:
+        self.m = m
+        self.pool = pool
+        self.name = name
 
-        async def path() -> bytes:
-            # Whoever asks for the path will open it: make it usable.
-            await m.prepare_volume(pool, name)
-            return _value((await m.refresh_volume(pool, name)).path)
+    @staticmethod
+    def names() -> list[str]:
+        return list(_VolumeFiles.NAMES)
 
-        files: dict[str, Callable[[], Node]] = {
-            "xml": lambda: File(RO_MODE, read=xml),
-            "capacity": lambda: File(RW_MODE, read=field_of(lambda v: v.capacity), write=resize),
-            "allocation": lambda: File(RO_MODE, read=field_of(lambda v: v.allocation)),
-            "format": lambda: File(RO_MODE, read=field_of(lambda v: v.format)),
-            "path": lambda: File(RO_MODE, read=path),
-            "key": lambda: File(RO_MODE, read=field_of(lambda v: v.key)),
-            "ctl": lambda: File(WO_MODE, write=ctl),
-        }
+    def child(self, cname: str) -> Node | None:
+        match cname:
+            case "xml":
+                return File(RO_MODE, read=self.xml)
+            case "capacity":
+                return File(RW_MODE, read=self.capacity, write=self.resize)
+            case "allocation":
+                return File(RO_MODE, read=self.allocation)
+            case "format":
+                return File(RO_MODE, read=self.format)
+            case "path":
+                return File(RO_MODE, read=self.path)
+            case "key":
+                return File(RO_MODE, read=self.key)
+            case "ctl":
+                return File(WO_MODE, write=self.ctl)
+        return None
 
-        def child(cname: str) -> Node | None:
-            make = files.get(cname)
-            return make() if make is not None else None
+    async def _volume(self) -> Volume:
+        return await self.m.refresh_volume(self.pool, self.name)
 
-        return Dir(DIR_MODE, names=lambda: list(files), child=child)
+    async def xml(self) -> bytes:
+        return format_volume(await self._volume())
+
+    async def capacity(self) -> bytes:
+        return _value((await self._volume()).capacity)
+
+    async def allocation(self) -> bytes:
+        return _value((await self._volume()).allocation)
+
+    async def format(self) -> bytes:
+        return _value((await self._volume()).format)
+
+    async def key(self) -> bytes:
+        return _value((await self._volume()).key)
+
+    async def path(self) -> bytes:
+        # Whoever asks for the path will open it: make it usable.
+        await self.m.prepare_volume(self.pool, self.name)
+        return _value((await self._volume()).path)
+
+    async def resize(self, data: bytes) -> None:
+        await self.m.resize_volume(self.pool, self.name, parse_size(_line(data)))
+
+    async def ctl(self, data: bytes) -> None:
+        await self.m.volume_command(self.pool, self.name, _line(data))
 
 
 def _host_port(text: str) -> SourceHost:
