@@ -43,9 +43,10 @@ HAS_NOFLUSH = hasattr(pyfuse3.FileInfo(), "noflush")
 
 # pyfuse3 built with .ci/patches/pyfuse3-read-spin.patch keeps reading /dev/fuse
 # this long after serving a request before it sleeps. Clients that send requests
-# one by one (`ls -l`: a READLINK per volume; `truncate`: four in a row) send the
-# next within microseconds, and in a virtual machine waking an idle CPU costs
-# more than that: the first `ls -l` of 1000 new volumes takes half as long.
+# one by one (`ls -l`: a READLINK per volume; `truncate`: LOOKUP, GETATTR of the
+# directory, CREATE, SETATTR, FLUSH) send the next within microseconds, and in a
+# virtual machine waking an idle CPU costs more than that: the first `ls -l` of
+# 1000 new volumes takes half as long.
 READ_SPIN_US = 50
 
 

@@ -416,11 +416,11 @@ class Manager:
             self._gone("pools", entry.pool.name, "volinfo", vname)
 
     def _apply(self, entry: PoolEntry, snap: Snapshot) -> None:
-        new = {v.name: v for v in snap.volumes}
+        new = VolumeTable(snap.volumes)
         for vname in entry.volumes.keys() - new.keys():
             self._gone("pools", entry.pool.name, "volumes", vname)
             self._gone("pools", entry.pool.name, "volinfo", vname)
-        entry.volumes = VolumeTable(snap.volumes)
+        entry.volumes = new
         entry.status = snap.status
         entry.live_perms = snap.live_perms
         entry.scanned_at = trio.current_time()
