@@ -4,6 +4,7 @@
 Run from the repository root (root, /dev/fuse and fusermount3 needed)::
 
     python tests/bench/bench_dirpool.py [--count N] [--repeat R] [--json FILE]
+                                        [--workdir DIR] [--fresh-fs SIZE]
 
 One run mounts vsfs in a temporary directory, defines and starts a dir pool, and
 times real tools (truncate, ls -l, find -L, cat, rm) on N volumes through the
@@ -651,6 +652,50 @@ def table(res: Results) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------- a fresh filesystem
+
+
+class FreshFs:
+    """A new ext4 on a loop device, mounted for one run (``--fresh-fs``).
+
+    ext4 skips inodes freed in the last minutes when it allocates, so creation on a
+    filesystem where much was just deleted (by a test suite, or the previous run) is
+    up to twice as slow, on both sides. A filesystem of its own makes runs comparable.
+    """
+
+    def __init__(self, workdir: Path, size: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="vsfs-bench-fs-", dir=workdir))
+        self.size = size
+        self.image = self.dir / "fs.img"
+        self.mnt = self.dir / "mnt"
+        self.loop: str | None = None
+
+    def __enter__(self) -> Path:
+        try:
+            run(["truncate", "-s", self.size, str(self.image)])
+            # Inode tables and journal written now, not by a kernel thread during the run.
+            run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                 str(self.image)])
+            self.loop = run(["losetup", "-f", "--show", str(self.image)]).stdout.strip()
+            self.mnt.mkdir()
+            run(["mount", self.loop, str(self.mnt)])
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.mnt
+
+    def __exit__(self, *exc: object) -> None:
+        if os.path.ismount(self.mnt):
+            res = subprocess.run(["umount", str(self.mnt)], capture_output=True, check=False)
+            if res.returncode != 0:
+                print(f"warning: could not unmount {self.mnt}; leaving {self.dir}",
+                      file=sys.stderr)
+                return
+        if self.loop is not None:
+            subprocess.run(["losetup", "-d", self.loop], capture_output=True, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -662,25 +707,46 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                    help="where the temporary directory goes (default /var/tmp)")
+    p.add_argument("--fresh-fs", metavar="SIZE", default=None,
+                   help="run on a new ext4 of this size (truncate's units, e.g. 4G) made in "
+                        "the workdir on a loop device, and removed afterwards (root only)")
     args = p.parse_args(argv)
     if args.count < 1 or args.repeat < 1:
         p.error("--count and --repeat must be at least 1")
+    if args.fresh_fs is not None and os.geteuid() != 0:
+        p.error("--fresh-fs needs root (losetup, mount)")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for tool in ("fusermount3", "truncate", "bash", "ls", "find", "cat", "rm", "seq"):
+    tools = ["fusermount3", "truncate", "bash", "ls", "find", "cat", "rm", "seq"]
+    if args.fresh_fs is not None:
+        tools += ["mkfs.ext4", "losetup", "mount", "umount"]
+    for tool in tools:
         if shutil.which(tool) is None:
             print(f"bench: {tool} is missing", file=sys.stderr)
             return 2
-    root = Path(tempfile.mkdtemp(prefix="vsfs-bench-", dir=args.workdir))
+    if args.fresh_fs is None:
+        return bench_in(args, args.workdir)
+    try:
+        with FreshFs(args.workdir, args.fresh_fs) as workdir:
+            return bench_in(args, workdir)
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+
+
+def bench_in(args: argparse.Namespace, workdir: Path) -> int:
+    """One run with its temporary directory under *workdir*."""
+    root = Path(tempfile.mkdtemp(prefix="vsfs-bench-", dir=workdir))
     res = Results(
         count=args.count, repeat=args.repeat,
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.node()}",
         kernel=platform.release(), python=platform.python_version(),
-        workdir_fs=fs_type(root), revision=revision(),
+        workdir_fs=fs_type(root) + (" (made for this run)" if args.fresh_fs else ""),
+        revision=revision(),
     )
     mount = Mount(root)
     status = 0
