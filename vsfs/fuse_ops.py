@@ -67,8 +67,15 @@ def _kind(node: Node) -> str:
     if isinstance(node, Link):
         return "link:" + node.target
     if isinstance(node, UploadFile):
-        return "upload"
+        return f"upload:{node.upload.serial}" if node.upload is not None else "upload"
     return "file"
+
+
+def _set_times(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """utime() of an open file; None keeps that time as it is."""
+    st = os.fstat(fd)
+    os.utime(fd, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                     st.st_mtime_ns if mtime_ns is None else mtime_ns))
 
 
 def _name(raw: bytes) -> str:
@@ -84,6 +91,7 @@ class Handle:
     failed: bool = False
     wrote: bool = False
     upload: Upload | None = None
+    ino: int = 0
 
 
 @dataclass
@@ -114,6 +122,9 @@ class Operations(pyfuse3.Operations):
         self._lookups: dict[int, int] = {pyfuse3.ROOT_INODE: 1}
         self._link_attrs: dict[int, pyfuse3.EntryAttributes] = {}
         self._handles: dict[int, Handle] = {}
+        # The inodes of uploads with an open handle: once listed, their names lead to a
+        # symlink, but the open descriptors (fstat, ftruncate, futimens) still need them.
+        self._upload_inos: dict[int, UploadFile] = {}
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
         self.mounted = False
@@ -192,6 +203,9 @@ class Operations(pyfuse3.Operations):
         key = self._key_of.get(ino)
         if key is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        upload = self._upload_inos.get(ino)
+        if upload is not None:
+            return key[0], upload
         node = self.tree.resolve(key[0])
         if node is None or _kind(node) != key[1]:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -313,6 +327,18 @@ class Operations(pyfuse3.Operations):
             elif not (isinstance(node, File) and node.write is not None and attr.st_size == 0):
                 # Truncating a value file to 0 is what `echo x > file` does first.
                 raise pyfuse3.FUSEError(errno.EACCES)
+        if ((fields.update_atime or fields.update_mtime) and isinstance(node, UploadFile)
+                and node.upload is not None and node.upload.fd >= 0):
+            # touch -d, cp -p: the times go to the new volume's file.
+            fd = node.upload.fd
+            atime = attr.st_atime_ns if fields.update_atime else None
+            mtime = attr.st_mtime_ns if fields.update_mtime else None
+            try:
+                await trio.to_thread.run_sync(_set_times, fd, atime, mtime)
+            except OSError as e:
+                self.tree.record_error(ctx.uid, f"setting the times of volume "
+                                       f"{node.upload.name}: {e.strerror}")
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         return self._attrs(inode, node)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -454,7 +480,8 @@ class Operations(pyfuse3.Operations):
         ino = self._register((*path, _name(name)), node)
         self._ref(ino)
         fh = self._fh()
-        self._handles[fh] = Handle(ctx.uid, node, upload=upload)
+        self._handles[fh] = Handle(ctx.uid, node, upload=upload, ino=ino)
+        self._upload_inos[ino] = node
         return pyfuse3.FileInfo(fh=fh), self._attrs(ino, node)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -466,7 +493,8 @@ class Operations(pyfuse3.Operations):
         reading = acc in (os.O_RDONLY, os.O_RDWR)
         fh = self._fh()
         if isinstance(node, UploadFile):
-            self._handles[fh] = Handle(ctx.uid, node, upload=node.upload)
+            self._handles[fh] = Handle(ctx.uid, node, upload=node.upload, ino=inode)
+            self._upload_inos.setdefault(inode, node)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         assert isinstance(node, File)
         if writing and node.write is None:
@@ -532,6 +560,10 @@ class Operations(pyfuse3.Operations):
             self.tree.record_error(handle.uid, f"volume {upload.name} needs a size before "
                                    "data: truncate -s SIZE first")
             raise pyfuse3.FUSEError(errno.EINVAL)
+        if upload.failed and upload.orphaned:
+            self.tree.record_error(handle.uid, f"volume {upload.name} was removed after a "
+                                   "failed write")
+            raise pyfuse3.FUSEError(errno.EIO)
         upload.written = True
         try:
             return await trio.to_thread.run_sync(os.pwrite, upload.fd, buf, off)
@@ -570,6 +602,7 @@ class Operations(pyfuse3.Operations):
             return
         if any(h.upload is handle.upload for h in self._handles.values()):
             return  # another open of the same new volume is still writing
+        self._upload_inos.pop(handle.ino, None)
         try:
             await self.tree.m.close_upload(handle.upload)
         except Exception as e:  # release cannot report; the reason is kept for the user

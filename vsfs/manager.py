@@ -8,6 +8,7 @@ tree calls it and the FUSE adapter only translates.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator
@@ -105,6 +106,9 @@ class PoolEntry:
         return _Held(self.lock)
 
 
+_upload_serials = itertools.count(1)
+
+
 @dataclass
 class Upload:
     """A volume being created through a file handle (``truncate``, ``cp``)."""
@@ -113,8 +117,16 @@ class Upload:
     name: str
     fd: int
     failed: bool = False
-    finished: bool = False
+    # Listed as a volume (a symlink) since its first close; descriptors may still be open.
+    listed: bool = False
+    # Bytes came in since it was last settled.
     written: bool = False
+    # Its volume is not its own any more (deleted, renamed, or removed after a failed
+    # write): later closes settle nothing.
+    orphaned: bool = False
+    # Each upload is a file of its own: one deleted while still open and a new one of
+    # the same name must not share an inode.
+    serial: int = field(default_factory=lambda: next(_upload_serials))
 
 
 def parse_bool(text: str) -> bool:
@@ -130,7 +142,10 @@ class Manager:
     def __init__(self, state: StateDir, invalidate: Invalidator | None = None) -> None:
         self.state = state
         self.pools: dict[str, PoolEntry] = {}
-        self.uploads: dict[tuple[str, str], Upload] = {}
+        self.uploads: dict[tuple[str, str], Upload] = {}  # not closed yet
+        # Listed, but a descriptor is still open (a dup of a shell's redirection, dd's
+        # output): its volume is settled again when closed again.
+        self.open_uploads: dict[tuple[str, str], Upload] = {}
         self._invalidate = invalidate
         self._forget_link: LinkForgetter | None = None
         self._define_lock = trio.Lock()
@@ -539,45 +554,72 @@ class Manager:
         except BaseException:
             upload.failed = True
             raise
-        current = entry.volumes.get(upload.name)
+        current = None if upload.orphaned else entry.volumes.get(upload.name)
         if current is not None and current.format == "raw":
             entry.volumes[upload.name] = replace(current, capacity=size, physical=size)
 
     async def finish_upload(self, upload: Upload) -> None:
-        """Settle a volume made through a file handle, once its writer closes it.
+        """Settle a volume made through a file handle, at each close of it.
 
-        Runs on the first close (flush, which the writer waits for), so that when
+        Runs on every close (flush, which the writer waits for), so that when
         ``truncate`` or ``cp`` returns the volume is either complete and listed as
-        a symlink, or gone. The descriptor itself stays open until release.
+        a symlink, or gone. The first close lists it; a descriptor still open (a
+        shell's redirection and ``dd`` close their first copy at once) keeps working,
+        and a later close settles what it did: bytes written are probed again, and
+        a failed write removes the volume. The descriptor itself stays open until
+        the last release.
         """
-        if upload.finished:
+        if upload.orphaned:
             return
-        upload.finished = True
-        self.uploads.pop((upload.pool, upload.name), None)
+        key = (upload.pool, upload.name)
+        first = not upload.listed
+        if first:
+            upload.listed = True
+            self.uploads.pop(key, None)
+            self.open_uploads[key] = upload
         entry = self.pools.get(upload.pool)
         vol = entry.volumes.get(upload.name) if entry is not None else None
+        removed = False
         if entry is not None and vol is not None and (upload.failed or upload.written):
             async with entry.locked():
                 if upload.failed:
                     await self._discard(entry, vol)
+                    self._orphan(key)
+                    removed = True
                     log.info("volume %s/%s removed: its upload failed", upload.pool,
                              upload.name)
                 elif upload.written:
+                    upload.written = False
                     # Bytes came in: they may be an image (a qcow2 copied in).
                     try:
                         entry.volumes[upload.name] = await entry.backend.volume(upload.name)
                     except NotFound:
                         entry.volumes.pop(upload.name, None)
-        # The regular file's entry was handed out with a zero timeout, so the next
-        # lookup finds the symlink (or nothing); dropping the dentry too spares the
-        # kernel a GETATTR of the old inode when a listing replaces it. Being only
-        # that, it may come a moment later, with others, which is cheaper.
-        self._gone("pools", upload.pool, "volumes", upload.name, lazy=True)
+        if removed and not first:
+            # Listed before: the kernel may hold its symlink for a while.
+            self._gone("pools", upload.pool, "volumes", upload.name)
+            self._gone("pools", upload.pool, "volinfo", upload.name)
+        elif first:
+            # The regular file's entry was handed out with a zero timeout, so the next
+            # lookup finds the symlink (or nothing); dropping the dentry too spares the
+            # kernel a GETATTR of the old inode when a listing replaces it. Being only
+            # that, it may come a moment later, with others, which is cheaper.
+            self._gone("pools", upload.pool, "volumes", upload.name, lazy=True)
+
+    def _orphan(self, key: tuple[str, str]) -> None:
+        """The volume of a still-open upload is gone or renamed: leave it alone."""
+        upload = self.open_uploads.pop(key, None)
+        if upload is not None:
+            upload.orphaned = True
 
     async def close_upload(self, upload: Upload) -> None:
+        """The last descriptor of an upload is closed."""
         try:
             await self.finish_upload(upload)
         finally:
+            key = (upload.pool, upload.name)
+            if self.open_uploads.get(key) is upload:
+                del self.open_uploads[key]
             if upload.fd >= 0:
                 entry = self.pools.get(upload.pool)
                 if entry is not None:
@@ -603,6 +645,7 @@ class Manager:
                 raise Busy(why)
             await entry.backend.delete_volume(vol)
             entry.volumes.pop(name, None)
+            self._orphan((pool, name))
         self._gone("pools", pool, "volinfo", name)
         log.info("volume %s/%s deleted", pool, name)
 
@@ -623,6 +666,7 @@ class Manager:
             new = await entry.backend.rename_volume(vol, new_name)
             del entry.volumes[name]
             entry.volumes[new_name] = new
+            self._orphan((pool, name))
         self._gone("pools", pool, "volumes", name)
         self._gone("pools", pool, "volinfo", name)
         log.info("volume %s/%s renamed to %s", pool, name, new_name)
