@@ -319,3 +319,38 @@ def test_sources_need_a_host(vsfs: Mount) -> None:
         assert "Invalid argument" in sh(f"cat '{src}/{stype}?port=3260'").stderr
         assert "names no host" in vsfs.error()
     assert not (src / "zfs?host=a").exists()
+
+
+def test_ids_and_modes_out_of_range_change_nothing(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    for fmt in ("", "<format type='dir'/>"):
+        for perms in ("<owner>99999999999</owner>", "<group>4294967296</group>",
+                      "<mode>07777</mode>"):
+            xml = (f"<volume><name>v</name><capacity>1M</capacity><target>{fmt}"
+                   f"<permissions>{perms}</permissions></target></volume>")
+            res = sh(f"cat > {p}/define", input=xml)
+            assert "Invalid argument" in res.stderr, (xml, res.stderr)
+            assert "out of range" in vsfs.error()
+            assert os.listdir(target) == [] and os.listdir(p / "volumes") == []
+    before = state_files(vsfs)
+    xml = vsfs.pool_xml("q", vsfs.base / "q").replace(
+        "</path>", "</path><permissions><owner>99999999999</owner></permissions>")
+    assert "Invalid argument" in sh(f"cat > {vsfs.path}/pools/define", input=xml).stderr
+    assert state_files(vsfs) == before
+    vsfs.assert_clean_log()
+
+
+def test_pool_names_vsfs_cannot_hold(vsfs: Mount) -> None:
+    before = state_files(vsfs)
+    for name, why in [("define", "reserved"), ("n" * 252, "longer than 251 bytes")]:
+        xml = vsfs.pool_xml(name, vsfs.base / "t")
+        res = sh(f"cat > {vsfs.path}/pools/define", input=xml)
+        assert "Invalid argument" in res.stderr, (name, res.stderr)
+        assert why in vsfs.error()
+    assert state_files(vsfs) == before
+    assert sorted(os.listdir(vsfs.path / "pools")) == ["define"]
+    sh(f"cat > {vsfs.path}/pools/define", input=vsfs.pool_xml("n" * 251, vsfs.base / "t"),
+       check=True)
+    assert (vsfs.path / "pools" / ("n" * 251) / "state").read_text() == "inactive\n"
+    vsfs.assert_clean_log()

@@ -45,7 +45,8 @@ def test_redirection_is_settled_at_its_last_close(vsfs: Mount, tmp_path: Path) -
     p = vsfs.path / "pools" / "p"
     # The shell opens, moves the descriptor to 7 and closes the first copy: the volume
     # is listed then, empty; the bytes come afterwards.
-    res = sh(f"set -e; exec 7>{p}/volumes/r; printf abc >&7; stat -L -c %s /dev/fd/7 >&2; exec 7>&-")
+    res = sh(f"set -e; exec 7>{p}/volumes/r; printf abc >&7; "
+             "stat -L -c %s /dev/fd/7 >&2; exec 7>&-")
     assert res.returncode == 0, res.stderr
     assert res.stderr.strip() == "3"
     assert (target / "r").read_bytes() == b"abc"

@@ -372,3 +372,19 @@ def test_remove_missing_is_harmless(sd):
     sd.save(_pool())
     sd.remove("nosuch")
     assert [s.pool.name for s in sd.load()] == ["images"]
+
+
+def test_longest_pool_name_is_stored(sd):
+    name = "n" * 251  # NAME.xml is 255 bytes, the most a file name can have
+    sd.save(_pool(name=name))
+    assert [p.pool.name for p in sd.load()] == [name]
+    sd.set_autostart(name, True)
+    assert [p.autostart for p in sd.load()] == [True]
+    assert not [n for n in _names(sd.path) if n.startswith(".")]
+
+
+def test_write_failures_name_the_file(sd):
+    (sd.path / "images.xml").mkdir()  # os.replace onto a directory fails
+    with pytest.raises(BackendFailed, match=r"cannot write .*images\.xml: Is a directory"):
+        sd.save(_pool())
+    assert _names(sd.path) == ["autostart", "images.xml"]  # no temporary file left

@@ -229,3 +229,46 @@ def test_read_spin_needs_two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
     fuse_ops.set_read_spin(50)
     assert set_to == [50_000, 0]
+
+
+def test_duplicate_uuid_in_the_state_directory_is_left_out(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    uuid = "11111111-2222-4333-8444-555555555555"
+    for name in ("a", "b"):
+        (state.path / f"{name}.xml").write_text(
+            f"<pool type='dir'><name>{name}</name><uuid>{uuid}</uuid>"
+            f"<target><path>{tmp_path / name}</path></target></pool>")
+
+    async def main() -> None:
+        m = Manager(state)
+        await m.load()
+        assert sorted(m.pools) == ["a"]
+
+    trio.run(main)
+    assert "pool b: UUID 11111111-2222-4333-8444-555555555555 is pool a's already" in caplog.text
+    assert (state.path / "b.xml").exists()  # left as it was, for the user to mend
+
+
+def test_one_directory_under_two_spellings_is_one_target(tmp_path: Path) -> None:
+    async def main() -> None:
+        m, _ = make(tmp_path)
+        await m.load()
+        (tmp_path / "img").mkdir()
+        (tmp_path / "other").mkdir()
+        (tmp_path / "link").symlink_to(tmp_path / "img")
+        await m.define_pool(pool_xml("p", tmp_path / "img"))
+        for i, spelling in enumerate([f"{tmp_path}/./img", f"{tmp_path}/other/../img",
+                                      f"{tmp_path}/link", f"{tmp_path}//img/"]):
+            with pytest.raises(Exists, match="already uses target"):
+                # A string, not a Path: pathlib would drop the "." and "//" itself.
+                await m.define_pool(f"<pool type='dir'><name>q{i}</name><target><path>"
+                                    f"{spelling}</path></target></pool>".encode())
+        await m.define_pool(pool_xml("r", tmp_path / "other"))
+        assert sorted(m.pools) == ["p", "r"]
+        # Redefining a pool onto another's directory is refused too.
+        with pytest.raises(Exists, match="already uses target"):
+            await m.redefine_pool("r", pool_xml("r", tmp_path / "link"))
+
+    trio.run(main)

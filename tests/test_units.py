@@ -7,7 +7,7 @@ import errno
 import pytest
 
 from vsfs.errors import Invalid
-from vsfs.model import NAME_MAX, check_name
+from vsfs.model import NAME_MAX, check_name, check_pool_name
 from vsfs.units import MAX_SIZE, parse_size
 
 KiB = 1024
@@ -202,3 +202,15 @@ def test_check_name_rejects(name):
 def test_check_name_names_what_it_checks():
     with pytest.raises(Invalid, match="volume name"):
         check_name("a/b", "volume name")
+
+
+def test_pool_names_fit_their_state_file() -> None:
+    assert check_pool_name("a" * 251) == "a" * 251
+    with pytest.raises(Invalid, match="longer than 251 bytes"):
+        check_pool_name("a" * 252)
+    with pytest.raises(Invalid, match="longer than 251 bytes"):
+        check_pool_name("é" * 126)  # 252 bytes in UTF-8
+    with pytest.raises(Invalid, match="reserved"):
+        check_pool_name("define")
+    with pytest.raises(Invalid, match="starts with"):
+        check_pool_name(".hidden")

@@ -541,6 +541,10 @@ def test_parse_pool_target_path_trailing_slash(path, expected):
         (b"<mode>0711</mode>", b"<mode>0999</mode>"),
         (b"<mode>0711</mode>", b"<mode>rwx</mode>"),
         (b"<mode>0711</mode>", b"<mode>17777</mode>"),
+        (b"<mode>0711</mode>", b"<mode>1777</mode>"),
+        (b"<mode>0711</mode>", b"<mode>4755</mode>"),
+        (b"<owner>0</owner>", b"<owner>99999999999</owner>"),
+        (b"<group>0</group>", b"<group>4294967296</group>"),
         (b"<owner>0</owner>", b"<owner>-5</owner>"),
         (b"<owner>0</owner>", b"<owner>root</owner>"),
         (b"<group>0</group>", b"<group>1.5</group>"),
@@ -549,6 +553,14 @@ def test_parse_pool_target_path_trailing_slash(path, expected):
 def test_parse_pool_bad_permissions(old, new):
     with pytest.raises(Invalid):
         parse_pool(DIR_POOL.replace(old, new))
+
+
+def test_permission_ids_at_the_limits():
+    perms = parse_pool(DIR_POOL.replace(b"<owner>0</owner>", b"<owner>4294967294</owner>")
+                       .replace(b"<group>0</group>", b"<group>4294967295</group>")).target_perms
+    assert (perms.owner, perms.group) == (4294967294, None)
+    assert parse_pool(DIR_POOL.replace(b"<mode>0711</mode>", b"<mode>777</mode>")) \
+        .target_perms.mode == 0o777
 
 
 @pytest.mark.parametrize(
@@ -672,11 +684,19 @@ def test_format_pool_live_permissions_win(pool_rng):
     out = format_pool(pool, PoolStatus(), live_perms=Permissions(0o2770, 1000, 100))
     assert_valid(pool_rng, out)
     perms = etree.fromstring(out).find("target/permissions")
-    assert perms.findtext("mode") == "2770"
+    # The permission bits only, as libvirt prints them (a setgid directory is 0770).
+    assert perms.findtext("mode") == "0770"
     assert perms.findtext("owner") == "1000"
     assert perms.findtext("group") == "100"
     # ... and they are what a re-parse sees
-    assert parse_pool(out).target_perms == Permissions(0o2770, 1000, 100)
+    assert parse_pool(out).target_perms == Permissions(0o770, 1000, 100)
+
+
+def test_stored_pools_keep_their_special_mode_bits():
+    doc = DIR_POOL.replace(b"<mode>0711</mode>", b"<mode>2775</mode>")
+    with pytest.raises(Invalid):
+        parse_pool(doc)
+    assert parse_pool(doc, stored=True).target_perms.mode == 0o2775
 
 
 def test_format_pool_namespaces():
@@ -861,6 +881,10 @@ def test_parse_volume_needs_a_good_name(doc):
         b"<backingStore><format type='raw'/></backingStore></volume>",
         b"<volume><name>v</name><capacity>1</capacity>"
         b"<target><permissions><mode>8</mode></permissions></target></volume>",
+        b"<volume><name>v</name><capacity>1</capacity>"
+        b"<target><permissions><mode>07777</mode></permissions></target></volume>",
+        b"<volume><name>v</name><capacity>1</capacity>"
+        b"<target><permissions><owner>99999999999</owner></permissions></target></volume>",
     ],
 )
 def test_parse_volume_rejects(doc):
@@ -921,7 +945,9 @@ def test_format_volume_parses_back(vol):
     assert v.capacity == vol.capacity
     assert v.allocation == vol.allocation
     assert v.format == vol.format
-    assert v.perms == Permissions(vol.mode, vol.owner, vol.group)
+    # The permission bits only, as libvirt prints them (a setgid directory is 0775).
+    mode = None if vol.mode is None else vol.mode & 0o777
+    assert v.perms == Permissions(mode, vol.owner, vol.group)
     if vol.backing is None:
         assert v.backing is None
     else:

@@ -168,11 +168,18 @@ class Manager:
         await trio.to_thread.run_sync(self.state.ensure)
         await self.host.refresh()
         stored = await trio.to_thread.run_sync(lambda: list(self.state.load()))
+        uuids: dict[str, str] = {}
         for sp in stored:
             cls = BACKENDS.get(sp.pool.type)
             if cls is None:
                 log.error("pool %s: type %r is not supported; left out", sp.pool.name,
                           sp.pool.type)
+                continue
+            other = uuids.setdefault(sp.pool.uuid, sp.pool.name)
+            if other != sp.pool.name:
+                # As libvirt does: the first definition (by name) keeps the UUID.
+                log.error("pool %s: UUID %s is pool %s's already; left out", sp.pool.name,
+                          sp.pool.uuid, other)
                 continue
             self.pools[sp.pool.name] = PoolEntry(sp.pool, cls(sp.pool, self.services), sp.autostart)
         for entry in self.pools.values():
@@ -270,7 +277,7 @@ class Manager:
         async with self._define_lock:
             if pool.name in self.pools:
                 raise Exists(f"pool {pool.name!r} already exists")
-            self._check_unique(pool)
+            await self._check_unique(pool)
             await trio.to_thread.run_sync(self.state.save, pool)
             self.pools[pool.name] = PoolEntry(pool, cls(pool, self.services))
         log.info("pool %s defined (%s)", pool.name, pool.type)
@@ -285,17 +292,26 @@ class Manager:
         cls.validate(pool)
         return cls
 
-    def _check_unique(self, pool: PoolDef, replacing: str | None = None) -> None:
-        for name, entry in self.pools.items():
-            if name == replacing:
-                continue
-            if entry.pool.uuid == pool.uuid:
+    async def _check_unique(self, pool: PoolDef, replacing: str | None = None) -> None:
+        others = [(name, entry.pool) for name, entry in self.pools.items() if name != replacing]
+        # A target spelled another way (/a/./b, /a/c/../b, a symlink to it) is the same
+        # directory: compare where each leads. realpath may touch a slow mount: a thread.
+        mounted = pool.type in ("dir", "fs", "netfs") and pool.target_path is not None
+        same_type = [p.target_path for _, p in others
+                     if mounted and p.type == pool.type and p.target_path is not None]
+        real = await trio.to_thread.run_sync(
+            lambda: [os.path.realpath(t) for t in [pool.target_path or "", *same_type]])
+        taken = dict(zip(same_type, real[1:], strict=True))
+        for name, other in others:
+            if other.uuid == pool.uuid:
                 raise Exists(f"pool {name!r} already has UUID {pool.uuid}")
-            if (pool.target_path is not None and entry.pool.target_path == pool.target_path
-                    and pool.type in ("dir", "fs", "netfs") and entry.pool.type == pool.type):
-                raise Exists(f"pool {name!r} already uses target {pool.target_path}")
+            if (other.target_path in taken and other.type == pool.type
+                    and taken[other.target_path] == real[0]):
+                raise Exists(f"pool {name!r} already uses target {other.target_path}"
+                             + ("" if other.target_path == pool.target_path
+                                else f" (the same directory as {pool.target_path})"))
             shared = {d.path for d in pool.source.devices} & {
-                d.path for d in entry.pool.source.devices}
+                d.path for d in other.source.devices}
             if shared and pool.type in ("fs", "disk", "logical"):
                 raise Exists(f"pool {name!r} already uses source device {shared.pop()}")
 
@@ -311,7 +327,7 @@ class Manager:
         async with entry.locked():
             if entry.state != PoolState.INACTIVE:
                 raise Busy(f"pool {name!r} is active; stop it before redefining it")
-            self._check_unique(new, replacing=name)
+            await self._check_unique(new, replacing=name)
             await trio.to_thread.run_sync(self.state.save, new)
             entry.pool = new
             entry.backend = cls(new, self.services)

@@ -35,6 +35,21 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+# Names a pool cannot have: they are files of pools/.
+RESERVED_POOL_NAMES = frozenset({"define"})
+
+
+def check_pool_name(name: str) -> str:
+    """A pool's name is also its state file's, NAME.xml, in the state directory."""
+    check_name(name, "pool name")
+    if name in RESERVED_POOL_NAMES:
+        raise Invalid(f"pool name {name!r} is reserved (pools/{name} is a file of vsfs)")
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX - len(".xml"):
+        raise Invalid(f"pool name is longer than {NAME_MAX - len('.xml')} bytes "
+                      "(its state file is NAME.xml)")
+    return name
+
+
 class PoolState(enum.Enum):
     INACTIVE = "inactive"
     BUILDING = "building"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +39,12 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # Not named after the file: a name of 251 bytes leaves no room to add to it.
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    tmp = Path(tmp_name)
     try:
         try:
+            os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
@@ -78,7 +82,7 @@ class StateDir:
         """Every valid definition; broken files are logged and left alone."""
         for entry in sorted(self.path.glob("*.xml")):
             try:
-                pool = parse_pool(entry.read_bytes())
+                pool = parse_pool(entry.read_bytes(), stored=True)
             except (OSError, VsfsError) as e:
                 log.error("state file %s skipped: %s", entry, e)
                 continue
@@ -91,24 +95,42 @@ class StateDir:
             yield StoredPool(pool, autostart)
 
     def save(self, pool: PoolDef) -> None:
-        atomic_write(self._file(pool.name), format_pool(pool))
+        path = self._file(pool.name)
+        try:
+            atomic_write(path, format_pool(pool))
+        except OSError as e:
+            raise BackendFailed(f"state directory: cannot write {path}: {e.strerror}") from None
 
     def remove(self, name: str) -> None:
         self.set_autostart(name, False)
-        self._file(name).unlink(missing_ok=True)
-        _fsync_dir(self.path)
+        path = self._file(name)
+        try:
+            path.unlink(missing_ok=True)
+            _fsync_dir(self.path)
+        except OSError as e:
+            raise BackendFailed(f"state directory: cannot remove {path}: {e.strerror}") from None
 
     def set_autostart(self, name: str, on: bool) -> None:
         link = self.autostart_dir / f"{name}.xml"
+        try:
+            self._set_autostart(name, link, on)
+        except OSError as e:
+            what = "make" if on else "remove"
+            raise BackendFailed(f"state directory: cannot {what} {link}: {e.strerror}") from None
+
+    def _set_autostart(self, name: str, link: Path, on: bool) -> None:
         if on:
             if not self._file(name).exists():
                 raise Invalid(f"pool {name!r} has no state file")
-            tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
-            tmp.unlink(missing_ok=True)
+            tmp = link.with_name(f".tmp-{secrets.token_hex(8)}")
             # Relative, so that the directory can be copied or moved whole;
             # libvirt compares the target's inode, which this satisfies.
             tmp.symlink_to(Path("..") / self._file(name).name)
-            os.replace(tmp, link)
+            try:
+                os.replace(tmp, link)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
         else:
             link.unlink(missing_ok=True)
         _fsync_dir(self.autostart_dir)

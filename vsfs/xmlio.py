@@ -28,6 +28,7 @@ from .model import (
     Volume,
     VolumeDef,
     check_name,
+    check_pool_name,
 )
 from .units import parse_size
 
@@ -158,26 +159,35 @@ def _sized(el: etree._Element | None) -> int | None:
     return parse_size(text, el.get("unit"))
 
 
-def _int_or_default(text: str | None, what: str, base: int = 10) -> int | None:
+# (uid_t)-1 means "unchanged" to chown(2): the largest id a file can have is one less.
+MAX_ID = 2**32 - 2
+
+
+def _int_or_default(text: str | None, what: str, base: int = 10,
+                    highest: int = MAX_ID) -> int | None:
     if text is None or text in {"", "-1"}:
         return None
     try:
         value = int(text, base)
     except ValueError:
         raise Invalid(f"bad {what} {text!r}") from None
-    if value < 0:
-        raise Invalid(f"bad {what} {text!r}")
+    if highest == MAX_ID and value == MAX_ID + 1:
+        return None  # (uid_t)-1 spelled out, as libvirt takes it
+    if not 0 <= value <= highest:
+        raise Invalid(f"bad {what} {text!r}: out of range (0 to "
+                      f"{oct(highest) if base == 8 else highest})")
     return value
 
 
-def parse_permissions(el: etree._Element | None) -> Permissions:
+def parse_permissions(el: etree._Element | None, stored: bool = False) -> Permissions:
+    """<permissions>; *stored*: from the state directory, where vsfs before 2026-11-22
+    kept modes with the setuid, setgid and sticky bits too."""
     if el is None:
         return Permissions()
-    mode = _int_or_default(_text(el.find("mode")), "mode", 8)
-    if mode is not None and mode > 0o7777:
-        raise Invalid(f"bad mode {oct(mode)}")
     return Permissions(
-        mode=mode,
+        # libvirt takes the permission bits only (no setuid, setgid or sticky bit).
+        mode=_int_or_default(_text(el.find("mode")), "mode", 8,
+                             highest=0o7777 if stored else 0o777),
         owner=_int_or_default(_text(el.find("owner")), "owner"),
         group=_int_or_default(_text(el.find("group")), "group"),
         label=_text(el.find("label")),
@@ -293,7 +303,7 @@ def parse_source_spec(data: bytes) -> PoolSource:
     return _parse_source(parse_document(data, "source"))
 
 
-def parse_pool(data: bytes, default_uuid: str | None = None) -> PoolDef:
+def parse_pool(data: bytes, default_uuid: str | None = None, stored: bool = False) -> PoolDef:
     """Parse a ``<pool>`` document (as ``virsh pool-dumpxml`` prints it).
 
     Without a ``<uuid>`` the pool gets ``default_uuid``, else a new random one.
@@ -305,14 +315,15 @@ def parse_pool(data: bytes, default_uuid: str | None = None) -> PoolDef:
     name = _text(doc.find("name"))
     if not name:
         raise Invalid("<pool> needs a <name>")
-    check_name(name, "pool name")
+    check_pool_name(name)
     uuid_text = _text(doc.find("uuid"))
     pool_uuid = normalize_uuid(uuid_text) if uuid_text else default_uuid or str(uuidlib.uuid4())
     target = doc.find("target")
     target_path = _text(target.find("path")) if target is not None else None
     if target_path is not None and not target_path.startswith("/"):
         raise Invalid(f"target path {target_path!r} is not absolute")
-    perms = parse_permissions(target.find("permissions") if target is not None else None)
+    perms = parse_permissions(target.find("permissions") if target is not None else None,
+                              stored)
     cow_el = doc.find("features/cow")
     mount_opts = tuple(
         o.get("name", "") for o in doc.findall(f"{{{FS_NS}}}mount_opts/{{{FS_NS}}}option")
@@ -386,7 +397,8 @@ def _perms(parent: etree._Element, perms: Permissions) -> None:
         return
     p = _sub(parent, "permissions")
     if perms.mode is not None:
-        _sub(p, "mode", f"{perms.mode:04o}")
+        # As libvirt prints them (st_mode & S_IRWXUGO), and so that they parse back.
+        _sub(p, "mode", f"{perms.mode & 0o777:04o}")
     if perms.owner is not None:
         _sub(p, "owner", str(perms.owner))
     if perms.group is not None:
