@@ -32,6 +32,7 @@ from vsfs.model import (
     VolumeDef,
     check_space,
     data_format,
+    volume_name_ok,
 )
 from vsfs.proc import run
 
@@ -108,6 +109,7 @@ class DirBackend(Backend):
     def __init__(self, pool: PoolDef, services: Services | None = None) -> None:
         super().__init__(pool, services)
         self._probes: dict[str, _Probe] = {}
+        self._unnamed: set[str] = set()  # files whose names cannot be volumes, logged
         self._dir_sig: tuple[int, int] | None = None
         # Whether the target is on a local filesystem (set at each refresh).
         self._local = False
@@ -221,6 +223,14 @@ class DirBackend(Backend):
         for entry in entries:
             if entry.name.startswith("."):
                 continue  # hidden files are not volumes (and not valid volume names)
+            if not volume_name_ok(entry.name):
+                # Its name cannot be a volume's (libvirt's XML cannot carry it, nor a
+                # value file print it): said once, not at every poll.
+                if entry.name not in self._unnamed:
+                    self._unnamed.add(entry.name)
+                    log.warning("pool %s: %r is not taken as a volume: its name has control "
+                                "characters or is not UTF-8", self.pool.name, entry.name)
+                continue
             try:
                 st = entry.stat(follow_symlinks=False)
                 vol, need_probe = self._volume_from_stat(entry.name, st)
@@ -330,7 +340,10 @@ class DirBackend(Backend):
 
     def _owner_for(self, vdef: VolumeDef) -> tuple[int, int, int]:
         """Mode, uid and gid of a new volume: its XML, else the pool's, else the directory's."""
-        st = os.stat(self.root)
+        try:
+            st = os.stat(self.root)
+        except OSError as e:  # removed behind our back, say
+            raise BackendFailed(f"pool directory {self.root}: {e.strerror}") from None
         pp = self.pool.target_perms
         uid = next(v for v in (vdef.perms.owner, pp.owner, st.st_uid) if v is not None)
         gid = next(v for v in (vdef.perms.group, pp.group, st.st_gid) if v is not None)

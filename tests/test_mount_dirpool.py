@@ -342,3 +342,22 @@ def test_renamed_volumes_never_show_their_old_target(vsfs: Mount) -> None:
         assert os.readlink(vols / f"a{i}") == str(target / f"a{i}")
         os.rename(vols / f"a{i}", vols / f"b{i}")
         assert os.readlink(vols / f"b{i}") == str(target / f"b{i}")
+
+
+def test_files_whose_names_cannot_be_volumes_are_left_out(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    for raw in (b"ctl\x01char", b"\xff\xfeinvalid", b"line\nbreak", b"fine"):
+        (target.joinpath(os.fsdecode(raw))).write_bytes(b"")
+    sh(f"echo refresh > {p}/ctl", check=True)
+    assert os.listdir(p / "volumes") == ["fine"]
+    assert os.listdir(p / "volinfo") == ["fine"]
+    assert len(os.listdir(target)) == 4  # left where they are
+    res = sh(f"truncate -s 1M {p}/volumes/$'\\xff'")
+    assert "Invalid argument" in res.stderr
+    assert "not UTF-8" in vsfs.error()
+    log = vsfs.log.read_text()
+    assert log.count("is not taken as a volume") == 3
+    sh(f"echo refresh > {p}/ctl", check=True)
+    assert vsfs.log.read_text().count("is not taken as a volume") == 3  # said once
+    vsfs.assert_clean_log()

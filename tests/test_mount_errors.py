@@ -354,3 +354,77 @@ def test_pool_names_vsfs_cannot_hold(vsfs: Mount) -> None:
        check=True)
     assert (vsfs.path / "pools" / ("n" * 251) / "state").read_text() == "inactive\n"
     vsfs.assert_clean_log()
+
+
+def test_every_refusal_says_why(vsfs: Mount) -> None:
+    vsfs.dir_pool()
+    sh(f"truncate -s 1M {vsfs.path}/pools/p/volumes/a", check=True)
+    m, p = vsfs.path, vsfs.path / "pools" / "p"
+    cases = [
+        (f"mkdir {p}/volinfo/x", "directories cannot be made in MNT/pools/p/volinfo"),
+        (f"mkdir {m}/by-key/x", "directories cannot be made in MNT/by-key"),
+        (f"rm -f {p}/xml", "MNT/pools/p/xml cannot be removed"),
+        (f"rm -f {m}/README", "MNT/README cannot be removed"),
+        (f"mv {m}/README {m}/R2", "MNT/README cannot be renamed"),
+        (f"mv {p} {m}/pools/p2", "MNT/pools/p cannot be renamed (pools keep their names)"),
+        (f"mv {p}/volinfo/a {p}/volinfo/b", "MNT/pools/p/volinfo/a cannot be renamed"),
+        (f"chmod 777 {p}/ctl", "MNT/pools/p/ctl: vsfs's files keep their modes"),
+        (f"chown -h 1 {p}/volumes/a", "MNT/pools/p/volumes/a: vsfs's files keep their modes"),
+        (f"truncate -s 5 {p}/capacity", "MNT/pools/p/capacity is read-only"),
+        (f"truncate -s 5 {p}/ctl", "MNT/pools/p/ctl cannot be resized"),
+        (f"cat {m}/pools/define", "MNT/pools/define is write-only"),
+    ]
+    for cmd, why in cases:
+        sh(f"echo x > {m}/pools/nosuch/ctl")  # an older reason, to be replaced
+        res = sh(cmd)
+        assert res.returncode != 0, cmd
+        assert vsfs.error() == why or vsfs.error().startswith(why), (cmd, vsfs.error())
+    vsfs.assert_clean_log()
+
+
+def test_backing_stores_are_not_wiped_or_shrunk(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    sh(f"truncate -s 4M {p}/volumes/base", check=True)
+    sh(f"echo 'snapshot top' > {p}/volinfo/base/ctl", check=True)
+    for cmd in [f"echo wipe > {p}/volinfo/base/ctl", f"echo 1M > {p}/volinfo/base/capacity"]:
+        res = sh(cmd)
+        assert "Device or resource busy" in res.stderr, (cmd, res.stderr)
+        assert "backing store of p/top" in vsfs.error()
+    assert os.stat(target / "base").st_size == 4 << 20
+    sh(f"echo 8M > {p}/volinfo/base/capacity", check=True)  # growing harms no overlay
+    sh(f"echo delete > {p}/volinfo/top/ctl", check=True)
+    sh(f"echo 1M > {p}/volinfo/base/capacity", check=True)
+    sh(f"echo wipe > {p}/volinfo/base/ctl", check=True)
+    vsfs.assert_clean_log()
+
+
+def test_ctl_words_are_quoted_as_in_a_shell(vsfs: Mount) -> None:
+    vsfs.dir_pool()
+    other = vsfs.base / "other pool"
+    sh(f"cat > {vsfs.path}/pools/define", input=vsfs.pool_xml("other pool", other),
+       check=True)
+    sh(f"echo build > '{vsfs.path}/pools/other pool/ctl'", check=True)
+    sh(f"echo start > '{vsfs.path}/pools/other pool/ctl'", check=True)
+    p = vsfs.path / "pools" / "p"
+    sh(f"truncate -s 1M {p}/volumes/a", check=True)
+    sh(f"""echo "clone 'my copy' 'other pool'" > {p}/volinfo/a/ctl""", check=True)
+    assert os.path.exists(other / "my copy")
+    sh(f"""echo 'snapshot "a top"' > {p}/volinfo/a/ctl""", check=True)
+    assert os.path.islink(p / "volumes" / "a top")
+    res = sh(f"""echo "clone 'unbalanced" > {p}/volinfo/a/ctl""")
+    assert "Invalid argument" in res.stderr
+    assert "cannot split" in vsfs.error()
+    vsfs.assert_clean_log()
+
+
+def test_pool_directory_removed_behind_our_back(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    target.rmdir()
+    res = sh(f"truncate -s 1M {p}/volumes/v")
+    assert "Input/output error" in res.stderr
+    assert vsfs.error() == f"pool directory {target}: No such file or directory"
+    target.mkdir()
+    sh(f"truncate -s 1M {p}/volumes/v", check=True)
+    vsfs.assert_clean_log()

@@ -555,6 +555,12 @@ def test_parse_pool_bad_permissions(old, new):
         parse_pool(DIR_POOL.replace(old, new))
 
 
+def test_target_paths_are_one_line():
+    with pytest.raises(Invalid, match="control character"):
+        parse_pool(b"<pool type='dir'><name>p</name><target><path>/srv/a&#10;b</path>"
+                   b"</target></pool>")
+
+
 def test_permission_ids_at_the_limits():
     perms = parse_pool(DIR_POOL.replace(b"<owner>0</owner>", b"<owner>4294967294</owner>")
                        .replace(b"<group>0</group>", b"<group>4294967295</group>")).target_perms

@@ -15,7 +15,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import pyfuse3
 import trio
@@ -76,6 +76,11 @@ def _set_times(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
     st = os.fstat(fd)
     os.utime(fd, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
                      st.st_mtime_ns if mtime_ns is None else mtime_ns))
+
+
+def _shown(path: tuple[str, ...]) -> str:
+    """A path of the mount as a message shows it: MNT/a/b."""
+    return "/".join(("MNT", *path))
 
 
 def _name(raw: bytes) -> str:
@@ -315,9 +320,10 @@ class Operations(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        _, node = self._node(inode)
+        path, node = self._node(inode)
         if fields.update_mode or fields.update_uid or fields.update_gid:
-            raise pyfuse3.FUSEError(errno.EPERM)
+            self._refuse(ctx, errno.EPERM, f"{_shown(path)}: vsfs's files keep their modes and "
+                         "owners (a volume's are its target's, or its <permissions>)")
         if fields.update_size:
             if isinstance(node, UploadFile) and node.upload is not None:
                 try:
@@ -326,7 +332,8 @@ class Operations(pyfuse3.Operations):
                     raise self._fail(ctx.uid, e) from None
             elif not (isinstance(node, File) and node.write is not None and attr.st_size == 0):
                 # Truncating a value file to 0 is what `echo x > file` does first.
-                raise pyfuse3.FUSEError(errno.EACCES)
+                self._refuse(ctx, errno.EACCES, f"{_shown(path)} cannot be resized: it is "
+                             "not a volume being created")
         if ((fields.update_atime or fields.update_mtime) and isinstance(node, UploadFile)
                 and node.upload is not None and node.upload.fd >= 0):
             # touch -d, cp -p: the times go to the new volume's file.
@@ -391,7 +398,7 @@ class Operations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path, parent = self._dir(parent_inode)
         if parent.mkdir is None:
-            raise pyfuse3.FUSEError(errno.EPERM)
+            self._refuse(ctx, errno.EPERM, f"directories cannot be made in {_shown(path)}")
         mkdir = parent.mkdir
         await self._dir_op(ctx, lambda: mkdir(_name(name)))
         # The new entry is a symlink to the new directory; the kernel expects a
@@ -404,16 +411,16 @@ class Operations(pyfuse3.Operations):
         return attrs
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        _, parent = self._dir(parent_inode)
+        path, parent = self._dir(parent_inode)
         if parent.rmdir is None:
-            raise pyfuse3.FUSEError(errno.EPERM)
+            self._refuse(ctx, errno.EPERM, f"{_shown((*path, _name(name)))} cannot be removed")
         rmdir = parent.rmdir
         await self._dir_op(ctx, lambda: rmdir(_name(name)))
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        _, parent = self._dir(parent_inode)
+        path, parent = self._dir(parent_inode)
         if parent.unlink is None:
-            raise pyfuse3.FUSEError(errno.EPERM)
+            self._refuse(ctx, errno.EPERM, f"{_shown((*path, _name(name)))} cannot be removed")
         unlink = parent.unlink
         await self._dir_op(ctx, lambda: unlink(_name(name)))
 
@@ -422,9 +429,12 @@ class Operations(pyfuse3.Operations):
         old_dir, parent = self._dir(parent_inode_old)
         new_dir, _ = self._dir(parent_inode_new)
         if parent.rename is None:
-            raise pyfuse3.FUSEError(errno.EPERM)
+            self._refuse(ctx, errno.EPERM, f"{_shown((*old_dir, _name(name_old)))} cannot be "
+                         "renamed" + (" (pools keep their names)" if old_dir == ("pools",)
+                                      else ""))
         if flags & ~pyfuse3.RENAME_NOREPLACE:
-            raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE has no meaning here
+            # RENAME_EXCHANGE has no meaning here
+            self._refuse(ctx, errno.EINVAL, "volumes cannot be exchanged, only renamed")
         old_path, new_path = (*old_dir, _name(name_old)), (*new_dir, _name(name_new))
         before = parent.child(_name(name_old))
         rename = parent.rename
@@ -449,6 +459,12 @@ class Operations(pyfuse3.Operations):
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
             except OSError:  # not cached, or the kernel dropped the inode already
                 log.debug("invalidate_inode %d failed", ino, exc_info=True)
+
+    def _refuse(self, ctx: pyfuse3.RequestContext, err: int, reason: str) -> NoReturn:
+        """Refuse a request, keeping the reason in MNT/error for the user who made it."""
+        self.tree.record_error(ctx.uid, reason)
+        log.info("refused (%s): %s", errno.errorcode.get(err, err), reason)
+        raise pyfuse3.FUSEError(err)
 
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -498,7 +514,7 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         assert isinstance(node, File)
         if writing and node.write is None:
-            raise pyfuse3.FUSEError(errno.EACCES)
+            self._refuse(ctx, errno.EACCES, f"{_shown(path)} is read-only")
         handle = Handle(ctx.uid, node)
         if reading:
             if path == ("error",):
@@ -508,7 +524,7 @@ class Operations(pyfuse3.Operations):
                 # Rendered once per open: later reads of this open see one snapshot.
                 handle.content = await self._dir_op(ctx, read)
             elif not writing:
-                raise pyfuse3.FUSEError(errno.EACCES)
+                self._refuse(ctx, errno.EACCES, f"{_shown(path)} is write-only")
         if writing and node.xml:
             handle.feeder = DocumentFeeder()
         self._handles[fh] = handle

@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import logging
 import os
+import shlex
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -127,6 +128,14 @@ class Upload:
     # Each upload is a file of its own: one deleted while still open and a new one of
     # the same name must not share an inode.
     serial: int = field(default_factory=lambda: next(_upload_serials))
+
+
+def command_words(line: str) -> list[str]:
+    """A ctl line's words, quoted as in a shell: clone 'my disk' 'other pool'."""
+    try:
+        return shlex.split(line)
+    except ValueError as e:
+        raise Invalid(f"cannot split {line.strip()!r} into words: {e}") from None
 
 
 def parse_bool(text: str) -> bool:
@@ -269,6 +278,12 @@ class Manager:
             return f"volume {vol.name!r} is the backing store of {overlay[0]}/{overlay[1].name}"
         return None
 
+    def _not_in_use(self, pool: str, vol: Volume, done: str) -> None:
+        """Refuse to destroy what an overlay, a running pool or a writer relies on."""
+        why = self.in_use(pool, vol)
+        if why is not None:
+            raise Busy(f"{why}: it cannot be {done}")
+
     # ---------------------------------------------------------------- pools
 
     async def define_pool(self, xml: bytes) -> PoolDef:
@@ -352,7 +367,7 @@ class Manager:
             entry.autostart = on
 
     async def pool_command(self, name: str, line: str) -> None:
-        words = line.split()
+        words = command_words(line)
         if not words:
             raise Invalid("empty command; expected start, stop, build, refresh or delete")
         cmd, args = words[0], words[1:]
@@ -694,6 +709,8 @@ class Manager:
             entry.backend.require("resize_volume", "resize volumes")
             if capacity > vol.capacity:
                 await self._check_space(entry, capacity - vol.capacity)
+            elif capacity < vol.capacity:
+                self._not_in_use(pool, vol, "shrunk")
             new = await entry.backend.resize_volume(vol, capacity)
             entry.volumes[name] = new
         log.info("volume %s/%s resized to %d bytes", pool, name, capacity)
@@ -723,7 +740,7 @@ class Manager:
         return vol
 
     async def volume_command(self, pool: str, name: str, line: str) -> None:
-        words = line.split()
+        words = command_words(line)
         if not words:
             raise Invalid("empty command; expected wipe, clone NEW [POOL], snapshot NEW, "
                           "shrink SIZE or delete")
@@ -734,6 +751,7 @@ class Manager:
             entry = self.running_entry(pool)
             async with entry.locked():
                 vol = self.volume(pool, name)
+                self._not_in_use(pool, vol, "wiped")
                 await entry.backend.wipe_volume(vol)
                 entry.volumes[name] = await entry.backend.volume(name)
             log.info("volume %s/%s wiped", pool, name)
@@ -742,6 +760,7 @@ class Manager:
             entry = self.running_entry(pool)
             async with entry.locked():
                 vol = self.volume(pool, name)
+                self._not_in_use(pool, vol, "shrunk")
                 entry.volumes[name] = await entry.backend.shrink_volume(vol, size)
             log.info("volume %s/%s shrunk to %d bytes", pool, name, size)
         elif cmd == "clone" and len(args) in (1, 2):

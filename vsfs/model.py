@@ -32,7 +32,21 @@ def check_name(name: str, what: str = "name") -> str:
         raise Invalid(f"{what} is longer than {NAME_MAX} bytes")
     if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
         raise Invalid(f"{what} {name!r} contains a control character")
+    try:
+        name.encode("utf-8")  # undecodable bytes come as surrogates (os.fsdecode)
+    except UnicodeEncodeError:
+        raise Invalid(f"{what} {name!r} is not UTF-8 (libvirt's XML could not carry it)") \
+            from None
     return name
+
+
+def volume_name_ok(name: str) -> bool:
+    """Whether a file found in a pool can be a volume under its own name."""
+    try:
+        check_name(name)
+    except Invalid:
+        return False
+    return True
 
 
 # Names a pool cannot have: they are files of pools/.

@@ -322,6 +322,9 @@ def parse_pool(data: bytes, default_uuid: str | None = None, stored: bool = Fals
     target_path = _text(target.find("path")) if target is not None else None
     if target_path is not None and not target_path.startswith("/"):
         raise Invalid(f"target path {target_path!r} is not absolute")
+    if target_path is not None and any(ord(c) < 0x20 or c == "\x7f" for c in target_path):
+        # MNT/pools/P/target prints it on one line.
+        raise Invalid(f"target path {target_path!r} contains a control character")
     perms = parse_permissions(target.find("permissions") if target is not None else None,
                               stored)
     cow_el = doc.find("features/cow")
