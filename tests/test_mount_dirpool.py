@@ -42,6 +42,10 @@ def test_pool_lifecycle(vsfs: Mount) -> None:
     assert os.readlink(p / "target") == str(target)
     uuid = (p / "uuid").read_text().strip()
     assert os.readlink(m / "by-uuid" / uuid) == "../pools/p"
+    # Spelled as libvirt also takes it: upper case, without dashes.
+    assert os.readlink(m / "by-uuid" / uuid.upper().replace("-", "")) == "../pools/p"
+    assert not os.path.lexists(m / "by-uuid" / (uuid[:-1] + "g"))
+    assert os.listdir(m / "by-uuid") == [uuid]
     assert (vsfs.state / "p.xml").exists()
 
     # start before build: the directory is missing, the backend says so (EIO)

@@ -1323,3 +1323,16 @@ def test_source_queries_and_specs() -> None:
     assert spec.hosts[0].name == "h" and spec.initiator_iqn == "iqn.2024-01.x:y"
     with pytest.raises(Invalid):
         source_spec(b"<pool/>")
+
+
+def test_comments_may_follow_the_document_in_later_writes():
+    doc = DIR_POOL + b"\n<!-- made by hand -->\n<?note x?>\n"
+    end = DIR_POOL.rindex(b">") + 1
+    f = DocumentFeeder()
+    assert f.feed(doc[:end])
+    assert f.feed(doc[end:end + 10]) and f.feed(doc[end + 10:])
+    for junk in (b"<second/>", b"text"):
+        f = DocumentFeeder()
+        f.feed(DIR_POOL)
+        with pytest.raises(Invalid, match="after the end"):
+            f.feed(junk)

@@ -45,7 +45,7 @@ from .model import (
 from .secrets import SecretStore
 from .state import StateDir
 from .units import parse_size
-from .xmlio import parse_pool, parse_volume
+from .xmlio import normalize_uuid, parse_pool, parse_volume
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,11 @@ class Manager:
                     yield name, vol
 
     def by_uuid(self, uuid: str) -> str | None:
+        """The pool with this UUID, spelled any way libvirt takes (upper case, no dashes)."""
+        try:
+            uuid = normalize_uuid(uuid)
+        except Invalid:
+            return None
         for name, entry in self.pools.items():
             if entry.pool.uuid == uuid:
                 return name

@@ -95,11 +95,25 @@ class DocumentFeeder:
         )
         self._depth = 0
         self.complete = False
+        self._trailer = bytearray()
 
     def feed(self, chunk: bytes) -> bool:
         if self.complete:
+            # After the root element only white space, comments and processing
+            # instructions may follow (XML's Misc); the parser says whether they do.
             if chunk.strip():
-                raise Invalid("data after the end of the XML document")
+                self._trailer += chunk
+                if len(self._trailer) > MAX_XML_BYTES:
+                    raise Invalid(f"more than {MAX_XML_BYTES} bytes after the XML document")
+                after = Invalid("data after the end of the XML document (the document "
+                                "itself was acted on already)")
+                try:
+                    self._parser.feed(chunk)
+                    events = list(self._parser.read_events())
+                except etree.XMLSyntaxError:
+                    raise after from None
+                if events:  # a second root element
+                    raise after
             return True
         self.data += chunk
         if len(self.data) > MAX_XML_BYTES:
