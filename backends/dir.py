@@ -296,7 +296,10 @@ class DirBackend(Backend):
         bpath = info.get("full-backing-filename") or info.get("backing-filename")
         if isinstance(bpath, str):
             bfmt = info.get("backing-filename-format")
-            backing = BackingStore(bpath, str(bfmt) if bfmt else None)
+            # Resolved, so that the in-use check finds it however the image spells it.
+            real = (await trio.to_thread.run_sync(os.path.realpath, bpath)
+                    if bpath.startswith("/") else None)
+            backing = BackingStore(bpath, str(bfmt) if bfmt else None, real)
         self._probes[vol.name] = _Probe((st.st_ino, st.st_size, st.st_mtime_ns), fmt, capacity,
                                         backing)
         return replace(self._stat_volume(vol.name, st), format=fmt, capacity=capacity,

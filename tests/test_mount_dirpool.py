@@ -365,3 +365,21 @@ def test_files_whose_names_cannot_be_volumes_are_left_out(vsfs: Mount) -> None:
     sh(f"echo refresh > {p}/ctl", check=True)
     assert vsfs.log.read_text().count("is not taken as a volume") == 3  # said once
     vsfs.assert_clean_log()
+
+
+def test_by_path_of_a_target_spelled_with_dots(vsfs: Mount) -> None:
+    (vsfs.base / "sub").mkdir()
+    target = vsfs.base / "pool2"
+    spelled = f"{vsfs.base}/./sub/../pool2"
+    sh(f"cat > {vsfs.path}/pools/define", check=True,
+       input=f"<pool type='dir'><name>q</name><target><path>{spelled}</path></target></pool>")
+    sh(f"echo build > {vsfs.path}/pools/q/ctl; echo start > {vsfs.path}/pools/q/ctl",
+       check=True)
+    sh(f"truncate -s 1M {vsfs.path}/pools/q/volumes/d1", check=True)
+    by_path = vsfs.path / "by-path"
+    # The kernel takes "." and ".." within the mount itself: the volume is found under
+    # the path as it normalises, and by-path/ has no "." or ".." entries.
+    assert os.path.samefile(f"{by_path}{target}/d1", target / "d1")
+    assert os.path.samefile(f"{by_path}{vsfs.base}/./pool2/d1", target / "d1")
+    assert sorted(os.listdir(f"{by_path}{vsfs.base}")) == ["pool2"]
+    vsfs.assert_clean_log()

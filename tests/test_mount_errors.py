@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 from conftest import Mount, sh
@@ -427,4 +428,26 @@ def test_pool_directory_removed_behind_our_back(vsfs: Mount) -> None:
     assert vsfs.error() == f"pool directory {target}: No such file or directory"
     target.mkdir()
     sh(f"truncate -s 1M {p}/volumes/v", check=True)
+    vsfs.assert_clean_log()
+
+
+def test_backing_stores_named_another_way_are_in_use(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    (vsfs.base / "poollink").symlink_to(target)
+    sh(f"truncate -s 4M {p}/volumes/b1 {p}/volumes/b2", check=True)
+    xml = (f"<volume><name>o1</name><capacity>4M</capacity><target><format type='qcow2'/>"
+           f"</target><backingStore><path>{target}/./b1</path><format type='raw'/>"
+           f"</backingStore></volume>")
+    sh(f"cat > {p}/define", input=xml, check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                    f"{vsfs.base}/poollink/b2", str(target / "o2")], check=True)
+    sh(f"echo refresh > {p}/ctl", check=True)
+    for base, top in (("b1", "o1"), ("b2", "o2")):
+        for cmd in (f"echo wipe > {p}/volinfo/{base}/ctl",
+                    f"echo 1M > {p}/volinfo/{base}/capacity", f"rm {p}/volumes/{base}"):
+            res = sh(cmd)
+            assert "Device or resource busy" in res.stderr, (cmd, res.stderr)
+            assert f"backing store of p/{top}" in vsfs.error()
+    assert sorted(os.listdir(target)) == ["b1", "b2", "o1", "o2"]
     vsfs.assert_clean_log()

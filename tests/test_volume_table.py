@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from vsfs.model import BackingStore, Volume, VolumeTable
+from vsfs.model import BackingStore, Volume, VolumeTable, backing_key, normal_path
 
 
 def vol(name: str, backing: str | None = None, path: str | None = None) -> Volume:
@@ -82,3 +82,21 @@ def test_directories_and_normalised_paths_for_by_path() -> None:
     assert t.with_normal_path("/srv/img/a.img") is None
     t.clear()
     assert not t.has_below("/srv")
+
+
+def test_paths_normalised_as_a_path_walk_takes_them() -> None:
+    assert normal_path("/a//b/./c/../d/") == "/a/b/d"
+    assert normal_path("//a") == "/a" and normal_path("/") == "/"
+    assert normal_path("/a/../../b") == "/b"
+
+
+def test_backing_stores_found_however_they_are_spelled() -> None:
+    overlay = Volume("o", "/p/o", "/p/o", "file", "qcow2", 1, 1, 1,
+                     backing=BackingStore("/p/./sub/../b", "raw"))
+    linked = Volume("l", "/p/l", "/p/l", "file", "qcow2", 1, 1, 1,
+                    backing=BackingStore("/link/c", "raw", real="/p/c"))
+    table = VolumeTable([overlay, linked])
+    assert table.backed_by(backing_key("/p/b")) == overlay
+    assert table.backed_by("/p/c") == linked
+    assert table.backed_by(backing_key("/link/c")) is None  # only where it leads counts
+    assert BackingStore("/x", "raw", real="/y") == BackingStore("/x", "raw")

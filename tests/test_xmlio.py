@@ -543,6 +543,8 @@ def test_parse_pool_target_path_trailing_slash(path, expected):
         (b"<mode>0711</mode>", b"<mode>17777</mode>"),
         (b"<mode>0711</mode>", b"<mode>1777</mode>"),
         (b"<mode>0711</mode>", b"<mode>4755</mode>"),
+        (b"<mode>0711</mode>", b"<mode>0o755</mode>"),
+        (b"<mode>0711</mode>", b"<mode>-1</mode>"),
         (b"<owner>0</owner>", b"<owner>99999999999</owner>"),
         (b"<group>0</group>", b"<group>4294967296</group>"),
         (b"<owner>0</owner>", b"<owner>-5</owner>"),
@@ -1336,3 +1338,22 @@ def test_comments_may_follow_the_document_in_later_writes():
         f.feed(DIR_POOL)
         with pytest.raises(Invalid, match="after the end"):
             f.feed(junk)
+
+
+def test_a_document_cut_anywhere_is_read_the_same():
+    # Comments, a processing instruction and CDATA with ">" and the root's own end tag
+    # inside, before and after the root element's end; every cut into three writes.
+    doc = (b"<volume><!-- </volume> --><?note a>b?><name>v</name>"
+           b"<capacity><![CDATA[1]]></capacity></volume>\n<!-- </volume> -->\n<?pi x?>\n")
+    for a in range(1, len(doc)):
+        for b in range(a, len(doc) + 1):
+            f = DocumentFeeder()
+            done = [f.feed(doc[:a]), f.feed(doc[a:b]), f.feed(doc[b:])]
+            f.finish()
+            assert done[-1]
+            assert parse_volume(bytes(f.data)).capacity == 1
+    f = DocumentFeeder()
+    f.feed(doc)
+    f.feed(b"<!-- never closed")
+    with pytest.raises(Invalid, match="not closed"):
+        f.finish()

@@ -71,6 +71,19 @@ def _kind(node: Node) -> str:
     return "file"
 
 
+def _set_owner(fd: int, mode: int | None, uid: int, gid: int) -> None:
+    """fchmod and fchown of an open file; None and -1 leave that part as it is."""
+    if uid != -1 or gid != -1:
+        os.fchown(fd, uid, gid)
+    if mode is not None:
+        os.fchmod(fd, mode)
+
+
+def _append(fd: int, data: bytes) -> int:
+    """Write at the file's end as it is now (the descriptor is not O_APPEND)."""
+    return os.pwrite(fd, data, os.fstat(fd).st_size)
+
+
 def _set_times(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
     """utime() of an open file; None keeps that time as it is."""
     st = os.fstat(fd)
@@ -97,6 +110,9 @@ class Handle:
     wrote: bool = False
     upload: Upload | None = None
     ino: int = 0
+    # Opened with O_APPEND: the kernel's idea of the end may miss writes made through
+    # the volume's own path meanwhile, so the end is taken from the file itself.
+    append: bool = False
 
 
 @dataclass
@@ -321,7 +337,20 @@ class Operations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path, node = self._node(inode)
-        if fields.update_mode or fields.update_uid or fields.update_gid:
+        if ((fields.update_mode or fields.update_uid or fields.update_gid)
+                and isinstance(node, UploadFile) and node.upload is not None
+                and node.upload.fd >= 0):
+            # cp -p, install -m: a volume being written is the writer's file.
+            mode = attr.st_mode & 0o777 if fields.update_mode else None
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            try:
+                await trio.to_thread.run_sync(_set_owner, node.upload.fd, mode, uid, gid)
+            except OSError as e:
+                self.tree.record_error(ctx.uid, f"setting the mode or owner of volume "
+                                       f"{node.upload.name}: {e.strerror}")
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        elif fields.update_mode or fields.update_uid or fields.update_gid:
             self._refuse(ctx, errno.EPERM, f"{_shown(path)}: vsfs's files keep their modes and "
                          "owners (a volume's are its target's, or its <permissions>)")
         if fields.update_size:
@@ -496,7 +525,8 @@ class Operations(pyfuse3.Operations):
         ino = self._register((*path, _name(name)), node)
         self._ref(ino)
         fh = self._fh()
-        self._handles[fh] = Handle(ctx.uid, node, upload=upload, ino=ino)
+        self._handles[fh] = Handle(ctx.uid, node, upload=upload, ino=ino,
+                                   append=bool(flags & os.O_APPEND))
         self._upload_inos[ino] = node
         return pyfuse3.FileInfo(fh=fh), self._attrs(ino, node)
 
@@ -509,7 +539,8 @@ class Operations(pyfuse3.Operations):
         reading = acc in (os.O_RDONLY, os.O_RDWR)
         fh = self._fh()
         if isinstance(node, UploadFile):
-            self._handles[fh] = Handle(ctx.uid, node, upload=node.upload, ino=inode)
+            self._handles[fh] = Handle(ctx.uid, node, upload=node.upload, ino=inode,
+                                       append=bool(flags & os.O_APPEND))
             self._upload_inos.setdefault(inode, node)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         assert isinstance(node, File)
@@ -581,8 +612,14 @@ class Operations(pyfuse3.Operations):
                                    "failed write")
             raise pyfuse3.FUSEError(errno.EIO)
         upload.written = True
+        fd = upload.fd
         try:
-            return await trio.to_thread.run_sync(os.pwrite, upload.fd, buf, off)
+            if handle.append:
+                n = await trio.to_thread.run_sync(_append, fd, buf)
+            else:
+                n = await trio.to_thread.run_sync(os.pwrite, fd, buf, off)
+            upload.refused = False  # the writer went on after a refused size
+            return n
         except OSError as e:
             upload.failed = True
             self.tree.record_error(handle.uid, f"writing volume {upload.name}: {e.strerror}")

@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import shlex
+import stat
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from .errors import (
     CrossDevice,
     Exists,
     Invalid,
+    NoSpace,
     NotFound,
     Unsupported,
     VsfsError,
@@ -38,6 +40,7 @@ from .model import (
     Volume,
     VolumeDef,
     VolumeTable,
+    backing_key,
     check_name,
     check_space,
     data_format,
@@ -122,12 +125,26 @@ class Upload:
     listed: bool = False
     # Bytes came in since it was last settled.
     written: bool = False
+    # Its last resize was refused (no space) and nothing succeeded since.
+    refused: bool = False
     # Its volume is not its own any more (deleted, renamed, or removed after a failed
     # write): later closes settle nothing.
     orphaned: bool = False
     # Each upload is a file of its own: one deleted while still open and a new one of
     # the same name must not share an inode.
     serial: int = field(default_factory=lambda: next(_upload_serials))
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether an open descriptor is (still) the file or device at path."""
+    st = os.fstat(fd)
+    try:
+        there = os.stat(path)
+    except OSError:
+        return False
+    if stat.S_ISBLK(st.st_mode):
+        return stat.S_ISBLK(there.st_mode) and st.st_rdev == there.st_rdev
+    return (st.st_dev, st.st_ino) == (there.st_dev, there.st_ino)
 
 
 def command_words(line: str) -> list[str]:
@@ -273,12 +290,15 @@ class Manager:
 
     def in_use(self, pool: str, vol: Volume) -> str | None:
         """Why ``vol`` may not be deleted or renamed now, if anything."""
-        if (pool, vol.name) in self.uploads:
+        if (pool, vol.name) in self.uploads or (pool, vol.name) in self.open_uploads:
             return f"volume {vol.name!r} is still being written"
         users = self.source_users(vol.path)
         if users:
             return f"volume {vol.name!r} is the source of running pool {users[0]!r}"
-        overlay = self._first_running(lambda vols: vols.backed_by(vol.path))
+        # Overlays name their backing file as they please (/a/./b, through a symlink).
+        key = backing_key(vol.path)
+        real = os.path.realpath(vol.path) if vol.path.startswith("/") else key
+        overlay = self._first_running(lambda vols: vols.backed_by(key) or vols.backed_by(real))
         if overlay is not None:
             return f"volume {vol.name!r} is the backing store of {overlay[0]}/{overlay[1].name}"
         return None
@@ -400,7 +420,8 @@ class Manager:
             async with entry.locked():
                 if not entry.running:
                     raise Invalid(f"pool {name!r} is not active")
-                busy = next((u for u in self.uploads.values() if u.pool == name), None)
+                busy = next((u for u in [*self.uploads.values(), *self.open_uploads.values()]
+                             if u.pool == name), None)
                 if busy is not None:
                     raise Busy(f"volume {busy.name!r} of pool {name!r} is still being written")
                 for vol in entry.volumes.values():
@@ -587,14 +608,20 @@ class Manager:
                     entry.volumes[made.name] = made
                 return
             await entry.backend.truncate_upload(upload.fd, size)
+        except (NoSpace, Invalid):
+            # Refused before anything changed: the writer may try another size. A volume
+            # left at a refused size when it is closed is removed, as after a failure.
+            upload.refused = True
+            raise
         except BaseException:
             upload.failed = True
             raise
+        upload.refused = False
         current = None if upload.orphaned else entry.volumes.get(upload.name)
         if current is not None and current.format == "raw":
             entry.volumes[upload.name] = replace(current, capacity=size, physical=size)
 
-    async def finish_upload(self, upload: Upload) -> None:
+    async def finish_upload(self, upload: Upload, last: bool = False) -> None:
         """Settle a volume made through a file handle, at each close of it.
 
         Runs on every close (flush, which the writer waits for), so that when
@@ -603,7 +630,7 @@ class Manager:
         shell's redirection and ``dd`` close their first copy at once) keeps working,
         and a later close settles what it did: bytes written are probed again, and
         a failed write removes the volume. The descriptor itself stays open until
-        the last release.
+        the last release (*last*).
         """
         if upload.orphaned:
             return
@@ -612,19 +639,27 @@ class Manager:
         if first:
             upload.listed = True
             self.uploads.pop(key, None)
-            self.open_uploads[key] = upload
+            if not last:
+                self.open_uploads[key] = upload
         entry = self.pools.get(upload.pool)
         vol = entry.volumes.get(upload.name) if entry is not None else None
+        bad = upload.failed or upload.refused
         removed = False
-        if entry is not None and vol is not None and (upload.failed or upload.written):
+        if entry is not None and vol is not None and (bad or upload.written):
             async with entry.locked():
-                if upload.failed:
+                if upload.fd >= 0 and not await entry.backend.quick_io(
+                        _same_file, upload.fd, vol.path):
+                    # Replaced behind vsfs's back: that volume is not this upload's.
+                    self._orphan(key)
+                    upload.orphaned = True
+                elif bad:
                     await self._discard(entry, vol)
                     self._orphan(key)
+                    upload.orphaned = True
                     removed = True
-                    log.info("volume %s/%s removed: its upload failed", upload.pool,
-                             upload.name)
-                elif upload.written:
+                    log.info("volume %s/%s removed: its upload %s", upload.pool,
+                             upload.name, "failed" if upload.failed else "was refused its size")
+                else:
                     upload.written = False
                     # Bytes came in: they may be an image (a qcow2 copied in).
                     try:
@@ -650,12 +685,13 @@ class Manager:
 
     async def close_upload(self, upload: Upload) -> None:
         """The last descriptor of an upload is closed."""
+        key = (upload.pool, upload.name)
+        # At once, before any wait: a delete right after `cp` must not find it in use.
+        if self.open_uploads.get(key) is upload:
+            del self.open_uploads[key]
         try:
-            await self.finish_upload(upload)
+            await self.finish_upload(upload, last=True)
         finally:
-            key = (upload.pool, upload.name)
-            if self.open_uploads.get(key) is upload:
-                del self.open_uploads[key]
             if upload.fd >= 0:
                 entry = self.pools.get(upload.pool)
                 if entry is not None:

@@ -7,6 +7,7 @@ live in separate objects that a backend's refresh produces.
 from __future__ import annotations
 
 import enum
+import posixpath
 from collections.abc import ItemsView, Iterable, Iterator, KeysView, MutableMapping, ValuesView
 from dataclasses import dataclass, field
 from typing import TypeVar, overload
@@ -160,6 +161,8 @@ def data_format(fmt: str) -> str:
 class BackingStore:
     path: str
     format: str | None = None
+    # Where path leads (symlinks resolved), where the backend could tell; not compared.
+    real: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -203,14 +206,21 @@ class Volume:
 
 
 def normal_path(path: str) -> str:
-    """An absolute path without empty components ("/a//b/" is "/a/b")."""
-    return "/" + "/".join(c for c in path.split("/") if c)
+    """An absolute path as a path walk through by-path/ spells it: without empty or "."
+    components, ".." taken lexically ("/a//b/./c/../d/" is "/a/b/d"), as the kernel
+    takes ".." within the mount."""
+    return "/" + posixpath.normpath(path).lstrip("/")
 
 
 def _parents(path: str) -> list[str]:
     """The directories above an absolute path, normalised: "/a/b/c" gives "/a", "/a/b"."""
-    parts = [c for c in path.split("/") if c]
+    parts = [c for c in normal_path(path).split("/") if c]
     return ["/" + "/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def backing_key(path: str) -> str:
+    """How an overlay's backing store is indexed and looked up."""
+    return normal_path(path) if path.startswith("/") else path
 
 
 class VolumeTable(MutableMapping[str, Volume]):
@@ -236,7 +246,7 @@ class VolumeTable(MutableMapping[str, Volume]):
             yield self._by_normal_path, normal_path(vol.path)
         yield self._by_key, vol.key
         if vol.backing is not None:
-            yield self._by_backing, vol.backing.path
+            yield self._by_backing, vol.backing.real or backing_key(vol.backing.path)
 
     def __getitem__(self, name: str) -> Volume:
         return self._vols[name]
@@ -313,7 +323,8 @@ class VolumeTable(MutableMapping[str, Volume]):
         return self._first(self._by_key, key)
 
     def backed_by(self, path: str) -> Volume | None:
-        """A volume whose backing store is ``path`` (an overlay of it), if any."""
+        """A volume whose backing store is ``path`` (an overlay of it), if any: give the
+        path normalised (backing_key) or resolved (realpath)."""
         return self._first(self._by_backing, path)
 
     def _first(self, index: dict[str, dict[str, None]], value: str) -> Volume | None:

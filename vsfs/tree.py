@@ -18,7 +18,7 @@ from .backends import SOURCE_FINDERS, SOURCES_NEED_HOST
 from .backends.host import HostDevice
 from .errors import Invalid, NotFound, Unsupported
 from .manager import Manager, PoolEntry, Upload, parse_bool
-from .model import PoolSource, SourceHost, Volume, VolumeDef, check_name
+from .model import PoolSource, SourceHost, Volume, VolumeDef, check_name, normal_path
 from .units import parse_size
 from .xmlio import format_pool, format_sources, format_volume, parse_source_spec
 
@@ -356,7 +356,9 @@ class Tree:
         def paths() -> Iterable[tuple[tuple[str, ...], str, Volume]]:
             for pool, vol in self.m.all_volumes():
                 if vol.path.startswith("/"):
-                    yield tuple(c for c in vol.path.split("/") if c), pool, vol
+                    # As a path walk spells it ("." and ".." taken), so that each name
+                    # listed can be looked up.
+                    yield tuple(c for c in normal_path(vol.path).split("/") if c), pool, vol
 
         def names() -> Iterable[str]:
             n = len(prefix)

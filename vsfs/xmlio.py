@@ -74,8 +74,25 @@ def parse_document(data: bytes, root: str) -> etree._Element:
 
 
 # libxml2's codes for "the document is not finished yet": no root element yet,
-# or an element still open. Any other error is a real syntax error.
-_INCOMPLETE_CODES = frozenset({4, 77})
+# an element, comment, processing instruction or CDATA section still open (the bytes
+# so far end with a ">" inside one). Any other error is a real syntax error.
+_INCOMPLETE_CODES = frozenset({4, 77, 45, 47, 63})
+
+
+# What may follow the root element (XML's Misc*): white space, comments, processing
+# instructions.
+_MISC = re.compile(rb"\A(?:\s|<!--.*?-->|<\?.*?\?>)*", re.DOTALL)
+
+
+AFTER_THE_END = ("data after the end of the XML document (the document itself was acted on "
+                 "already)")
+
+
+def _misc_prefix(rest: bytes) -> bool:
+    """Whether what is left after whole Misc items can still become one."""
+    return (not rest or b"<!--".startswith(rest) or b"<?".startswith(rest)
+            or (rest.startswith(b"<!--") and b"-->" not in rest)
+            or (rest.startswith(b"<?") and b"?>" not in rest))
 
 
 class DocumentFeeder:
@@ -96,57 +113,78 @@ class DocumentFeeder:
         self._depth = 0
         self.complete = False
         self._trailer = bytearray()
+        self._root = ""  # the root element's name, once complete
 
     def feed(self, chunk: bytes) -> bool:
         if self.complete:
             # After the root element only white space, comments and processing
             # instructions may follow (XML's Misc); the parser says whether they do.
-            if chunk.strip():
-                self._trailer += chunk
-                if len(self._trailer) > MAX_XML_BYTES:
-                    raise Invalid(f"more than {MAX_XML_BYTES} bytes after the XML document")
-                after = Invalid("data after the end of the XML document (the document "
-                                "itself was acted on already)")
-                try:
-                    self._parser.feed(chunk)
-                    events = list(self._parser.read_events())
-                except etree.XMLSyntaxError:
-                    raise after from None
-                if events:  # a second root element
-                    raise after
+            # Checked as text, not by the parser: libxml2's push parser trips over a
+            # comment cut between two writes there.
+            self._trailer += chunk
+            if len(self._trailer) > MAX_XML_BYTES:
+                raise Invalid(f"more than {MAX_XML_BYTES} bytes after the XML document")
+            if not _misc_prefix(_MISC.sub(b"", bytes(self._trailer), count=1)):
+                raise Invalid(AFTER_THE_END)
             return True
         self.data += chunk
         if len(self.data) > MAX_XML_BYTES:
             raise Invalid(f"XML document larger than {MAX_XML_BYTES} bytes")
         try:
             self._parser.feed(chunk)
-            for event, _ in self._parser.read_events():
+            for event, el in self._parser.read_events():
                 if event == "start":
                     self._depth += 1
                 else:
                     self._depth -= 1
-                    if self._depth == 0:
+                    if self._depth == 0 and isinstance(el, etree._Element):
                         self.complete = True
+                        self._root = etree.QName(el).localname
         except etree.XMLSyntaxError as e:
             raise Invalid(f"malformed XML: {e.msg}") from None
         if not self.complete and self.data.rstrip().endswith(b">"):
             # libxml2's push parser goes silent on some errors (a bare '&') and
             # only says so at the end; a whole parse tells which it is.
             self.complete = self._whole_document_parses()
+        if self.complete:
+            # What this write had after the root element starts the trailer; the
+            # document acted on is what comes before.
+            self._trailer = bytearray(self._after_root())
+            del self.data[len(self.data) - len(self._trailer):]
         return self.complete
+
+    def _after_root(self) -> bytes:
+        """The bytes after the root element's end, which must be (the start of) Misc."""
+        data = bytes(self.data)
+        ends = list(re.finditer(
+            rb"</(?:[\w.-]+:)?" + re.escape(self._root.encode()) + rb"\s*>", data))
+        # The first end tag with only Misc after it: after one written inside a comment
+        # in the document, the real end tag follows, which is not Misc. A root without
+        # content ends with "/>".
+        for m in ends or list(re.finditer(rb"/>", data)):
+            rest = data[m.end():]
+            if _misc_prefix(_MISC.sub(b"", rest, count=1)):
+                return rest
+        raise Invalid(AFTER_THE_END)
 
     def _whole_document_parses(self) -> bool:
         try:
-            etree.fromstring(bytes(self.data), safe_parser())
+            root = etree.fromstring(bytes(self.data), safe_parser())
         except etree.XMLSyntaxError as e:
             if getattr(e, "code", None) in _INCOMPLETE_CODES:  # lxml-stubs lack .code
                 return False
             raise Invalid(f"malformed XML: {e.msg}") from None
+        self._root = etree.QName(root).localname
         return True
 
     def finish(self) -> None:
         """At close: refuse a document that never completed, saying why."""
-        if self.complete or not self.data:
+        if self.complete:
+            if _MISC.sub(b"", bytes(self._trailer), count=1):
+                raise Invalid("a comment or processing instruction after the XML document "
+                              "is not closed (the document itself was acted on already)")
+            return
+        if not self.data:
             return
         try:
             etree.fromstring(bytes(self.data), safe_parser())
@@ -193,6 +231,15 @@ def _int_or_default(text: str | None, what: str, base: int = 10,
     return value
 
 
+def _mode(text: str | None, highest: int) -> int | None:
+    """Octal digits only, as libvirt's strtol base 8 takes them (no "0o", no -1)."""
+    if not text:
+        return None
+    if not re.fullmatch(r"[0-7]+", text):
+        raise Invalid(f"bad mode {text!r}: octal digits expected, such as 0755")
+    return _int_or_default(text, "mode", 8, highest)
+
+
 def parse_permissions(el: etree._Element | None, stored: bool = False) -> Permissions:
     """<permissions>; *stored*: from the state directory, where vsfs before 2026-11-22
     kept modes with the setuid, setgid and sticky bits too."""
@@ -200,8 +247,7 @@ def parse_permissions(el: etree._Element | None, stored: bool = False) -> Permis
         return Permissions()
     return Permissions(
         # libvirt takes the permission bits only (no setuid, setgid or sticky bit).
-        mode=_int_or_default(_text(el.find("mode")), "mode", 8,
-                             highest=0o7777 if stored else 0o777),
+        mode=_mode(_text(el.find("mode")), highest=0o7777 if stored else 0o777),
         owner=_int_or_default(_text(el.find("owner")), "owner"),
         group=_int_or_default(_text(el.find("group")), "group"),
         label=_text(el.find("label")),
