@@ -295,6 +295,8 @@ class Manager:
         users = self.source_users(vol.path)
         if users:
             return f"volume {vol.name!r} is the source of running pool {users[0]!r}"
+        if not any(e.running and e.volumes.has_backing() for e in self.pools.values()):
+            return None  # no overlays at all: spare the realpath below (rm of thousands)
         # Overlays name their backing file as they please (/a/./b, through a symlink).
         key = backing_key(vol.path)
         real = os.path.realpath(vol.path) if vol.path.startswith("/") else key

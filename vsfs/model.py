@@ -322,6 +322,10 @@ class VolumeTable(MutableMapping[str, Volume]):
     def with_key(self, key: str) -> Volume | None:
         return self._first(self._by_key, key)
 
+    def has_backing(self) -> bool:
+        """Whether any volume here is an overlay."""
+        return bool(self._by_backing)
+
     def backed_by(self, path: str) -> Volume | None:
         """A volume whose backing store is ``path`` (an overlay of it), if any: give the
         path normalised (backing_key) or resolved (realpath)."""
