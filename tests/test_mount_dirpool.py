@@ -383,3 +383,24 @@ def test_by_path_of_a_target_spelled_with_dots(vsfs: Mount) -> None:
     assert os.path.samefile(f"{by_path}{vsfs.base}/./pool2/d1", target / "d1")
     assert sorted(os.listdir(f"{by_path}{vsfs.base}")) == ["pool2"]
     vsfs.assert_clean_log()
+
+
+def test_values_and_commands_are_taken_whole(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    sh(f"truncate -s 1G {p}/volumes/v", check=True)
+    # One byte per write: nothing happens until the newline.
+    sh(f"printf '20G\\n' | dd of={p}/volinfo/v/capacity bs=1 status=none", check=True)
+    assert os.stat(target / "v").st_size == 20 << 30
+    assert vsfs.log.read_text().count("volume p/v resized") == 1
+    # A command in two writes is one command.
+    sh(f"(printf 'clone two'; printf ' p\\n') > {p}/volinfo/v/ctl", check=True)
+    assert sorted(os.listdir(target)) == ["two", "v"]
+    # Without a newline the value is taken at close.
+    sh(f"printf 2G > {p}/volinfo/v/capacity", check=True)
+    assert os.stat(target / "v").st_size == 2 << 30
+    res = sh(f"printf '3G\\n' | dd of={p}/volinfo/v/capacity bs=1 seek=1 status=none")
+    assert "Invalid argument" in res.stderr
+    assert "in order" in vsfs.error()
+    assert os.stat(target / "v").st_size == 2 << 30
+    vsfs.assert_clean_log()

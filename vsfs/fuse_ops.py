@@ -33,6 +33,8 @@ TIMEOUT = 1.0
 # Lazy invalidations (the dentries of uploads once closed) wait this long, so that
 # one worker thread call sends many; at most LAZY_QUEUE wait, more go at once.
 LAZY_INVALIDATE = 0.05
+# The longest line a value or command file takes.
+MAX_LINE = 64 * 1024
 LAZY_QUEUE = 4096
 
 R = TypeVar("R")
@@ -110,6 +112,9 @@ class Handle:
     wrote: bool = False
     upload: Upload | None = None
     ino: int = 0
+    # A value or command file: bytes taken so far, and those of a line not ended yet.
+    taken: int = 0
+    pending: bytearray = field(default_factory=bytearray)
     # Opened with O_APPEND: the kernel's idea of the end may miss writes made through
     # the volume's own path meanwhile, so the end is taken from the file itself.
     append: bool = False
@@ -595,11 +600,26 @@ class Operations(pyfuse3.Operations):
                     # writer sees the outcome from write() and not only from close().
                     await node.write(bytes(feeder.data))
             else:
-                await node.write(bytes(buf))
+                await self._write_lines(handle, node, off, bytes(buf))
         except Exception as e:
             handle.failed = True
             raise self._fail(handle.uid, e) from None
         return len(buf)
+
+    async def _write_lines(self, handle: Handle, node: File, off: int, buf: bytes) -> None:
+        """A value or command is taken whole, at its newline (or at close without one):
+        `dd bs=1` and a line written in pieces mean what one `echo` means."""
+        assert node.write is not None
+        if off != handle.taken:
+            raise Invalid("write the value in order, from its start")
+        handle.taken += len(buf)
+        handle.pending += buf
+        while (end := handle.pending.find(b"\n")) >= 0:
+            line = bytes(handle.pending[:end + 1])
+            del handle.pending[:end + 1]
+            await node.write(line)
+        if len(handle.pending) > MAX_LINE:
+            raise Invalid(f"a line of more than {MAX_LINE} bytes")
 
     async def _write_upload(self, handle: Handle, upload: Upload, off: int, buf: bytes) -> int:
         if upload.fd < 0:
@@ -633,7 +653,26 @@ class Operations(pyfuse3.Operations):
             except Exception as e:
                 raise self._fail(handle.uid, e) from None
             return
-        if handle is None or handle.feeder is None or handle.failed:
+        if handle is None or handle.failed:
+            return
+        if handle.feeder is None:
+            if handle.pending.strip():
+                # The last value had no newline: take it now.
+                line, handle.pending = bytes(handle.pending), bytearray()
+                node = handle.node
+                assert isinstance(node, File) and node.write is not None
+                try:
+                    await node.write(line)
+                except Exception as e:
+                    handle.failed = True
+                    raise self._fail(handle.uid, e) from None
+            return
+        if handle.wrote and handle.feeder.complete:
+            try:
+                handle.feeder.finish()  # what followed the document is closed too
+            except Exception as e:
+                handle.failed = True
+                raise self._fail(handle.uid, e) from None
             return
         if handle.wrote and not handle.feeder.complete:
             handle.failed = True
