@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -34,12 +35,51 @@ from vsfs.model import (
     data_format,
     volume_name_ok,
 )
-from vsfs.proc import run
+from vsfs.proc import DEFAULT_TIMEOUT, run
 
 from . import blockdev
 from .base import Backend, Services, Snapshot, T
 
 log = logging.getLogger(__name__)
+
+# A volume being made by a command, until it is complete (a hidden name: not a volume).
+TEMP_PREFIX = ".vsfs-new-"
+
+
+def _image_options(info: dict[str, object]) -> list[str]:
+    """qemu-img create options that remake an image as qemu-img info describes it
+    (qcow2's cluster size, compat level and lazy refcounts)."""
+    opts: list[str] = []
+    if info.get("format") not in ("qcow2", "qed"):
+        return opts
+    size = info.get("cluster-size")
+    if isinstance(size, int):
+        opts.append(f"cluster_size={size}")
+    specific = info.get("format-specific")
+    data = specific.get("data") if isinstance(specific, dict) else None
+    if isinstance(data, dict) and info.get("format") == "qcow2":
+        if isinstance(data.get("compat"), str):
+            opts.append(f"compat={data['compat']}")
+        if data.get("lazy-refcounts"):
+            opts.append("lazy_refcounts=on")
+    return ["-o", ",".join(opts)] if opts else []
+
+
+def _put_in_place(tmp: str, path: str) -> None:
+    """Give a finished file its volume's name, never replacing one made meanwhile."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise Exists(f"{path} already exists") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise BackendFailed(f"{path}: {e.strerror}") from None
+        # No hard links here (vfat, say): a rename, after a last look.
+        if os.path.lexists(path):
+            raise Exists(f"{path} already exists") from None
+        os.rename(tmp, path)
+        return
+    os.unlink(tmp)
 
 # libvirt's defaults (VIR_STORAGE_DEFAULT_POOL_PERM_MODE / _VOL_PERM_MODE).
 DEFAULT_POOL_MODE = 0o711
@@ -48,27 +88,26 @@ DEFAULT_VOL_MODE = 0o600
 # local filesystem (see quick_io).
 INLINE_UNLINK_MAX = 256 << 20
 
-# Header magics of the image formats qemu-img knows, as libvirt's
-# virStorageFileProbeFormat matches them: a file whose header matches none is raw.
+# Header magics of the image formats libvirt's volume XML has, as its
+# virStorageFileProbeFormat matches them: a file whose header matches none is raw (a vhdx
+# or parallels image too: libvirt's schema has no name for them, and it says raw).
 _MAGICS: tuple[tuple[int, bytes, str], ...] = (
     (0, b"QFI\xfb", "qcow2"),
     (0, b"QED\x00", "qed"),
     (0, b"KDMV", "vmdk"),
     (0, b"# Disk DescriptorFile", "vmdk"),
     (0, b"conectix", "vpc"),
-    (0, b"vhdxfile", "vhdx"),
     (64, b"\x7f\x10\xda\xbe", "vdi"),
     (0, b"LUKS\xba\xbe", "luks"),
-    (0, b"WithoutFreeSpace", "parallels"),
-    (0, b"WithouFreSpacExt", "parallels"),
     (0, b"Bochs Virtual HD Image", "bochs"),
     (0, b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop", "cloop"),
 )
 _HEADER_BYTES = 512
 # qemu-img names some formats differently from libvirt's volume XML.
 _QEMU_TO_LIBVIRT = {"vpc": "vpc", "file": "raw"}
-# What `qemu-img create -f` can make; "raw" and "dir" we make ourselves.
-QEMU_CREATE_FORMATS = frozenset({"qcow2", "qcow", "qed", "vmdk", "vpc", "vdi", "vhdx", "luks"})
+# What `qemu-img create -f` makes of libvirt's formats; "raw" and "dir" we make ourselves.
+# luks needs an encryption secret, which vsfs does not take.
+QEMU_CREATE_FORMATS = frozenset({"qcow2", "qcow", "qed", "vmdk", "vpc", "vdi"})
 
 
 def probe_header(header: bytes) -> str:
@@ -157,6 +196,13 @@ class DirBackend(Backend):
             if not os.path.isdir(self.root):
                 raise BackendFailed(
                     f"target directory {self.root} does not exist (build the pool first)")
+            # Volumes a daemon was still making when it died: never finished, never listed.
+            for entry in os.scandir(self.root):
+                if entry.name.startswith(TEMP_PREFIX):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                        log.info("pool %s: removed %s, left unfinished", self.pool.name,
+                                 entry.path)
         await trio.to_thread.run_sync(check)
 
     async def delete(self) -> None:
@@ -352,7 +398,7 @@ class DirBackend(Backend):
         gid = next(v for v in (vdef.perms.group, pp.group, st.st_gid) if v is not None)
         mode = vdef.perms.mode
         if mode is None:
-            mode = 0o755 if vdef.format == "dir" else DEFAULT_VOL_MODE
+            mode = 0o755 if "dir" in (vdef.format, vdef.type) else DEFAULT_VOL_MODE
         return mode, uid, gid
 
     async def create_volume(self, vdef: VolumeDef) -> Volume:
@@ -366,6 +412,9 @@ class DirBackend(Backend):
             return vol
         elif fmt in QEMU_CREATE_FORMATS:
             await self._create_image(vdef, fmt)
+        elif fmt == "luks":
+            raise Unsupported("luks volumes need an encryption secret: vsfs does not create "
+                              "encrypted volumes")
         else:
             raise Unsupported(f"cannot create volumes of format {fmt!r} in a {self.pool_type} pool")
         return await self.volume(vdef.name)
@@ -455,17 +504,46 @@ class DirBackend(Backend):
     async def _create_image(self, vdef: VolumeDef, fmt: str) -> None:
         path, mode, uid, gid = await trio.to_thread.run_sync(self._claim, vdef)
         argv = ["qemu-img", "create", "-q", "-f", fmt]
+        opts = []
         if vdef.allocation and vdef.allocation >= vdef.capacity and fmt in ("qcow2", "qed"):
-            argv += ["-o", "preallocation=falloc"]
+            opts.append("preallocation=falloc")
+        if vdef.compat:
+            opts.append(f"compat={vdef.compat}")
+        if vdef.lazy_refcounts:
+            opts.append("lazy_refcounts=on")
+        if vdef.cluster_size:
+            opts.append(f"cluster_size={vdef.cluster_size}")
+        if opts:
+            argv += ["-o", ",".join(opts)]
         if vdef.backing is not None:
-            argv += ["-b", vdef.backing.path, "-F", vdef.backing.format or "raw"]
-        argv += [path, str(vdef.capacity)]
+            argv += ["-b", vdef.backing.path, "-F", await self._backing_format(vdef.backing)]
+        await self._made_by(lambda tmp: [*argv, tmp, str(vdef.capacity)], path, mode, uid, gid)
+
+    async def _backing_format(self, backing: BackingStore) -> str:
+        """The backing file's format as given, else as qemu-img finds it (as libvirt
+        does): taken for raw, a qcow2 base would show its header as disk data."""
+        if backing.format:
+            return backing.format
+        path = os.path.join(self.root, backing.path)  # a relative one is the pool's
+        fmt = (await qemu_img_info(path)).get("format")
+        if not isinstance(fmt, str):
+            raise BackendFailed(f"cannot tell the format of backing file {backing.path}")
+        return fmt
+
+    async def _made_by(self, argv: Callable[[str], list[str]], path: str, mode: int, uid: int,
+                       gid: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Make a volume's file with a command: under a hidden name, private until its
+        owner and mode are set, then put in place. If vsfs dies meanwhile, the command
+        is killed and the hidden file removed at the pool's next start: no volume is
+        ever seen half-made, nor readable by others while it is."""
+        tmp = self.path_of(f"{TEMP_PREFIX}{secrets.token_hex(8)}")
         try:
-            await run(argv)
-            await trio.to_thread.run_sync(self._set_perms, path, mode, uid, gid)
+            await run(argv(tmp), timeout=timeout, umask=0o077, dies_with_daemon=True)
+            await trio.to_thread.run_sync(self._set_perms, tmp, mode, uid, gid)
+            await trio.to_thread.run_sync(_put_in_place, tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                os.unlink(tmp)
             raise
 
     @staticmethod
@@ -485,13 +563,11 @@ class DirBackend(Backend):
         if fmt == "raw" and src_fmt == "raw":
             # Shares extents where the filesystem can (xfs, btrfs), else a sparse copy.
             argv = ["cp", "--reflink=auto", "--sparse=always", "--no-preserve=all", "-T",
-                    source.path, path]
+                    source.path]
         else:
-            argv = ["qemu-img", "convert", "-U", "-q", "-f", src_fmt, "-O", fmt,
-                    source.path, path]
+            argv = ["qemu-img", "convert", "-U", "-q", "-f", src_fmt, "-O", fmt, source.path]
+        await self._made_by(lambda tmp: [*argv, tmp], path, mode, uid, gid, timeout=3600)
         try:
-            await run(argv, timeout=3600)
-            await trio.to_thread.run_sync(self._set_perms, path, mode, uid, gid)
             if vdef.capacity > source.capacity:
                 vol = await self.volume(vdef.name)
                 await self.resize_volume(vol, vdef.capacity)
@@ -557,12 +633,19 @@ class DirBackend(Backend):
         if vol.format == "raw":
             await trio.to_thread.run_sync(self._resize_raw, vol, capacity)
         else:
+            # Image formats count in 512-byte sectors: round up, as libvirt does.
+            capacity = -(-capacity // 512) * 512
             if capacity < vol.capacity:
                 await self._check_image_tail_empty(vol, capacity)
             argv = ["qemu-img", "resize", "-q", "-f", vol.format]
             if capacity < vol.capacity:
                 argv.append("--shrink")
-            await run([*argv, vol.path, str(capacity)])
+            try:
+                await run([*argv, vol.path, str(capacity)])
+            except BackendFailed as e:
+                if "does not support resize" in e.message:
+                    raise Unsupported(f"{vol.format} images cannot be resized") from None
+                raise
         return await self.volume(vol.name)
 
     @staticmethod
@@ -611,13 +694,18 @@ class DirBackend(Backend):
                     os.close(fd)
             await trio.to_thread.run_sync(zero)
             return
-        # An image format: a fresh empty image of the same size and backing store.
-        tmp = self.path_of(f".{vol.name}.wipe")
-        argv = ["qemu-img", "create", "-q", "-f", vol.format]
+        # An image format: a fresh empty image of the same size and backing store, and
+        # what else qemu-img says the image is made with.
+        info = await qemu_img_info(vol.path)
+        if info.get("encrypted"):
+            raise Unsupported(f"volume {vol.name!r} is encrypted: a fresh image would not be "
+                              "(vsfs does not create encrypted volumes)")
+        tmp = self.path_of(f"{TEMP_PREFIX}{secrets.token_hex(8)}")
+        argv = ["qemu-img", "create", "-q", "-f", vol.format, *_image_options(info)]
         if vol.backing is not None:
-            argv += ["-b", vol.backing.path, "-F", vol.backing.format or "raw"]
+            argv += ["-b", vol.backing.path, "-F", await self._backing_format(vol.backing)]
         try:
-            await run([*argv, tmp, str(vol.capacity)])
+            await run([*argv, tmp, str(vol.capacity)], umask=0o077, dies_with_daemon=True)
             await trio.to_thread.run_sync(
                 self._set_perms, tmp, vol.mode or DEFAULT_VOL_MODE,
                 vol.owner if vol.owner is not None else -1,

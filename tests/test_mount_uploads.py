@@ -169,3 +169,16 @@ def test_failed_write_through_redirection_removes_the_volume(vsfs: Mount,
         assert "big" in vsfs.error()
         sh(f"echo stop > {p}/ctl", check=True)
     vsfs.assert_clean_log()
+
+
+@pytest.mark.root
+def test_snapshot_needs_the_space_of_its_volume(vsfs: Mount, tmp_path: Path) -> None:
+    with small_pool(vsfs, tmp_path) as (small, p):
+        (small / "big").write_bytes(b"")
+        os.truncate(small / "big", 10 << 20)  # made by another tool, sparse
+        sh(f"echo refresh > {p}/ctl", check=True)
+        res = sh(f"echo 'snapshot s' > {p}/volinfo/big/ctl")
+        assert "No space left" in res.stderr, res.stderr
+        assert os.listdir(small) == ["big"]
+        sh(f"echo stop > {p}/ctl", check=True)
+    vsfs.assert_clean_log()

@@ -272,3 +272,30 @@ def test_one_directory_under_two_spellings_is_one_target(tmp_path: Path) -> None
             await m.redefine_pool("r", pool_xml("r", tmp_path / "link"))
 
     trio.run(main)
+
+
+def test_volumes_made_by_commands_are_private_until_done(tmp_path: Path) -> None:
+    async def main() -> None:
+        m, _ = await running_pool(tmp_path)
+        backend = m.pools["p"].backend
+        target = tmp_path / "img"
+        script = 'umask > "$1"; ls -a "$(dirname "$1")" >> "$1"'
+        await backend._made_by(  # type: ignore[attr-defined]
+            lambda tmp: ["sh", "-c", script, "sh", tmp], str(target / "v"), 0o640,
+            os.getuid(), os.getgid())
+        text = (target / "v").read_text()
+        assert text.startswith("0077\n")  # nobody else could open it while it was made
+        assert ".vsfs-new-" in text  # under a hidden name, not yet a volume
+        assert os.stat(target / "v").st_mode & 0o777 == 0o640
+        assert os.listdir(target) == ["v"]
+        with pytest.raises(Exists):  # never over one made meanwhile
+            await backend._made_by(  # type: ignore[attr-defined]
+                lambda tmp: ["touch", tmp], str(target / "v"), 0o600, -1, -1)
+        assert os.listdir(target) == ["v"]
+        # What a daemon that died left half made goes at the pool's next start.
+        (target / ".vsfs-new-0123456789abcdef").write_text("half")
+        await m.pool_command("p", "stop")
+        await m.pool_command("p", "start")
+        assert os.listdir(target) == ["v"]
+
+    trio.run(main)

@@ -69,3 +69,9 @@ class BackendFailed(VsfsError):
         super().__init__(message)
         self.returncode = returncode
         self.stderr = stderr
+
+
+class CommandNoSpace(BackendFailed):
+    """A command failed for want of space: ENOSPC, and still a failed command."""
+
+    errno = errno.ENOSPC

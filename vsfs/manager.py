@@ -843,6 +843,9 @@ class Manager:
             vol = self.volume(pool, name)
             if new_name in entry.volumes:
                 raise Exists(f"volume {new_name!r} already exists in pool {pool!r}")
+            if entry.pool.type in ("dir", "fs", "netfs"):
+                # A qcow2 overlay of the volume's size: no overcommit, as for any new image.
+                await self._check_space(entry, vol.capacity)
             snap = await entry.backend.snapshot_volume(vol, new_name)
             # Named by the backend: RBD's are IMAGE@SNAP.
             entry.volumes[snap.name] = snap

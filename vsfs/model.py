@@ -179,6 +179,10 @@ class VolumeDef:
     # What libvirt's XML calls the volume's path when the local path differs
     # (a network volume: "POOL/IMAGE" for RBD).
     xml_path: str | None = None
+    # qcow2's <compat>, <features><lazy_refcounts/>, and <clusterSize> (qcow2, qed).
+    compat: str | None = None
+    lazy_refcounts: bool = False
+    cluster_size: int | None = None
 
 
 @dataclass(frozen=True)

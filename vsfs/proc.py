@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import trio
 
-from .errors import BackendFailed
+from .errors import BackendFailed, CommandNoSpace
 
 log = logging.getLogger(__name__)
 
@@ -17,29 +17,41 @@ DEFAULT_TIMEOUT = 120.0
 
 
 async def run(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
-              secret: str | None = None, env: Mapping[str, str] | None = None) -> str:
+              secret: str | None = None, env: Mapping[str, str] | None = None,
+              umask: int = -1, dies_with_daemon: bool = False) -> str:
     """Run ``argv`` and return its standard output.
 
     A non-zero exit or a time-out raises BackendFailed carrying the command's
     own error message, which ends up in ``MNT/error``. ``secret`` (a password
     among the arguments) is masked wherever the command is logged or quoted.
+    ``umask``: the command's (files it makes private until vsfs sets their modes).
+    ``dies_with_daemon``: killed if the daemon dies first (a copy into a temporary
+    file that nobody would finish).
     """
     def masked(text: str) -> str:
         return text.replace(secret, "********") if secret else text
 
     log.debug("run: %s", masked(shlex.join(argv)))
+    name = argv[0]
+    if dies_with_daemon:
+        argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
     try:
         with trio.fail_after(timeout):
             result = await trio.run_process(
                 list(argv), capture_stdout=True, capture_stderr=True, check=False,
-                stdin=subprocess.DEVNULL, env=env,
+                stdin=subprocess.DEVNULL, env=env, umask=umask,
             )
     except trio.TooSlowError:
-        raise BackendFailed(f"{argv[0]}: no answer after {timeout:g} s") from None
+        raise BackendFailed(f"{name}: no answer after {timeout:g} s") from None
     except OSError as e:
-        raise BackendFailed(f"{argv[0]}: {e.strerror}") from None
+        raise BackendFailed(f"{name}: {e.strerror}") from None
     if result.returncode != 0:
         stderr = masked(result.stderr.decode(errors="replace").strip())
         err = stderr or f"exit status {result.returncode}"
-        raise BackendFailed(f"{argv[0]}: {err.splitlines()[-1]}", result.returncode, stderr)
+        last = err.splitlines()[-1]
+        # Many tools start their messages with their own name already.
+        last = last.removeprefix(f"{name}: ")
+        if "No space left on device" in stderr:
+            raise CommandNoSpace(f"{name}: {last}", result.returncode, stderr)
+        raise BackendFailed(f"{name}: {last}", result.returncode, stderr)
     return result.stdout.decode(errors="replace")

@@ -14,7 +14,7 @@ from dataclasses import fields, replace
 
 from lxml import etree
 
-from .errors import Invalid
+from .errors import Invalid, Unsupported
 from .model import (
     BLOCK_FORMATS,
     BackingStore,
@@ -420,6 +420,9 @@ def parse_volume(data: bytes) -> VolumeDef:
         raise Invalid("<volume> needs a <capacity>")
     allocation = _sized(doc.find("allocation"))
     target = doc.find("target")
+    if target is not None and target.find("encryption") is not None:
+        # Made without it, the volume would hold plain text where encryption was asked.
+        raise Unsupported("vsfs does not create encrypted volumes (<encryption>)")
     fmt = target.find("format") if target is not None else None
     perms = parse_permissions(target.find("permissions") if target is not None else None)
     backing = None
@@ -430,14 +433,27 @@ def parse_volume(data: bytes) -> VolumeDef:
             raise Invalid("<backingStore> needs a <path>")
         bfmt = bs.find("format")
         backing = BackingStore(bpath, bfmt.get("type") if bfmt is not None else None)
+    fmt_name = fmt.get("type") if fmt is not None else None
+    compat = _text(target.find("compat")) if target is not None else None
+    lazy = target is not None and target.find("features/lazy_refcounts") is not None
+    cluster = _sized(target.find("clusterSize")) if target is not None else None
+    if compat is not None and not re.fullmatch(r"[0-9]+\.[0-9]+", compat):
+        raise Invalid(f"bad <compat> {compat!r}: a version such as 1.1")
+    if (compat is not None or lazy) and fmt_name != "qcow2":
+        raise Invalid("<compat> and <features> are qcow2's")
+    if cluster is not None and fmt_name not in ("qcow2", "qed"):
+        raise Invalid("<clusterSize> is qcow2's or qed's")
     return VolumeDef(
         name=name,
         capacity=capacity,
         allocation=allocation,
-        format=fmt.get("type") if fmt is not None else None,
+        format=fmt_name,
         type=doc.get("type"),
         perms=perms,
         backing=backing,
+        compat=compat,
+        lazy_refcounts=lazy,
+        cluster_size=cluster,
     )
 
 
