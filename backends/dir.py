@@ -517,7 +517,9 @@ class DirBackend(Backend):
             argv += ["-o", ",".join(opts)]
         if vdef.backing is not None:
             argv += ["-b", vdef.backing.path, "-F", await self._backing_format(vdef.backing)]
-        await self._made_by(lambda tmp: [*argv, tmp, str(vdef.capacity)], path, mode, uid, gid)
+        # An overlay without a capacity takes its backing file's, as in libvirt.
+        size = [] if vdef.backing is not None and not vdef.capacity else [str(vdef.capacity)]
+        await self._made_by(lambda tmp: [*argv, tmp, *size], path, mode, uid, gid)
 
     async def _backing_format(self, backing: BackingStore) -> str:
         """The backing file's format as given, else as qemu-img finds it (as libvirt

@@ -127,3 +127,14 @@ def test_image_resizes(vsfs: Mount) -> None:
     assert "Operation not supported" in res.stderr, res.stderr
     assert "cannot be resized" in vsfs.error()
     vsfs.assert_clean_log()
+
+
+def test_overlay_without_capacity_takes_its_backing_size(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    define(vsfs, "<volume><name>base</name><capacity>24M</capacity><target>"
+                 "<format type='qcow2'/></target></volume>")
+    define(vsfs, f"<volume><name>top</name><capacity>0</capacity><target>"
+                 f"<format type='qcow2'/></target><backingStore><path>{target}/base</path>"
+                 f"<format type='qcow2'/></backingStore></volume>")
+    assert info(target / "top")["virtual-size"] == 24 << 20
+    vsfs.assert_clean_log()

@@ -1357,3 +1357,11 @@ def test_a_document_cut_anywhere_is_read_the_same():
     f.feed(b"<!-- never closed")
     with pytest.raises(Invalid, match="not closed"):
         f.finish()
+
+
+def test_live_permissions_keep_the_defined_label(pool_rng):
+    pool = parse_pool(DIR_POOL.replace(b"<group>0</group>",
+                                       b"<group>0</group><label>virt_image_t</label>"))
+    out = format_pool(pool, PoolStatus(), live_perms=Permissions(0o755, 0, 0))
+    assert_valid(pool_rng, out)
+    assert etree.fromstring(out).findtext("target/permissions/label") == "virt_image_t"

@@ -550,7 +550,8 @@ def format_pool(pool: PoolDef, status: PoolStatus | None = None,
         t = _sub(root, "target")
         if pool.target_path is not None:
             _sub(t, "path", pool.target_path)
-        _perms(t, live_perms or pool.target_perms)
+        _perms(t, replace(live_perms, label=pool.target_perms.label) if live_perms
+               else pool.target_perms)
     if pool.mount_opts:
         m = _sub(root, f"{{{FS_NS}}}mount_opts")
         for opt in pool.mount_opts:
