@@ -32,13 +32,19 @@ def define(vsfs: Mount, xml: str) -> None:
     sh(f"cat > {vsfs.path}/pools/p/define", input=xml, check=True)
 
 
-def test_backing_format_is_probed_when_not_given(vsfs: Mount) -> None:
+def base_and_top(vsfs: Mount, base_size: str, top_size: str, top_backing_format: str) -> Path:
+    """A qcow2 "base" and a qcow2 "top" backed by it, made from XML; the pool's target."""
     target = vsfs.dir_pool()
-    define(vsfs, "<volume><name>base</name><capacity>16M</capacity><target>"
+    define(vsfs, f"<volume><name>base</name><capacity>{base_size}</capacity><target>"
                  "<format type='qcow2'/></target></volume>")
-    define(vsfs, f"<volume><name>top</name><capacity>16M</capacity><target>"
+    define(vsfs, f"<volume><name>top</name><capacity>{top_size}</capacity><target>"
                  f"<format type='qcow2'/></target><backingStore><path>{target}/base</path>"
-                 f"</backingStore></volume>")
+                 f"{top_backing_format}</backingStore></volume>")
+    return target
+
+
+def test_backing_format_is_probed_when_not_given(vsfs: Mount) -> None:
+    target = base_and_top(vsfs, "16M", "16M", "")
     assert info(target / "top")["backing-filename-format"] == "qcow2"
     vsfs.assert_clean_log()
 
@@ -130,11 +136,6 @@ def test_image_resizes(vsfs: Mount) -> None:
 
 
 def test_overlay_without_capacity_takes_its_backing_size(vsfs: Mount) -> None:
-    target = vsfs.dir_pool()
-    define(vsfs, "<volume><name>base</name><capacity>24M</capacity><target>"
-                 "<format type='qcow2'/></target></volume>")
-    define(vsfs, f"<volume><name>top</name><capacity>0</capacity><target>"
-                 f"<format type='qcow2'/></target><backingStore><path>{target}/base</path>"
-                 f"<format type='qcow2'/></backingStore></volume>")
+    target = base_and_top(vsfs, "24M", "0", "<format type='qcow2'/>")
     assert info(target / "top")["virtual-size"] == 24 << 20
     vsfs.assert_clean_log()
