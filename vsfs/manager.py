@@ -127,8 +127,8 @@ class Upload:
     written: bool = False
     # Its last resize was refused (no space) and nothing succeeded since.
     refused: bool = False
-    # Its volume is not its own any more (deleted, renamed, or removed after a failed
-    # write): later closes settle nothing.
+    # Its volume is not its own any more (replaced by another tool, or removed after a
+    # failed write): later closes settle nothing.
     orphaned: bool = False
     # Each upload is a file of its own: one deleted while still open and a new one of
     # the same name must not share an inode.
@@ -652,12 +652,10 @@ class Manager:
                 if upload.fd >= 0 and not await entry.backend.quick_io(
                         _same_file, upload.fd, vol.path):
                     # Replaced behind vsfs's back: that volume is not this upload's.
-                    self._orphan(key)
-                    upload.orphaned = True
+                    self._let_go(upload)
                 elif bad:
                     await self._discard(entry, vol)
-                    self._orphan(key)
-                    upload.orphaned = True
+                    self._let_go(upload)
                     removed = True
                     log.info("volume %s/%s removed: its upload %s", upload.pool,
                              upload.name, "failed" if upload.failed else "was refused its size")
@@ -679,11 +677,12 @@ class Manager:
             # that, it may come a moment later, with others, which is cheaper.
             self._gone("pools", upload.pool, "volumes", upload.name, lazy=True)
 
-    def _orphan(self, key: tuple[str, str]) -> None:
-        """The volume of a still-open upload is gone or renamed: leave it alone."""
-        upload = self.open_uploads.pop(key, None)
-        if upload is not None:
-            upload.orphaned = True
+    def _let_go(self, upload: Upload) -> None:
+        """Settle nothing more for an upload: its volume is gone, or not its own."""
+        upload.orphaned = True
+        key = (upload.pool, upload.name)
+        if self.open_uploads.get(key) is upload:
+            del self.open_uploads[key]
 
     async def close_upload(self, upload: Upload) -> None:
         """The last descriptor of an upload is closed."""
@@ -719,7 +718,6 @@ class Manager:
                 raise Busy(why)
             await entry.backend.delete_volume(vol)
             entry.volumes.pop(name, None)
-            self._orphan((pool, name))
         self._gone("pools", pool, "volinfo", name)
         log.info("volume %s/%s deleted", pool, name)
 
@@ -740,7 +738,6 @@ class Manager:
             new = await entry.backend.rename_volume(vol, new_name)
             del entry.volumes[name]
             entry.volumes[new_name] = new
-            self._orphan((pool, name))
         self._gone("pools", pool, "volumes", name)
         self._gone("pools", pool, "volinfo", name)
         log.info("volume %s/%s renamed to %s", pool, name, new_name)

@@ -34,7 +34,7 @@ WO_MODE = 0o200
 FILES: tuple[tuple[str, str, str], ...] = (
     ("README", "r", "this page"),
     ("error", "r", "the last error caused by the reading user (empty when none)"),
-    ("by-uuid/<uuid>", "link", "-> ../pools/<pool>: a pool by its UUID"),
+    ("by-uuid/<uuid>", "link", "-> ../pools/<pool>: a pool by its UUID (any case, dashes or not)"),
     ("by-key/<key>", "link", "-> the volume's entry; '/' in a key is written '\\x2f'"),
     ("by-path/<local path>", "link", "-> the volume's entry, e.g. by-path/var/lib/images/a.img"),
     ("sources/logical", "r", "<sources> XML: the volume groups here and their devices"),
