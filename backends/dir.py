@@ -23,6 +23,7 @@ from vsfs.errors import (
     NotEmpty,
     NotFound,
     Unsupported,
+    os_failure,
 )
 from vsfs.model import (
     BackingStore,
@@ -80,6 +81,37 @@ def _put_in_place(tmp: str, path: str) -> None:
         os.rename(tmp, path)
         return
     os.unlink(tmp)
+
+async def _discard_file(path: str) -> None:
+    """Remove what a failed action made, in a worker thread: the pool's filesystem may
+    be a network one whose server hangs, and the event loop must go on serving. Runs
+    to its end even while the action is being cancelled."""
+    def unlink() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(unlink)
+
+
+async def make_mount_point(path: str) -> bool:
+    """Make a pool's target directory for a mount if it is missing; whether it was made.
+    In a worker thread, as everything on paths that may lie on a network filesystem."""
+    def make() -> bool:
+        if os.path.isdir(path):
+            return False
+        os.makedirs(path)
+        return True
+    return await trio.to_thread.run_sync(make)
+
+
+async def drop_mount_point(path: str) -> None:
+    """Undo make_mount_point after a failed mount (even while being cancelled)."""
+    def rmdir() -> None:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(rmdir)
+
 
 # libvirt's defaults (VIR_STORAGE_DEFAULT_POOL_PERM_MODE / _VOL_PERM_MODE).
 DEFAULT_POOL_MODE = 0o711
@@ -180,7 +212,7 @@ class DirBackend(Backend):
         except FileExistsError:
             raise Exists(f"{self.root} exists and is not a directory") from None
         except OSError as e:
-            raise BackendFailed(f"mkdir {self.root}: {e.strerror}") from None
+            raise os_failure(e, f"mkdir {self.root}") from None
         try:
             os.chmod(self.root, mode)
             if perms.owner is not None or perms.group is not None:
@@ -189,7 +221,7 @@ class DirBackend(Backend):
         except OSError as e:
             if created:
                 os.rmdir(self.root)
-            raise BackendFailed(f"setting permissions of {self.root}: {e.strerror}") from None
+            raise os_failure(e, f"setting permissions of {self.root}") from None
 
     async def start(self) -> None:
         def check() -> None:
@@ -544,8 +576,7 @@ class DirBackend(Backend):
             await trio.to_thread.run_sync(self._set_perms, tmp, mode, uid, gid)
             await trio.to_thread.run_sync(_put_in_place, tmp, path)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            await _discard_file(tmp)
             raise
 
     @staticmethod
@@ -574,8 +605,7 @@ class DirBackend(Backend):
                 vol = await self.volume(vdef.name)
                 await self.resize_volume(vol, vdef.capacity)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            await _discard_file(path)
             raise
         return await self.volume(vdef.name)
 
@@ -714,6 +744,5 @@ class DirBackend(Backend):
                 vol.group if vol.group is not None else -1)
             await trio.to_thread.run_sync(os.replace, tmp, vol.path)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            await _discard_file(tmp)
             raise

@@ -15,7 +15,7 @@ from vsfs.proc import run
 
 from . import blockdev
 from .base import Services, Snapshot
-from .dir import DirBackend
+from .dir import DirBackend, drop_mount_point, make_mount_point
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,7 @@ class FsBackend(DirBackend):
             dev = attached
         made_target = False
         try:
-            if not os.path.isdir(self.root):
-                await trio.to_thread.run_sync(os.makedirs, self.root)
-                made_target = True
+            made_target = await make_mount_point(self.root)
             argv = ["mount"]
             if self.format != "auto":
                 argv += ["-t", self.format]
@@ -117,8 +115,7 @@ class FsBackend(DirBackend):
         except BaseException:
             with trio.CancelScope(shield=True):
                 if made_target:
-                    with contextlib.suppress(OSError):
-                        os.rmdir(self.root)
+                    await drop_mount_point(self.root)
                 if attached is not None:
                     with contextlib.suppress(BackendFailed):
                         await blockdev.detach_loop(attached)

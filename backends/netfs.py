@@ -3,9 +3,7 @@ exists) mounted on the target; volumes are files there, as in a dir pool."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import shutil
 from typing import ClassVar
 
@@ -16,7 +14,7 @@ from vsfs.model import PoolDef, PoolSource, SourceHost
 from vsfs.proc import run
 
 from . import blockdev
-from .dir import DirBackend
+from .dir import DirBackend, drop_mount_point, make_mount_point
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +74,12 @@ class NetfsBackend(DirBackend):
 
     async def start(self) -> None:
         argv = self._argv()
-        made_target = False
-        if not os.path.isdir(self.root):
-            await trio.to_thread.run_sync(os.makedirs, self.root)
-            made_target = True
+        made_target = await make_mount_point(self.root)
         try:
             await run(argv, timeout=60)
         except BaseException:
             if made_target:
-                with contextlib.suppress(OSError):
-                    os.rmdir(self.root)
+                await drop_mount_point(self.root)
             raise
 
     async def stop(self) -> None:

@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pyfuse3
@@ -22,6 +22,7 @@ from .fuse_ops import READ_SPIN_US, Operations, set_read_spin
 from .manager import Manager, default_state_dir
 from .state import StateDir
 from .tree import Tree
+from .watchdog import mount_device
 from .xmlio import parse_pool
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,8 @@ def run_daemon(mnt: Path, state_dir: Path, args: argparse.Namespace) -> int:
             ready_fd = None
 
     try:
-        trio.run(serve, mnt, state_dir, args.allow_other, tell, args.read_spin)
+        trio.run(serve, mnt, state_dir, args.allow_other, tell, args.read_spin,
+                 args.log_file)
     except Refused as e:
         log.error("%s", e)
         tell(f"error: {e}")
@@ -218,7 +220,8 @@ def run_daemon(mnt: Path, state_dir: Path, args: argparse.Namespace) -> int:
 
 
 async def serve(mnt: Path, state_dir: Path, allow_other: bool,
-                tell: Callable[[str], None], read_spin_us: int = READ_SPIN_US) -> None:
+                tell: Callable[[str], None], read_spin_us: int = READ_SPIN_US,
+                log_file: Path | None = None) -> None:
     manager = Manager(StateDir(state_dir))
     tree = Tree(manager)
     ops = Operations(tree, os.getuid(), os.getgid())
@@ -232,6 +235,8 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
         pyfuse3.init(ops, str(mnt), options)
     except RuntimeError as e:
         raise Refused(f"cannot mount {mnt}: {e}") from None
+    watchdog = start_watchdog(mnt, log_file)
+    ops.notifier.start()
     ops.mounted = True
     set_read_spin(read_spin_us)
     log.info("mounted %s (state directory %s)", mnt, state_dir)
@@ -239,19 +244,58 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_on_signals)
-            nursery.start_soon(manager.poll)
-            nursery.start_soon(manager.watch_host)
-            nursery.start_soon(ops.run_lazy_invalidations)
+            nursery.start_soon(keep_running, "the pool poll", manager.poll)
+            nursery.start_soon(keep_running, "the host device watch", manager.watch_host)
             tell("ok")
             await pyfuse3.main()
             clean = True
             nursery.cancel_scope.cancel()
     finally:
         ops.mounted = False
-        pyfuse3.close(unmount=clean)
+        if ops.notifier.close():
+            pyfuse3.close(unmount=clean)
+        else:
+            # An invalidation still waits in the kernel: the session must outlive it.
+            # The watchdog aborts the connection once this process has ended.
+            log.error("an invalidation still waits in the kernel; leaving the mount "
+                      "to the watchdog")
         log.info("unmounted %s", mnt)
         with contextlib.suppress(OSError):
             manager.services.run_dir.rmdir()  # when no pool keeps files there
+        del watchdog
+
+
+def start_watchdog(mnt: Path, log_file: Path | None) -> subprocess.Popen[bytes] | None:
+    """The process that frees the mount if this daemon dies without unmounting it
+    (vsfs/watchdog.py). Started from the main thread: the kernel signals it when this
+    thread ends, however it ends."""
+    device = mount_device(str(mnt))
+    if device is None or shutil.which("setpriv") is None:
+        log.warning("no watchdog for %s: %s", mnt, "setpriv is missing (util-linux)"
+                    if device is not None else "the mount is not in /proc/self/mountinfo")
+        return None
+    argv = ["setpriv", "--pdeathsig", "TERM", "--", sys.executable, "-m", "vsfs.watchdog",
+            str(os.getpid()), device, str(mnt)]
+    if log_file is not None:
+        argv.append(str(log_file))
+    # Its own session: a terminal's signals are for the daemon. No descriptor of ours:
+    # holding /dev/fuse would keep the very connection it may have to abort.
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, close_fds=True,
+                            start_new_session=True)
+
+
+async def keep_running(name: str, task: Callable[[], Awaitable[None]]) -> None:
+    """Run a background task of the mount for as long as the mount lives: an
+    unexpected error is logged with its traceback and the task starts again a second
+    later, instead of ending the mount with it."""
+    while True:
+        try:
+            await task()
+            return
+        except Exception:
+            log.exception("%s failed; starting it again in 1 s", name)
+        await trio.sleep(1.0)
 
 
 async def _on_signals() -> None:

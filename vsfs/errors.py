@@ -75,3 +75,15 @@ class CommandNoSpace(BackendFailed):
     """A command failed for want of space: ENOSPC, and still a failed command."""
 
     errno = errno.ENOSPC
+
+
+def os_failure(e: OSError, what: str) -> VsfsError:
+    """A failed system call as the contract's error: EACCES/EPERM stay "permission
+    denied" (the caller may not do this), ENOSPC/EDQUOT "no space", the rest EIO
+    with the call's message."""
+    message = f"{what}: {e.strerror or e}"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return Denied(message)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return NoSpace(message)
+    return BackendFailed(message)

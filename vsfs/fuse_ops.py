@@ -7,15 +7,17 @@ caller's MNT/error). It holds no storage logic.
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import functools
 import logging
 import os
 import stat
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn, TypeVar
+from typing import Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -30,14 +32,14 @@ log = logging.getLogger(__name__)
 # Entries we change ourselves are invalidated explicitly; these bound how long
 # the kernel trusts an entry that changed behind our back.
 TIMEOUT = 1.0
-# Lazy invalidations (the dentries of uploads once closed) wait this long, so that
-# one worker thread call sends many; at most LAZY_QUEUE wait, more go at once.
+# Lazy invalidations (the dentries of uploads once closed) wait at most this long, so
+# that one wake-up of the notifier thread sends many.
 LAZY_INVALIDATE = 0.05
 # The longest line a value or command file takes.
 MAX_LINE = 64 * 1024
-LAZY_QUEUE = 4096
 
 R = TypeVar("R")
+P = ParamSpec("P")
 
 # pyfuse3 built with .ci/patches/pyfuse3-noflush.patch can open a file with
 # FOPEN_NOFLUSH; a stock build cannot, and then every close sends a FLUSH.
@@ -58,6 +60,107 @@ def set_read_spin(microseconds: int) -> None:
     setter = getattr(pyfuse3, "set_read_spin", None)
     if setter is not None:
         setter(microseconds * 1000 if len(os.sched_getaffinity(0)) > 1 else 0)
+
+
+class Notifier:
+    """Tells the kernel what to forget, from a thread of its own that nothing waits for.
+
+    To drop an entry the kernel takes its parent directory's lock
+    (``fuse_reverse_inval_entry``), and to drop a symlink's cached target the lock of
+    its page; a request in flight may hold either while it waits for this daemon's
+    answer. So the rule: **no request ever waits for an invalidation.** Handlers and
+    the manager only queue one here (an append, never blocking, never bounded), and
+    this thread alone waits in the kernel, for as long as the requests holding those
+    locks take to be answered, which the main loop goes on doing meanwhile. Neither
+    trio's worker threads (whose number is limited and which handlers use) nor
+    pyfuse3's own notify thread (one queue that an entry waiting for its lock holds
+    up) are used for it. Nor does the daemon's exit wait for this thread (a daemon
+    thread): if the daemon dies while it waits in the kernel, the watchdog
+    (vsfs.watchdog) aborts the connection, which frees it.
+    """
+
+    def __init__(self) -> None:
+        self._queue: deque[tuple[str, int, bytes]] = deque()
+        self._wake = threading.Event()
+        # Held while a call into libfuse runs: the session must outlive it.
+        self._calling = threading.Lock()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="vsfs-invalidate",
+                                        daemon=True)
+        self._thread.start()
+
+    def entry(self, parent: int, name: bytes, lazy: bool = False) -> None:
+        """Drop the kernel's entry ``name`` of directory inode ``parent``; a lazy one
+        may wait LAZY_INVALIDATE seconds to go with others."""
+        self._queue.append(("entry", parent, name))
+        if not lazy:
+            self._wake.set()
+
+    def inode(self, ino: int) -> None:
+        """Drop what the kernel caches of inode ``ino`` (a symlink's target, say)."""
+        self._queue.append(("inode", ino, b""))
+        self._wake.set()
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop sending (before the session goes); False if a call still waits in the
+        kernel after ``timeout`` seconds, when the session must not be destroyed."""
+        self._closed = True
+        self._wake.set()
+        if not self._calling.acquire(timeout=timeout):
+            return False
+        self._calling.release()
+        return True
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(LAZY_INVALIDATE if self._queue else None)
+            self._wake.clear()
+            while self._queue and not self._closed:
+                kind, ino, name = self._queue.popleft()
+                with self._calling:
+                    if self._closed:
+                        return
+                    self._send(kind, ino, name)
+
+    @staticmethod
+    def _send(kind: str, ino: int, name: bytes) -> None:
+        try:
+            if kind == "entry":
+                pyfuse3.invalidate_entry(ino, name)
+            else:
+                pyfuse3.invalidate_inode(ino)
+        except OSError as e:  # ENOENT: the kernel has forgotten it already
+            log.debug("invalidate %s %d %r: %s", kind, ino, name, e)
+        except Exception:  # never end the thread: later invalidations still count
+            log.exception("invalidate %s %d %r failed", kind, ino, name)
+
+
+def _guarded(by_fh: bool = False) -> Callable[
+        [Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]],
+        Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]]:
+    """A request handler whose unexpected errors answer that one request with EIO.
+
+    pyfuse3 answers a FUSEError and lets anything else end its main loop, and with
+    it the mount: every caller would get ENOTCONN. So the reason goes to the log
+    (with its traceback) and to the caller's MNT/error, and the mount goes on. The
+    caller is the request's context, or the user who opened the handle (``by_fh``:
+    the first argument is a file handle).
+    """
+    def wrap(fn: Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]
+             ) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
+        @functools.wraps(fn)
+        async def handler(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await fn(self, *args, **kwargs)
+            except pyfuse3.FUSEError:
+                raise
+            except Exception as e:
+                raise self._fail(self._caller(args, by_fh), e) from None
+        return handler
+    return wrap
 
 
 Key = tuple[tuple[str, ...], str]
@@ -154,62 +257,24 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._next_fh = 1
         self.mounted = False
-        self._lazy_send: trio.MemorySendChannel[tuple[int, bytes]] | None = None
+        self.notifier = Notifier()
 
     # ---------------------------------------------------------------- plumbing
 
     def invalidate(self, path: tuple[str, ...], lazy: bool = False) -> None:
-        """Tell the kernel to forget a cached entry (from the manager); a lazy one
-        goes with others after LAZY_INVALIDATE seconds, in one worker thread call."""
+        """Tell the kernel to forget a cached entry (from the manager); a lazy one may
+        go a moment later, with others. Never waits (see Notifier)."""
         if not self.mounted or not path:
             return
         parent = self._ino_of.get((path[:-1], "dir"))
-        if parent is None:
-            return
-        name = os.fsencode(path[-1])
-        if lazy and self._lazy_send is not None:
-            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-                self._lazy_send.send_nowait((parent, name))
-                return
-        try:
-            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
-        except Exception:  # the kernel may be going away; nothing to undo
-            log.debug("invalidate %s failed", "/".join(path), exc_info=True)
-
-    async def run_lazy_invalidations(self) -> None:
-        """Serve lazy invalidations until cancelled (a task of the mount)."""
-        send, receive = trio.open_memory_channel[tuple[int, bytes]](LAZY_QUEUE)
-        self._lazy_send = send
-        try:
-            async with receive:
-                async for first in receive:
-                    await trio.sleep(LAZY_INVALIDATE)
-                    batch = [first]
-                    with contextlib.suppress(trio.WouldBlock):
-                        while True:
-                            batch.append(receive.receive_nowait())
-                    await trio.to_thread.run_sync(self._invalidate_now, batch)
-        finally:
-            self._lazy_send = None
-
-    def _invalidate_now(self, entries: list[tuple[int, bytes]]) -> None:
-        for parent, name in entries:
-            try:
-                pyfuse3.invalidate_entry(parent, name)
-            except FileNotFoundError:  # the kernel has forgotten it already
-                pass
-            except Exception:  # the kernel may be going away; nothing to undo
-                log.debug("invalidate %r failed", name, exc_info=True)
+        if parent is not None:
+            self.notifier.entry(parent, os.fsencode(path[-1]), lazy)
 
     async def forget_link(self, path: tuple[str, ...], target: str) -> None:
         """Make the kernel read a symlink's target again (from the manager)."""
         ino = self._ino_of.get((path, f"link:{target}"))
-        if not self.mounted or ino is None:
-            return
-        try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
-        except OSError:  # not cached any more
-            log.debug("invalidate_inode %d failed", ino, exc_info=True)
+        if self.mounted and ino is not None:
+            self.notifier.inode(ino)
 
     def _register(self, path: tuple[str, ...], node: Node, kind: str | None = None) -> int:
         key = (path, kind or _kind(node))
@@ -275,8 +340,7 @@ class Operations(pyfuse3.Operations):
             size = len(os.fsencode(node.target))
         elif isinstance(node, UploadFile):
             a.st_mode = stat.S_IFREG | node.mode
-            if node.upload is not None and node.upload.fd >= 0:
-                size = os.fstat(node.upload.fd).st_size
+            size = node.upload.size() if node.upload is not None else 0
         else:
             assert isinstance(node, File)
             a.st_mode = stat.S_IFREG | node.mode
@@ -292,17 +356,33 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
-    def _fail(self, uid: int, e: BaseException) -> pyfuse3.FUSEError:
+    def _fail(self, uid: int | None, e: BaseException) -> pyfuse3.FUSEError:
         if isinstance(e, VsfsError):
-            self.tree.record_error(uid, e.message)
+            if uid is not None:
+                self.tree.record_error(uid, e.message)
             log.info("refused (%s): %s", errno.errorcode.get(e.errno, e.errno), e.message)
             return pyfuse3.FUSEError(e.errno)
-        log.exception("internal error")
-        self.tree.record_error(uid, f"internal error: {e!r}")
+        log.error("internal error", exc_info=e)
+        if uid is not None:
+            self.tree.record_error(uid, f"internal error: {e!r} (the daemon's log has "
+                                   "the details)")
         return pyfuse3.FUSEError(errno.EIO)
+
+    def _caller(self, args: tuple[object, ...], by_fh: bool) -> int | None:
+        """Who made a request: its context's uid, or the user who opened its handle."""
+        for arg in args:
+            uid = getattr(arg, "uid", None)  # a RequestContext (or a stand-in in tests)
+            if isinstance(uid, int):
+                return uid
+        if by_fh and args and isinstance(args[0], int):
+            handle = self._handles.get(args[0])
+            if handle is not None:
+                return handle.uid
+        return None
 
     # ---------------------------------------------------------------- metadata
 
+    @_guarded()
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path, parent = self._dir(parent_inode)
@@ -322,6 +402,13 @@ class Operations(pyfuse3.Operations):
         return self._attrs(ino, node, parent.volatile)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # pyfuse3 sends no reply to a FORGET: an error here could only end the mount.
+        try:
+            self._forget(inode_list)
+        except Exception:
+            log.exception("forget failed")
+
+    def _forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
             left = self._lookups.get(ino, 0) - n
             if left > 0 or ino == pyfuse3.ROOT_INODE:
@@ -333,11 +420,13 @@ class Operations(pyfuse3.Operations):
             if key is not None and self._ino_of.get(key) == ino:
                 del self._ino_of[key]
 
+    @_guarded()
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path, node = self._node(inode)
         parent = self.tree.resolve(path[:-1]) if path else None
         return self._attrs(inode, node, isinstance(parent, Dir) and parent.volatile)
 
+    @_guarded()
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -382,6 +471,7 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         return self._attrs(inode, node)
 
+    @_guarded()
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         _, node = self._node(inode)
         if not isinstance(node, Link):
@@ -390,6 +480,7 @@ class Operations(pyfuse3.Operations):
             await self._dir_op(ctx, node.prepare)
         return os.fsencode(node.target)
 
+    @_guarded()
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
@@ -398,6 +489,7 @@ class Operations(pyfuse3.Operations):
 
     # ---------------------------------------------------------------- directories
 
+    @_guarded()
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         path, node = self._dir(inode)
         fh = self._fh()
@@ -405,6 +497,7 @@ class Operations(pyfuse3.Operations):
         self._dirs[fh] = DirHandle(self.tree.children(node), path)
         return fh
 
+    @_guarded(by_fh=True)
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dirs[fh]
         parent = self.tree.resolve(handle.path)
@@ -417,6 +510,7 @@ class Operations(pyfuse3.Operations):
                 return
             self._ref(ino)
 
+    @_guarded(by_fh=True)
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
@@ -428,6 +522,7 @@ class Operations(pyfuse3.Operations):
         except Exception as e:
             raise self._fail(ctx.uid, e) from None
 
+    @_guarded()
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path, parent = self._dir(parent_inode)
@@ -444,6 +539,7 @@ class Operations(pyfuse3.Operations):
         attrs.attr_timeout = 0
         return attrs
 
+    @_guarded()
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path, parent = self._dir(parent_inode)
         if parent.rmdir is None:
@@ -451,6 +547,7 @@ class Operations(pyfuse3.Operations):
         rmdir = parent.rmdir
         await self._dir_op(ctx, lambda: rmdir(_name(name)))
 
+    @_guarded()
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         path, parent = self._dir(parent_inode)
         if parent.unlink is None:
@@ -458,6 +555,7 @@ class Operations(pyfuse3.Operations):
         unlink = parent.unlink
         await self._dir_op(ctx, lambda: unlink(_name(name)))
 
+    @_guarded()
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         old_dir, parent = self._dir(parent_inode_old)
@@ -500,16 +598,19 @@ class Operations(pyfuse3.Operations):
         log.info("refused (%s): %s", errno.errorcode.get(err, err), reason)
         raise pyfuse3.FUSEError(err)
 
+    @_guarded()
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self.tree.record_error(ctx.uid, "symlinks cannot be made here")
         raise pyfuse3.FUSEError(errno.EPERM)
 
+    @_guarded()
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self.tree.record_error(ctx.uid, "hard links cannot be made here")
         raise pyfuse3.FUSEError(errno.EPERM)
 
+    @_guarded()
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self.tree.record_error(ctx.uid, "device nodes cannot be made here")
@@ -517,6 +618,7 @@ class Operations(pyfuse3.Operations):
 
     # ---------------------------------------------------------------- files
 
+    @_guarded()
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext,
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -535,6 +637,7 @@ class Operations(pyfuse3.Operations):
         self._upload_inos[ino] = node
         return pyfuse3.FileInfo(fh=fh), self._attrs(ino, node)
 
+    @_guarded()
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         path, node = self._node(inode)
         if isinstance(node, Dir):
@@ -571,6 +674,7 @@ class Operations(pyfuse3.Operations):
             setattr(info, "noflush", True)  # noqa: B010 (absent from a stock pyfuse3)
         return info
 
+    @_guarded(by_fh=True)
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
         if handle.upload is not None:
@@ -580,6 +684,7 @@ class Operations(pyfuse3.Operations):
             return await trio.to_thread.run_sync(os.pread, fd, size, off)
         return handle.content[off:off + size]
 
+    @_guarded(by_fh=True)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
         if handle.upload is not None:
@@ -645,6 +750,7 @@ class Operations(pyfuse3.Operations):
             self.tree.record_error(handle.uid, f"writing volume {upload.name}: {e.strerror}")
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
 
+    @_guarded(by_fh=True)
     async def flush(self, fh: int) -> None:
         handle = self._handles.get(fh)
         if handle is not None and handle.upload is not None:
@@ -688,6 +794,7 @@ class Operations(pyfuse3.Operations):
             except Exception as e:
                 raise self._fail(handle.uid, e) from None
 
+    @_guarded(by_fh=True)
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if handle is None or handle.upload is None:
@@ -700,6 +807,7 @@ class Operations(pyfuse3.Operations):
         except Exception as e:  # release cannot report; the reason is kept for the user
             self._fail(handle.uid, e)
 
+    @_guarded(by_fh=True)
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles.get(fh)
         if handle is not None and handle.upload is not None and handle.upload.fd >= 0:

@@ -134,6 +134,15 @@ class Upload:
     # the same name must not share an inode.
     serial: int = field(default_factory=lambda: next(_upload_serials))
 
+    def size(self) -> int:
+        """The size of its file now; 0 once it is closed (or has no file yet)."""
+        if self.fd < 0:
+            return 0
+        try:
+            return os.fstat(self.fd).st_size
+        except OSError:  # closed meanwhile by a worker thread: it has no size any more
+            return 0
+
 
 def _same_file(fd: int, path: str) -> bool:
     """Whether an open descriptor is (still) the file or device at path."""
@@ -528,6 +537,10 @@ class Manager:
                             await self._reap(entry)
                 except VsfsError as e:
                     log.warning("pool %s: refresh failed: %s", entry.pool.name, e)
+                except Exception:
+                    # One pool's fault must not stop the others' polls.
+                    log.exception("pool %s: looking for outside changes failed",
+                                  entry.pool.name)
 
     async def _reap(self, entry: PoolEntry) -> None:
         for name in await entry.backend.reap():
@@ -693,12 +706,16 @@ class Manager:
         try:
             await self.finish_upload(upload, last=True)
         finally:
-            if upload.fd >= 0:
+            # No longer this upload's before it is closed: a listing made meanwhile (a
+            # stale node of a directory snapshot) must not fstat a number that another
+            # open may be given next.
+            fd, upload.fd = upload.fd, -1
+            if fd >= 0:
                 entry = self.pools.get(upload.pool)
                 if entry is not None:
-                    await entry.backend.quick_io(os.close, upload.fd)
+                    await entry.backend.quick_io(os.close, fd)
                 else:
-                    await trio.to_thread.run_sync(os.close, upload.fd)
+                    await trio.to_thread.run_sync(os.close, fd)
 
     async def _discard(self, entry: PoolEntry, vol: Volume) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -14,6 +15,18 @@ from .errors import BackendFailed, CommandNoSpace
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 120.0
+
+
+def command_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a command: ``env`` (or the daemon's own) in the C locale.
+
+    vsfs tells failures apart by what commands say ("No space left on device"), and
+    that must not depend on the host's language; libvirt runs its children the same way.
+    """
+    out = dict(os.environ if env is None else env)
+    out["LC_ALL"] = "C"
+    out.pop("LANGUAGE", None)
+    return out
 
 
 async def run(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
@@ -39,7 +52,7 @@ async def run(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
         with trio.fail_after(timeout):
             result = await trio.run_process(
                 list(argv), capture_stdout=True, capture_stderr=True, check=False,
-                stdin=subprocess.DEVNULL, env=env, umask=umask,
+                stdin=subprocess.DEVNULL, env=command_env(env), umask=umask,
             )
     except trio.TooSlowError:
         raise BackendFailed(f"{name}: no answer after {timeout:g} s") from None

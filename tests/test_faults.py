@@ -1,0 +1,97 @@
+"""Faults injected into a real mount (tests/faulty_vsfs.py): a bug in a handler or a
+background task costs that one request an EIO, or the task a restart, never the mount."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Mount, abort_connection, sh
+
+pytestmark = pytest.mark.fuse
+
+FAULTY = [sys.executable, str(Path(__file__).with_name("faulty_vsfs.py"))]
+
+
+def wait_for(check: Callable[[], bool], what: str, bound: float = 10.0) -> None:
+    deadline = time.monotonic() + bound
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {bound:g} s: {what}")
+        time.sleep(0.05)
+
+
+def test_a_failing_handler_costs_one_request(mount_factory: Callable[..., Mount]) -> None:
+    m = mount_factory(command=FAULTY)
+    m.tracebacks_expected = True
+    target = m.dir_pool("p")
+    vols = m.path / "pools" / "p" / "volumes"
+    sh(f"truncate -s 1M {vols}/a {vols}/badfd", check=True)
+
+    # A value whose rendering fails: EIO for that read, the reason in MNT/error.
+    res = sh(f"cat {m.path}/pools/p/volinfo/badfd/capacity")
+    assert res.returncode != 0 and "Input/output error" in res.stderr
+    assert "internal error" in m.error() and "Bad file descriptor" in m.error()
+    # The rest answers.
+    assert (m.path / "pools" / "p" / "volinfo" / "a" / "capacity").read_text() == "1048576\n"
+
+    # A listing that fails: EIO for ls, and later listings work once the cause is gone.
+    sh(f"truncate -s 1M {vols}/boom", check=True)
+    res = sh(f"ls {vols}")
+    assert res.returncode != 0 and "Input/output error" in res.stderr
+    assert "injected: a listing that fails" in m.error()
+    sh(f"rm {vols}/boom", check=True)
+    assert sorted(os.listdir(vols)) == ["a", "badfd"]
+
+    # The background tasks failed once each and were started again: the poll still
+    # sees a file another tool put into the pool.
+    (target / "outside").write_bytes(b"x" * 512)
+    wait_for(lambda: "outside" in os.listdir(vols), "the poll to see a new file")
+    # FORGETs that fail (the kernel drops its caches) are logged, nothing more.
+    if os.geteuid() == 0:
+        Path("/proc/sys/vm/drop_caches").write_text("2")
+    assert sorted(os.listdir(vols)) == ["a", "badfd", "outside"]
+    assert m.proc is not None and m.proc.poll() is None, "the daemon died"
+    m.stop()
+    log = m.log.read_text()
+    for what in ("the pool poll failed; starting it again",
+                 "the host device watch failed; starting it again",
+                 "injected: a listing that fails", "Bad file descriptor (injected)"):
+        assert what in log, what
+    if os.geteuid() == 0:
+        assert "forget failed" in log
+
+
+def test_killed_daemon_frees_its_mount(mount_factory: Callable[..., Mount]) -> None:
+    """kill -9 under load: the daemon dies, its watchdog aborts the connection (no
+    caller stays in D state) and detaches the mount, and the next mount works."""
+    m = mount_factory()
+    m.dir_pool("p")
+    sh(f"echo yes > {m.path}/pools/p/autostart", check=True)
+    vols = m.path / "pools" / "p" / "volumes"
+    assert m.proc is not None
+    callers = [subprocess.Popen(["bash", "-c", f"for j in $(seq 50); do truncate -s 1M "
+                                 f"{vols}/k{i}-$j; ls -l {vols} >/dev/null; done"],
+                                stderr=subprocess.DEVNULL) for i in range(20)]
+    time.sleep(0.5)
+    m.proc.kill()
+    m.proc.wait(timeout=30)
+    if m.proc.stderr:
+        m.proc.stderr.close()
+    m.proc = None
+    try:
+        for p in callers:
+            p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        abort_connection(m.path)
+        for p in callers:
+            p.kill()
+        pytest.fail("callers still waiting 60 s after the daemon was killed")
+    wait_for(lambda: not os.path.ismount(m.path), "the watchdog to detach the mount")
+    m.start()
+    assert (m.path / "pools" / "p" / "state").read_text() == "running\n"

@@ -1,0 +1,47 @@
+"""vsfs.proc.run: the one way commands run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from vsfs.errors import CommandNoSpace
+from vsfs.proc import run
+
+
+@pytest.fixture
+def german(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The daemon's environment on a host set up in German: a locale this test makes
+    (localedef, from Debian's locales package) and LANG naming it."""
+    locales = tmp_path / "locales"
+    locales.mkdir()
+    subprocess.run(["localedef", "-i", "de_DE", "-f", "UTF-8", str(locales / "de_DE.UTF-8")],
+                   check=True, capture_output=True)
+    env = {"LOCPATH": str(locales), "LANG": "de_DE.UTF-8", "LANGUAGE": "de"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("LC_ALL", raising=False)
+    monkeypatch.delenv("LC_MESSAGES", raising=False)
+    return env
+
+
+def test_commands_fail_in_english_whatever_the_locale(tmp_path: Path,
+                                                      german: dict[str, str]) -> None:
+    src = tmp_path / "data"
+    src.write_bytes(b"x" * 65536)
+    # The host really speaks German: the same command run as the user would is not English.
+    said = subprocess.run(["cp", str(src), "/dev/full"], capture_output=True, text=True,
+                          env=os.environ.copy(), check=False).stderr
+    assert "No space left on device" not in said and said.strip(), said
+
+    async def main() -> None:
+        with pytest.raises(CommandNoSpace) as e:
+            await run(["cp", str(src), "/dev/full"])
+        assert e.value.errno == 28  # ENOSPC, not EIO
+        assert "No space left on device" in e.value.message
+
+    trio.run(main)
