@@ -117,8 +117,8 @@ async def serve() -> None:
 def main() -> None:
     options = set(pyfuse3.default_options) | {"fsname=loopfs"}
     pyfuse3.init(LoopFs(), sys.argv[1], options)
-    if len(sys.argv) > 2:
-        pyfuse3.set_read_spin(int(sys.argv[2]) * 1000)
+    if len(sys.argv) > 2 and int(sys.argv[2]):
+        pyfuse3.set_read_spin(int(sys.argv[2]) * 1000)  # type: ignore[attr-defined]
     clean = False
     try:
         trio.run(serve)
