@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import Mount, sh
@@ -13,6 +15,18 @@ pytestmark = pytest.mark.fuse
 
 def state_files(m: Mount) -> list[str]:
     return sorted(p.name for p in m.state.iterdir())
+
+
+def state_bytes(state: Path) -> dict[str, bytes]:
+    """Every entry of the state directory with its bytes (a symlink: its target)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(state):
+        for name in dirs + files:
+            p = Path(dirpath, name)
+            out[str(p.relative_to(state))] = (os.readlink(p).encode() if p.is_symlink()
+                                              else p.read_bytes() if p.is_file()
+                                              else b"<dir>")
+    return out
 
 
 def test_einval(vsfs: Mount) -> None:
@@ -296,6 +310,132 @@ def test_daemon_survives_garbage(vsfs: Mount) -> None:
     assert os.stat(target / "v").st_size == 1 << 20
     assert (p / "autostart").read_text() == "no\n"
     assert vsfs.error() != ""
+
+
+def test_a_document_with_bytes_after_it_is_done_only_when_they_are_valid(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    m, p = vsfs.path, vsfs.path / "pools" / "p"
+    before = state_files(vsfs)
+    pool = vsfs.pool_xml("q", vsfs.base / "q")
+    vol = "<volume><name>v</name><capacity>1M</capacity></volume>"
+    for doc, f in ((pool, m / "pools/define"), (vol, p / "define")):
+        for after in ("\n<", "\n<!-- x", "\n<?pi", "\n<!", "<!-- a --><"):
+            # In one write (cat's): what follows the document cannot be known good
+            # before close, and it is not: nothing is done.
+            res = sh(f"cat > {f}", input=doc + after)
+            assert "Invalid argument" in res.stderr, (doc, after, res.stderr)
+            assert "nothing was done" in vsfs.error(), vsfs.error()
+            assert state_files(vsfs) == before
+            assert os.listdir(target) == [] and os.listdir(p / "volumes") == []
+    # A trailer closed by a later write of the same open: the document is done then.
+    sh(f"(printf '%s' {shlex.quote(vol + '<!-- made')}; printf ' by hand -->\\n')"
+       f" > {p}/define", check=True)
+    assert os.listdir(target) == ["v"]
+    # Comments and white space in the same write: done from that write, as before.
+    res = sh(f"echo {shlex.quote(pool + '<!-- c --> <?pi x?>')} > {m}/pools/define")
+    assert res.returncode == 0, res.stderr
+    assert (m / "pools" / "q" / "state").read_text() == "inactive\n"
+    vsfs.assert_clean_log()
+
+
+def test_one_value_per_open_and_a_refused_write_applies_no_line(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    sh(f"truncate -s 1M {p}/volumes/v", check=True)
+    # In one write (cat's): checked whole, nothing applied.
+    for data, f in (("stop\nstart\n", p / "ctl"), ("stop\nrefresh", p / "ctl"),
+                    ("clone x\ny\n", p / "volinfo/v/ctl"),
+                    ("clone x\n\nclone y\n", p / "volinfo/v/ctl"),
+                    ("2M\n3M\n", p / "volinfo/v/capacity"), ("yes\nno\n", p / "autostart")):
+        res = sh(f"cat > {f}", input=data)
+        assert "Invalid argument" in res.stderr, (data, res.stderr)
+        assert "one value or command per open" in vsfs.error()
+        assert "nothing was done" in vsfs.error()
+        assert (p / "state").read_text() == "running\n"
+        assert os.listdir(target) == ["v"] and os.stat(target / "v").st_size == 1 << 20
+        assert (p / "autostart").read_text() == "no\n"
+    # bash's printf writes each line on its own: the first is applied, the second is
+    # refused (and changes nothing), saying so.
+    res = sh(f"printf 'clone x\\nclone y\\n' > {p}/volinfo/v/ctl")
+    assert "Invalid argument" in res.stderr
+    assert "'clone x' was applied already" in vsfs.error(), vsfs.error()
+    assert sorted(os.listdir(target)) == ["v", "x"]
+    # Blank lines around a value are ignored, in one write or byte by byte.
+    sh(f"cat > {p}/volinfo/v/capacity", input="\n2M\n\n", check=True)
+    assert os.stat(target / "v").st_size == 2 << 20
+    sh(f"printf 'refresh\\n\\n \\n' | dd of={p}/ctl bs=1 status=none", check=True)
+    sh(f"printf 'stop\\n\\n' > {p}/ctl", check=True)
+    assert (p / "state").read_text() == "inactive\n"
+    # A newline alone is an empty value, refused from write() as before.
+    res = sh(f"echo > {p}/ctl")
+    assert "Invalid argument" in res.stderr and "empty command" in vsfs.error()
+    vsfs.assert_clean_log()
+
+
+def test_numbers_beyond_int_parsing_are_einval(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    sh(f"truncate -s 1M {p}/volumes/v", check=True)
+    huge = "9" * 5000
+    cases = [
+        (f"echo {huge} > {p}/volinfo/v/capacity", "too large"),
+        (f"echo 'shrink {huge}' > {p}/volinfo/v/ctl", "too large"),
+        (f"echo '<volume><name>w</name><capacity>{huge}</capacity></volume>' > {p}/define",
+         "too large"),
+        (f"echo '<volume><name>w</name><capacity>1</capacity><target><permissions>"
+         f"<owner>{huge}</owner></permissions></target></volume>' > {p}/define",
+         "bad owner"),
+    ]
+    for cmd, why in cases:
+        res = sh(cmd)
+        assert "Invalid argument" in res.stderr, (cmd[:80], res.stderr)
+        assert why in vsfs.error() and len(vsfs.error()) < 200, vsfs.error()[:300]
+    assert os.listdir(target) == ["v"] and os.stat(target / "v").st_size == 1 << 20
+    vsfs.assert_clean_log()
+
+
+def test_inactive_pools_and_empty_uuids_are_refused(vsfs: Mount) -> None:
+    target = vsfs.dir_pool(start=False)
+    m, p = vsfs.path, vsfs.path / "pools" / "p"
+    uuid = (p / "uuid").read_text().strip()
+    before = state_bytes(vsfs.state)
+    vol = vsfs.base / "vol.xml"
+    vol.write_text("<volume><name>v</name><capacity>1M</capacity></volume>\n")
+    for cmd in (f"cat {vol} > {p}/define", f"dd if={vol} of={p}/define bs=1 status=none",
+                f"cat {vol} {vol} > {p}/define"):
+        res = sh(cmd)
+        assert "Invalid argument" in res.stderr, (cmd, res.stderr)
+    for empty in ("<uuid></uuid>", "<uuid/>", "<uuid> </uuid>"):
+        xml = vsfs.pool_xml("p", target, empty)
+        res = sh(f"cat > {p}/xml", input=xml)
+        assert "Invalid argument" in res.stderr, (empty, res.stderr)
+        assert "malformed UUID" in vsfs.error()
+        res = sh(f"cat > {m}/pools/define", input=vsfs.pool_xml("q", vsfs.base / "q", empty))
+        assert "Invalid argument" in res.stderr, (empty, res.stderr)
+    assert (p / "uuid").read_text().strip() == uuid
+    assert state_bytes(vsfs.state) == before
+    assert sorted(os.listdir(m / "pools")) == ["define", "p"]
+    assert os.listdir(target) == []
+    vsfs.assert_clean_log()
+
+
+def test_undeclared_prefixes_are_einval(vsfs: Mount) -> None:
+    target = vsfs.dir_pool()
+    m, p = vsfs.path, vsfs.path / "pools" / "p"
+    before = state_files(vsfs)
+    for cmd in (f"echo \"<p:pool type='dir'><name>x</name><target><path>/tmp/x</path>"
+                f"</target></p:pool>\" > {m}/pools/define",
+                f"echo \"<pool type='dir'><p:name>x</p:name></pool>\" > {m}/pools/define",
+                f"echo \"<pool type='dir' a:b='c'><name>x</name></pool>\" > {m}/pools/define",
+                f"echo '<v:volume><name>v</name><capacity>1</capacity></v:volume>'"
+                f" > {p}/define",
+                f"echo \"<p:pool type='dir'><name>p</name></p:pool>\" > {p}/xml"):
+        res = sh(cmd)
+        assert "Invalid argument" in res.stderr, (cmd, res.stderr)
+        assert "malformed XML" in vsfs.error(), vsfs.error()
+    assert state_files(vsfs) == before
+    assert sorted(os.listdir(m / "pools")) == ["define", "p"] and os.listdir(target) == []
+    vsfs.assert_clean_log()
 
 
 def test_eperm_for_what_vsfs_files_cannot_do(vsfs: Mount) -> None:

@@ -97,6 +97,19 @@ def test_parse_size_boundary_of_64_bits():
         parse_size("17179869184G")  # 2**34 GiB == 2**64
 
 
+@pytest.mark.parametrize("unit", [None, "G"])
+def test_parse_size_numbers_beyond_int_parsing(unit):
+    # More than 4300 digits: int() would raise a ValueError of its own (an internal
+    # error, EIO with a traceback); these are sizes too large, EINVAL, said briefly.
+    for text in ("9" * 5000, "1" * 4301, "1" * 100_000 + "\n"):
+        with pytest.raises(Invalid, match="too large") as info:
+            parse_size(text, unit)
+        assert len(info.value.message) < 200
+    # Leading zeros do not make a number larger.
+    assert parse_size("0" * 5000 + "42", unit) == 42 * (GiB if unit else 1)
+    assert parse_size("0" * 5000, unit) == 0
+
+
 @pytest.mark.parametrize(
     "text",
     [

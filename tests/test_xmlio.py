@@ -1359,6 +1359,95 @@ def test_a_document_cut_anywhere_is_read_the_same():
         f.finish()
 
 
+@pytest.mark.parametrize(("after", "closing"), [
+    (b"<", b"!-- c -->"), (b"<!-- x", b" -->"), (b"<?pi", b" x?>"), (b"<!", b"---->"),
+    (b"<!-- a --><", b"?b?>"), (b"<!-", b"- c -->\n"),
+])
+def test_a_document_is_settled_only_once_what_follows_it_is_closed(after, closing):
+    # In the same write as the document, bytes that may still become a comment leave it
+    # complete but not to be acted on: they may turn out invalid, and a refused write
+    # must have done nothing.
+    f = DocumentFeeder()
+    assert f.feed(DIR_POOL + after)
+    assert not f.settled()
+    with pytest.raises(Invalid, match="not closed \\(nothing was done\\)"):
+        f.finish()
+    f = DocumentFeeder()
+    f.feed(DIR_POOL + after)
+    with pytest.raises(Invalid, match="after the end of the XML document \\(nothing was done"):
+        f.feed(b" -->?>junk")  # whichever is open closes, and junk follows
+    f = DocumentFeeder()
+    f.feed(DIR_POOL + after)
+    assert f.feed(closing) and f.settled()
+    f.finish()
+    assert parse_pool(bytes(f.data)).name == "default"
+
+
+def test_a_refusal_after_the_document_says_whether_it_was_acted_on():
+    for acted, outcome in ((False, "nothing was done"), (True, "acted on already")):
+        f = DocumentFeeder()
+        assert f.feed(DIR_POOL + b"<!-- c -->") and f.settled()
+        f.acted = acted
+        f.feed(b"<!-- open")
+        with pytest.raises(Invalid, match=outcome):
+            f.finish()
+        with pytest.raises(Invalid, match=outcome):
+            f.feed(b"--><junk/>")
+
+
+@pytest.mark.parametrize("doc", [
+    b"<p:pool type='dir'><name>x</name></p:pool>", b"<p:pool/>", b"<p:pool >\n</p:pool >",
+    b"<pool><p:name>x</p:name></pool>", b"<pool p:type='dir'/>",
+])
+@pytest.mark.parametrize("size", [1, 5, 4096])
+def test_undeclared_prefixes_are_invalid_not_internal_errors(doc, size):
+    # lxml keeps "p:pool" as the tag, which etree.QName refuses with a ValueError: that
+    # was an internal error (EIO with a traceback) instead of EINVAL.
+    with pytest.raises(Invalid, match="malformed XML: Namespace prefix p"):
+        # Refused as it is fed (a whole parse at a ">"), or when it is parsed whole.
+        f = DocumentFeeder()
+        _feed_all(f, doc, size)
+        f.finish()
+        parse_pool(bytes(f.data))
+
+
+@pytest.mark.parametrize("empty", ["<uuid></uuid>", "<uuid/>", "<uuid> \n</uuid>"])
+def test_an_empty_uuid_is_malformed_not_absent(empty):
+    xml = f"<pool type='dir'><name>p</name>{empty}<target><path>/srv/p</path></target></pool>"
+    with pytest.raises(Invalid, match="malformed UUID"):
+        parse_pool(xml.encode())
+    # A redefine must not take it as "keep the UUID the pool has".
+    with pytest.raises(Invalid, match="malformed UUID"):
+        parse_pool(xml.encode(), default_uuid="4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50")
+
+
+def test_numbers_beyond_int_parsing_are_invalid_and_said_briefly():
+    huge = "9" * 5000
+    vol = "<volume><name>v</name><capacity{}>{}</capacity>{}</volume>"
+    cases = [
+        (vol.format("", huge, ""), "too large"),
+        (vol.format(" unit='G'", huge, ""), "too large"),
+        (vol.format("", 1, f"<allocation>{huge}</allocation>"), "too large"),
+        (vol.format("", 1, f"<target><format type='qcow2'/><clusterSize>{huge}</clusterSize>"
+                    "</target>"), "too large"),
+        (vol.format("", 1, f"<target><permissions><owner>{huge}</owner></permissions>"
+                    "</target>"), "bad owner"),
+        (vol.format("", 1, f"<target><permissions><group>{huge}</group></permissions>"
+                    "</target>"), "bad group"),
+        (vol.format("", 1, f"<target><permissions><mode>{'7' * 5000}</mode></permissions>"
+                    "</target>"), "out of range"),
+    ]
+    for xml, why in cases:
+        with pytest.raises(Invalid, match=why) as info:
+            parse_volume(xml.encode())
+        assert len(info.value.message) < 200
+    pool = (f"<pool type='iscsi'><name>p</name><source><host name='h' port='{huge}'/>"
+            "</source><target><path>/dev/disk/by-path</path></target></pool>")
+    with pytest.raises(Invalid, match="bad port") as info:
+        parse_pool(pool.encode())
+    assert len(info.value.message) < 200
+
+
 def test_live_permissions_keep_the_defined_label(pool_rng):
     pool = parse_pool(DIR_POOL.replace(b"<group>0</group>",
                                        b"<group>0</group><label>virt_image_t</label>"))

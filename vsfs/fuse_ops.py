@@ -25,6 +25,7 @@ import trio
 from .errors import Invalid, VsfsError
 from .manager import Upload
 from .tree import Dir, File, Link, Node, Tree, UploadFile
+from .units import shown
 from .xmlio import DocumentFeeder
 
 log = logging.getLogger(__name__)
@@ -215,9 +216,11 @@ class Handle:
     wrote: bool = False
     upload: Upload | None = None
     ino: int = 0
-    # A value or command file: bytes taken so far, and those of a line not ended yet.
+    # A value or command file: bytes taken so far, and those of a line not ended yet;
+    # this open's one value once applied (a second is refused).
     taken: int = 0
     pending: bytearray = field(default_factory=bytearray)
+    applied: bytes | None = None
     # Opened with O_APPEND: the kernel's idea of the end may miss writes made through
     # the volume's own path meanwhile, so the end is taken from the file itself.
     append: bool = False
@@ -699,10 +702,14 @@ class Operations(pyfuse3.Operations):
                 feeder = handle.feeder
                 if off != len(feeder.data) and not feeder.complete:
                     raise Invalid("write the XML document in order, from its start")
-                was_complete = feeder.complete
-                if feeder.feed(bytes(buf)) and not was_complete:
-                    # The bytes so far form a whole document: act on it now, so the
-                    # writer sees the outcome from write() and not only from close().
+                feeder.feed(bytes(buf))
+                if feeder.settled() and not feeder.acted:
+                    # The bytes so far form a whole document and nothing after it is
+                    # left open: act on it now, so the writer sees the outcome from
+                    # write() and not only from close(). Bytes after it that may still
+                    # turn out invalid ("</pool>\n<") wait for close, which checks them
+                    # first: a refused write must not have done anything.
+                    feeder.acted = True
                     await node.write(bytes(feeder.data))
             else:
                 await self._write_lines(handle, node, off, bytes(buf))
@@ -713,18 +720,33 @@ class Operations(pyfuse3.Operations):
 
     async def _write_lines(self, handle: Handle, node: File, off: int, buf: bytes) -> None:
         """A value or command is taken whole, at its newline (or at close without one):
-        `dd bs=1` and a line written in pieces mean what one `echo` means."""
+        `dd bs=1` and a line written in pieces mean what one `echo` means.
+
+        One open carries one value (decisions.md): blank lines around it are ignored, a
+        second one is refused, and a write is checked whole before its line is applied,
+        so that a refused write has done nothing (one write of "stop\\nx\\n" stops
+        nothing; a shell's printf writes each line on its own, and its second is refused).
+        """
         assert node.write is not None
         if off != handle.taken:
             raise Invalid("write the value in order, from its start")
-        handle.taken += len(buf)
-        handle.pending += buf
-        while (end := handle.pending.find(b"\n")) >= 0:
-            line = bytes(handle.pending[:end + 1])
-            del handle.pending[:end + 1]
-            await node.write(line)
-        if len(handle.pending) > MAX_LINE:
+        *ended, rest = bytes(handle.pending + buf).split(b"\n")
+        values = [line for line in ended if line.strip()]
+        if len(rest) > MAX_LINE:
             raise Invalid(f"a line of more than {MAX_LINE} bytes")
+        if len(values) + bool(rest.strip()) > (1 if handle.applied is None else 0):
+            before = ("" if handle.applied is None else
+                      f"{shown(handle.applied.decode(errors='replace'))} was applied already "
+                      "(a shell's echo and printf write each line on its own); ")
+            raise Invalid("one value or command per open, on one line (blank lines aside): "
+                          f"{before}nothing was done for this write")
+        handle.taken += len(buf)
+        handle.pending = bytearray(rest)
+        if values or (ended and handle.applied is None and not rest.strip()):
+            # A write of blank lines only, with nothing before it, is an empty value:
+            # `echo > ctl` is still "empty command", `echo > sources/iscsi` forgets.
+            handle.applied = values[0] if values else b""
+            await node.write(handle.applied + b"\n")
 
     async def _write_upload(self, handle: Handle, upload: Upload, off: int, buf: bytes) -> int:
         if upload.fd < 0:
@@ -761,38 +783,35 @@ class Operations(pyfuse3.Operations):
             return
         if handle is None or handle.failed:
             return
+        node = handle.node
         if handle.feeder is None:
             if handle.pending.strip():
-                # The last value had no newline: take it now.
-                line, handle.pending = bytes(handle.pending), bytearray()
-                node = handle.node
+                # The last value had no newline: take it now (_write_lines let it wait
+                # only as this open's one value).
                 assert isinstance(node, File) and node.write is not None
+                line, handle.pending = bytes(handle.pending), bytearray()
+                handle.applied = line
                 try:
                     await node.write(line)
                 except Exception as e:
                     handle.failed = True
                     raise self._fail(handle.uid, e) from None
             return
-        if handle.wrote and handle.feeder.complete:
-            try:
-                handle.feeder.finish()  # what followed the document is closed too
-            except Exception as e:
-                handle.failed = True
-                raise self._fail(handle.uid, e) from None
+        if not handle.wrote:
             return
-        if handle.wrote and not handle.feeder.complete:
+        feeder = handle.feeder
+        assert isinstance(node, File) and node.write is not None
+        try:
+            # The document must be whole and what followed it closed. One not acted on
+            # yet (the push parser missed its end, or what followed it was still open at
+            # the last write) is acted on only then: a refusal here has done nothing.
+            feeder.finish()
+            if not feeder.acted:
+                feeder.acted = True
+                await node.write(bytes(feeder.data))
+        except Exception as e:
             handle.failed = True
-            try:
-                handle.feeder.finish()
-            except Exception as e:
-                raise self._fail(handle.uid, e) from None
-            # Only a document the push parser missed can complete here: act on it.
-            node = handle.node
-            assert isinstance(node, File) and node.write is not None
-            try:
-                await node.write(bytes(handle.feeder.data))
-            except Exception as e:
-                raise self._fail(handle.uid, e) from None
+            raise self._fail(handle.uid, e) from None
 
     @_guarded(by_fh=True)
     async def release(self, fh: int) -> None:

@@ -657,12 +657,14 @@ def source_spec(data: bytes) -> PoolSource:
 
 
 def _line(data: bytes) -> str:
-    """One written value: the text, without its trailing newline."""
+    """One written value: the text, without its trailing newline. The adapter hands over
+    one line per open (decisions.md); a caller that hands more gets them refused whole,
+    never the first applied."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise Invalid("the value is not UTF-8 text") from None
     text = text.strip()
     if "\n" in text:
-        raise Invalid("write one value or command per write")
+        raise Invalid("one value or command per open, on one line: nothing was done")
     return text

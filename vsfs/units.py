@@ -18,20 +18,32 @@ _SIZE_RE = re.compile(r"\s*([0-9]+)\s*([A-Za-z]*)\s*")
 
 # Sizes are kept as unsigned 64-bit numbers, as in libvirt.
 MAX_SIZE = 2**64 - 1
+# Its decimal digits: a longer number (leading zeros aside) is too large before int()
+# reads it, which refuses more than 4300 digits with a ValueError of its own.
+_MAX_DIGITS = len(str(MAX_SIZE))
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """User input quoted for a message, cut short: a refused 1 MiB value is not repeated
+    whole in MNT/error and the log."""
+    text = text.strip()
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def parse_size(text: str, unit: str | None = None) -> int:
     """Parse ``"10G"``, ``"10 GiB"``, ``"1000000"`` or a number plus a unit attribute."""
     m = _SIZE_RE.fullmatch(text)
     if m is None:
-        raise Invalid(f"bad size {text.strip()!r}: expected a number with an optional unit")
-    number, suffix = m.group(1), m.group(2)
+        raise Invalid(f"bad size {shown(text)}: expected a number with an optional unit")
+    number, suffix = m.group(1).lstrip("0") or "0", m.group(2)
     if suffix and unit:
-        raise Invalid(f"bad size {text.strip()!r}: unit given twice")
+        raise Invalid(f"bad size {shown(text)}: unit given twice")
     key = (suffix or unit or "").lower()
     if key not in _UNITS:
-        raise Invalid(f"bad size unit {suffix or unit!r}: use K, M, G, T (1024) or KB, MB, GB, TB")
-    value = int(number) * _UNITS[key]
-    if value > MAX_SIZE:
-        raise Invalid(f"size {text.strip()!r} is too large")
-    return value
+        raise Invalid(f"bad size unit {shown(suffix or unit or '')}: use K, M, G, T (1024) "
+                      "or KB, MB, GB, TB")
+    if len(number) > _MAX_DIGITS or int(number) * _UNITS[key] > MAX_SIZE:
+        raise Invalid(f"size {shown(text)} is too large")
+    return int(number) * _UNITS[key]

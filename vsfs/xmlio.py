@@ -30,7 +30,7 @@ from .model import (
     check_name,
     check_pool_name,
 )
-from .units import parse_size
+from .units import parse_size, shown
 
 MAX_XML_BYTES = 1 << 20
 
@@ -54,6 +54,22 @@ def safe_parser() -> etree.XMLParser:
     )
 
 
+# What lxml raises on input it cannot take besides XMLSyntaxError: ValueError for a
+# name it cannot make a tag of (an undeclared prefix, "p:pool"), UnicodeError for text
+# it cannot decode, and its other errors. Written input is refused with them, never an
+# internal error.
+_LXML_INPUT_ERRORS = (etree.LxmlError, ValueError, UnicodeError)
+
+
+def _said(e: Exception) -> str:
+    """libxml2's words for a syntax error; the message of any other error."""
+    return getattr(e, "msg", None) or str(e)
+
+
+def _malformed(e: Exception) -> Invalid:
+    return Invalid(f"malformed XML: {_said(e)}")
+
+
 def parse_document(data: bytes, root: str) -> etree._Element:
     """Parse one complete document whose root element must be ``root``."""
     if len(data) > MAX_XML_BYTES:
@@ -62,11 +78,12 @@ def parse_document(data: bytes, root: str) -> etree._Element:
         raise Invalid("empty XML document")
     try:
         doc = etree.fromstring(data, safe_parser())
-    except etree.XMLSyntaxError as e:
-        raise Invalid(f"malformed XML: {e.msg}") from None
-    info = doc.getroottree().docinfo
-    # lxml-stubs lack DocInfo.doctype; it is the whole <!DOCTYPE ...> line.
-    if getattr(info, "doctype", "") or info.internalDTD is not None:
+        info = doc.getroottree().docinfo
+        # lxml-stubs lack DocInfo.doctype; it is the whole <!DOCTYPE ...> line.
+        doctype = getattr(info, "doctype", "") or info.internalDTD is not None
+    except _LXML_INPUT_ERRORS as e:
+        raise _malformed(e) from None
+    if doctype:
         raise Invalid("XML with a DOCTYPE is not accepted")
     if doc.tag != root:
         raise Invalid(f"expected a <{root}> document, got <{doc.tag}>")
@@ -84,10 +101,6 @@ _INCOMPLETE_CODES = frozenset({4, 77, 45, 47, 63})
 _MISC = re.compile(rb"\A(?:\s|<!--.*?-->|<\?.*?\?>)*", re.DOTALL)
 
 
-AFTER_THE_END = ("data after the end of the XML document (the document itself was acted on "
-                 "already)")
-
-
 def _misc_prefix(rest: bytes) -> bool:
     """Whether what is left after whole Misc items can still become one."""
     return (not rest or b"<!--".startswith(rest) or b"<?".startswith(rest)
@@ -95,11 +108,20 @@ def _misc_prefix(rest: bytes) -> bool:
             or (rest.startswith(b"<?") and b"?>" not in rest))
 
 
+def _local_name(el: etree._Element) -> str:
+    # Not etree.QName(el): an undeclared prefix leaves "p:pool" as the tag, which QName
+    # refuses with a ValueError; the whole parse then says what is wrong with it.
+    tag = el.tag
+    return tag.rpartition("}")[2] if isinstance(tag, str) else ""
+
+
 class DocumentFeeder:
     """Collects written chunks and says when they form one complete document.
 
     Syntax errors are reported as soon as the bytes show them; a document
     whose root element has closed is complete (trailing white space allowed).
+    Whoever acts on the document sets ``acted``, so that a refusal of what follows
+    says whether the document was done already.
     """
 
     def __init__(self) -> None:
@@ -114,6 +136,21 @@ class DocumentFeeder:
         self.complete = False
         self._trailer = bytearray()
         self._root = ""  # the root element's name, once complete
+        self.acted = False
+
+    def settled(self) -> bool:
+        """Complete, and what followed it so far is whole Misc items (white space, closed
+        comments and processing instructions): nothing written so far can still turn out
+        invalid, so the document may be acted on. A trailer still open ("<", "<!-- x")
+        is only known good or bad at close (finish())."""
+        return self.complete and not _MISC.sub(b"", bytes(self._trailer), count=1)
+
+    def _outcome(self) -> str:
+        return ("the document itself was acted on already" if self.acted
+                else "nothing was done")
+
+    def _after_the_end(self) -> Invalid:
+        return Invalid(f"data after the end of the XML document ({self._outcome()})")
 
     def feed(self, chunk: bytes) -> bool:
         if self.complete:
@@ -125,7 +162,7 @@ class DocumentFeeder:
             if len(self._trailer) > MAX_XML_BYTES:
                 raise Invalid(f"more than {MAX_XML_BYTES} bytes after the XML document")
             if not _misc_prefix(_MISC.sub(b"", bytes(self._trailer), count=1)):
-                raise Invalid(AFTER_THE_END)
+                raise self._after_the_end()
             return True
         self.data += chunk
         if len(self.data) > MAX_XML_BYTES:
@@ -139,9 +176,9 @@ class DocumentFeeder:
                     self._depth -= 1
                     if self._depth == 0 and isinstance(el, etree._Element):
                         self.complete = True
-                        self._root = etree.QName(el).localname
-        except etree.XMLSyntaxError as e:
-            raise Invalid(f"malformed XML: {e.msg}") from None
+                        self._root = _local_name(el)
+        except _LXML_INPUT_ERRORS as e:
+            raise _malformed(e) from None
         if not self.complete and self.data.rstrip().endswith(b">"):
             # libxml2's push parser goes silent on some errors (a bare '&') and
             # only says so at the end; a whole parse tells which it is.
@@ -165,7 +202,7 @@ class DocumentFeeder:
             rest = data[m.end():]
             if _misc_prefix(_MISC.sub(b"", rest, count=1)):
                 return rest
-        raise Invalid(AFTER_THE_END)
+        raise self._after_the_end()
 
     def _whole_document_parses(self) -> bool:
         try:
@@ -173,25 +210,28 @@ class DocumentFeeder:
         except etree.XMLSyntaxError as e:
             if getattr(e, "code", None) in _INCOMPLETE_CODES:  # lxml-stubs lack .code
                 return False
-            raise Invalid(f"malformed XML: {e.msg}") from None
-        self._root = etree.QName(root).localname
+            raise _malformed(e) from None
+        except _LXML_INPUT_ERRORS as e:
+            raise _malformed(e) from None
+        self._root = _local_name(root)
         return True
 
     def finish(self) -> None:
-        """At close: refuse a document that never completed, saying why."""
+        """At close: refuse a document that never completed, or one whose trailer is
+        not closed, saying why and whether the document was acted on."""
         if self.complete:
-            if _MISC.sub(b"", bytes(self._trailer), count=1):
+            if not self.settled():
                 raise Invalid("a comment or processing instruction after the XML document "
-                              "is not closed (the document itself was acted on already)")
+                              f"is not closed ({self._outcome()})")
             return
         if not self.data:
             return
         try:
             etree.fromstring(bytes(self.data), safe_parser())
-        except etree.XMLSyntaxError as e:
+        except _LXML_INPUT_ERRORS as e:
             # At the end of the input libxml2 cannot tell a cut-off document from
             # a broken one; say both, with its own words.
-            raise Invalid(f"malformed or incomplete XML document ({e.msg}): nothing was "
+            raise Invalid(f"malformed or incomplete XML document ({_said(e)}): nothing was "
                           "done") from None
         self.complete = True
 
@@ -220,13 +260,14 @@ def _int_or_default(text: str | None, what: str, base: int = 10,
     if text is None or text in {"", "-1"}:
         return None
     try:
+        # int() refuses more than 4300 decimal digits with a ValueError too: bad as well.
         value = int(text, base)
     except ValueError:
-        raise Invalid(f"bad {what} {text!r}") from None
+        raise Invalid(f"bad {what} {shown(text)}") from None
     if highest == MAX_ID and value == MAX_ID + 1:
         return None  # (uid_t)-1 spelled out, as libvirt takes it
     if not 0 <= value <= highest:
-        raise Invalid(f"bad {what} {text!r}: out of range (0 to "
+        raise Invalid(f"bad {what} {shown(text)}: out of range (0 to "
                       f"{oct(highest) if base == 8 else highest})")
     return value
 
@@ -236,7 +277,7 @@ def _mode(text: str | None, highest: int) -> int | None:
     if not text:
         return None
     if not re.fullmatch(r"[0-7]+", text):
-        raise Invalid(f"bad mode {text!r}: octal digits expected, such as 0755")
+        raise Invalid(f"bad mode {shown(text)}: octal digits expected, such as 0755")
     return _int_or_default(text, "mode", 8, highest)
 
 
@@ -264,7 +305,7 @@ def _yes_no(value: str | None, what: str) -> bool | None:
 
 def normalize_uuid(text: str) -> str:
     if not _UUID_RE.fullmatch(text.strip()):
-        raise Invalid(f"malformed UUID {text!r}")
+        raise Invalid(f"malformed UUID {shown(text)}")
     return str(uuidlib.UUID(text.strip()))
 
 
@@ -323,10 +364,10 @@ def _parse_source(el: etree._Element | None) -> PoolSource:
         port = h.get("port")
         try:
             port_no = int(port) if port is not None else None
-        except ValueError:
-            raise Invalid(f"bad port {port!r}") from None
+        except ValueError:  # also more than 4300 digits
+            raise Invalid(f"bad port {shown(port or '')}") from None
         if port_no is not None and not 0 < port_no < 65536:
-            raise Invalid(f"bad port {port!r}")
+            raise Invalid(f"bad port {shown(port or '')}")
         hosts.append(SourceHost(name, port_no))
     devices = []
     for d in el.findall("device"):
@@ -376,8 +417,11 @@ def parse_pool(data: bytes, default_uuid: str | None = None, stored: bool = Fals
     if not name:
         raise Invalid("<pool> needs a <name>")
     check_pool_name(name)
-    uuid_text = _text(doc.find("uuid"))
-    pool_uuid = normalize_uuid(uuid_text) if uuid_text else default_uuid or str(uuidlib.uuid4())
+    uuid_el = doc.find("uuid")
+    # Without <uuid> one is made (or kept, on a redefine); an empty one is a malformed
+    # UUID, not "none": a redefine must not take <uuid></uuid> as "keep the old one".
+    pool_uuid = (normalize_uuid(_text(uuid_el) or "") if uuid_el is not None
+                 else default_uuid or str(uuidlib.uuid4()))
     target = doc.find("target")
     target_path = _text(target.find("path")) if target is not None else None
     if target_path is not None and not target_path.startswith("/"):
