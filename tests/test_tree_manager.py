@@ -299,3 +299,10 @@ def test_volumes_made_by_commands_are_private_until_done(tmp_path: Path) -> None
         assert os.listdir(target) == ["v"]
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("port", ["9" * 5000, "\u00b2", "65536", "0", "-1", ""])
+def test_bad_ports_are_invalid(port: str) -> None:
+    from vsfs.tree import source_query
+    with pytest.raises(Invalid):
+        source_query(f"host=h:{port}" if port else "host=h&port=")

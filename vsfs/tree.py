@@ -626,7 +626,9 @@ def _host_port(text: str) -> SourceHost:
         host, port = text.split(":")
     if not host or any(c.isspace() or c in "/?&<>" for c in host):
         raise Invalid(f"bad host {text!r}")
-    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+    # ASCII digits, at most five: int() takes '²' and refuses thousands of digits.
+    if port is not None and not (len(port) <= 5 and port.isascii() and port.isdigit()
+                                 and 0 < int(port) < 65536):
         raise Invalid(f"bad port in {text!r}")
     return SourceHost(host, int(port) if port is not None else None)
 
