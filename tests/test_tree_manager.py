@@ -18,7 +18,7 @@ from vsfs.fuse_ops import Operations
 from vsfs.manager import Manager
 from vsfs.model import VolumeDef
 from vsfs.state import StateDir
-from vsfs.tree import FILES, Dir, File, Link, Tree, readme_text
+from vsfs.tree import FILES, Dir, File, Link, Tree, readme_text, source_query
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -303,6 +303,5 @@ def test_volumes_made_by_commands_are_private_until_done(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("port", ["9" * 5000, "\u00b2", "65536", "0", "-1", ""])
 def test_bad_ports_are_invalid(port: str) -> None:
-    from vsfs.tree import source_query
     with pytest.raises(Invalid):
         source_query(f"host=h:{port}" if port else "host=h&port=")
