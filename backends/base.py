@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, TypeVar
@@ -28,6 +28,8 @@ from vsfs.model import (
 )
 from vsfs.proc import run
 from vsfs.secrets import SecretStore
+
+from . import blockdev
 
 T = TypeVar("T")
 
@@ -131,7 +133,9 @@ class Backend(ABC):
         """Activate the pool; the default has nothing to do."""
 
     async def stop(self) -> None:
-        """Deactivate the pool; the default has nothing to do."""
+        """Deactivate the pool; the default has nothing to do. Called only once
+        ``volume_users`` found none of the pool's listed volumes in use; volumes it has not
+        listed yet (a LUN that just appeared) the backend checks itself."""
 
     async def delete(self) -> None:
         raise Unsupported(f"{self.pool_type} pools cannot be deleted")
@@ -156,6 +160,24 @@ class Backend(ABC):
     async def reap(self) -> list[str]:
         """Withdraw local paths nobody has used for a while; the volumes whose went."""
         return []
+
+    async def volume_users(self, vols: Collection[Volume]) -> dict[str, list[str]]:
+        """What holds each of ``vols`` on this host, where vsfs cannot see it: its local path
+        (a device, an exported file) open in a process, a device mounted or held by the
+        kernel, a loop device on it. Volume name -> one phrase per use, e.g.
+        ``/dev/sdc is open in process 812 (qemu-img)``; volumes nothing holds are left out.
+
+        The manager asks before ``rm``, a shrink, ``wipe`` and the pool's ``stop``, and
+        refuses them (EBUSY, the phrases in MNT/error) while anything is listed; uploads,
+        overlays and nested pools it checks itself, before this. Called with the pool's
+        lock held, on a running pool, with one volume or with all of them at once (stop):
+        look at them in one pass (one scan of /proc), never one per volume. It only looks,
+        so it has nothing to undo; blocking work (sysfs, /proc) runs in a worker thread,
+        never on trio's. The default finds nothing: the plain files of dir, fs and netfs
+        pools are left to the kernel (umount refuses a busy filesystem), and that keeps
+        ``rm`` of thousands of files free of a scan.
+        """
+        return {}
 
     async def volume(self, name: str) -> Volume:
         """Re-read one volume (after it was written to, say)."""
@@ -240,6 +262,11 @@ class BlockBackend(Backend):
     """A backend whose volumes are block devices made at a fixed size (partitions, LVs)."""
 
     sized_at_creation: ClassVar[bool] = True
+
+    async def volume_users(self, vols: Collection[Volume]) -> dict[str, list[str]]:
+        # A partition or LV opened but not mounted is in use too: parted would drop it from
+        # the table, lvreduce and blkdiscard would go ahead under the process using it.
+        return await blockdev.volume_users(vols)
 
     async def clone_volume(self, vdef: VolumeDef, source: Volume) -> Volume:
         return await self.clone_by_copy(vdef, source)

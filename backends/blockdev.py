@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections.abc import Collection
 
 import trio
 
 from vsfs.errors import Busy
+from vsfs.model import Volume
 from vsfs.proc import run
 
 
@@ -42,14 +44,15 @@ def _sys_block(devnum: str) -> str | None:
     return os.path.realpath(path) if os.path.exists(path) else None
 
 
-def device_users(dev: str) -> list[str]:
-    """What uses a block device or any of its partitions: mounts and holders. Blocking."""
+def _numbers(dev: str) -> dict[str, str] | None:
+    """major:minor -> kernel name of a block device and each of its partitions; None when
+    ``dev`` is not a block device. Blocking."""
     try:
         st = os.stat(dev)
     except OSError:
-        return []
+        return None
     if not stat.S_ISBLK(st.st_mode):
-        return []
+        return None
     devnum = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
     sysdir = _sys_block(devnum)
     nums = {devnum: os.path.basename(sysdir or dev)}
@@ -60,7 +63,17 @@ def device_users(dev: str) -> list[str]:
                     nums[f.read().strip()] = entry  # a partition of it
             except OSError:
                 continue
-    users = [f"{nums[num]} is mounted on {mnt}" for num, mnt, _ in _mount_table() if num in nums]
+    return nums
+
+
+def device_users(dev: str) -> list[str]:
+    """What uses a block device or any of its partitions: mounts and holders. Blocking."""
+    nums = _numbers(dev)
+    return [] if nums is None else _mounts_and_holders(nums, _mount_table())
+
+
+def _mounts_and_holders(nums: dict[str, str], mounts: list[tuple[str, str, str]]) -> list[str]:
+    users = [f"{nums[num]} is mounted on {mnt}" for num, mnt, _ in mounts if num in nums]
     for num, name in nums.items():
         holders = _sys_block(num)
         if holders is None:
@@ -77,6 +90,121 @@ def check_unused(dev: str) -> None:
     users = device_users(dev)
     if users:
         raise Busy(f"{dev} is in use: {'; '.join(users)}")
+
+
+# udev's workers open a device for a moment after each change to it (blkid probes, and the
+# "watch" rule's probe once a writer closes it): a passing read, not a user, which would
+# otherwise make an action right after a write fail now and then.
+TRANSIENT = frozenset({"(udev-worker)", "systemd-udevd", "udevd"})
+
+
+def read_sysfs(path: str) -> str:
+    """A small kernel file (sysfs, /proc) stripped, or "" when it cannot be read. Blocking."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _loops() -> dict[str, list[str]]:
+    """Backing file (as the kernel names it) -> the loop devices attached to it. Blocking."""
+    found: dict[str, list[str]] = {}
+    try:
+        names = os.listdir("/sys/block")
+    except OSError:
+        return found
+    for name in names:
+        if name.startswith("loop"):
+            backing = read_sysfs(f"/sys/block/{name}/loop/backing_file")
+            if backing:
+                found.setdefault(backing, []).append(f"/dev/{name}")
+    return found
+
+
+def users(files: Collection[str] = (), devices: Collection[str] = (),
+          own: bool = False) -> dict[str, list[str]]:
+    """What uses each of ``files`` (regular files, such as the exported local paths of
+    network volumes) and ``devices`` (block devices, or links to them) on this host: a
+    process holding it open, a loop device attached to it, and for a device or any of its
+    partitions also mounts and holders. Path -> one phrase per use; unused paths are left
+    out. One pass over /proc/*/fd for all of them. Blocking.
+
+    The daemon's own descriptors count only with ``own``: they are uploads, which the
+    manager keeps track of itself (and closes a moment after the writer's close returned).
+    """
+    found: dict[str, list[str]] = {}
+    names: dict[str, str] = {}  # how /proc and sysfs name it -> the path asked about
+    numbers: dict[int, str] = {}  # device number (a partition's too) -> the device asked about
+    for path in files:
+        # Only the directory is resolved: the file may be a FUSE export, and stat() of it
+        # would wait on the server behind it.
+        head, tail = os.path.split(path)
+        names[os.path.join(os.path.realpath(head), tail)] = path
+    mounts = _mount_table() if devices else []
+    for dev in devices:
+        nums = _numbers(dev)
+        if nums is None:
+            continue
+        for num, kname in nums.items():
+            major, minor = num.split(":")
+            numbers[os.makedev(int(major), int(minor))] = dev
+            names[f"/dev/{kname}"] = dev
+        held = _mounts_and_holders(nums, mounts)
+        if held:
+            found.setdefault(dev, []).extend(held)
+    if not names:
+        return found
+    for backing, loops in _loops().items():
+        if backing in names:
+            found.setdefault(names[backing], []).extend(
+                f"{loop} is attached to {backing}" for loop in loops)
+    me = "" if own else str(os.getpid())
+    seen: dict[str, str | None] = {}  # a /dev path an fd shows -> the device asked about
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or pid == me:
+            continue
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue  # gone meanwhile, or a kernel thread
+        hits: dict[str, str] = {}
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            asked = names.get(target)
+            if asked is None and numbers and target.startswith("/dev/"):
+                # A node under another name (/dev/mapper/VG-LV made by LVM without udev):
+                # by its number. Device nodes answer stat() without any I/O.
+                if target not in seen:
+                    try:
+                        st = os.stat(f"{fd_dir}/{fd}")
+                        seen[target] = (numbers.get(st.st_rdev)
+                                        if stat.S_ISBLK(st.st_mode) else None)
+                    except OSError:
+                        continue
+                asked = seen[target]
+            if asked is not None:
+                hits.setdefault(asked, target)
+        if hits:
+            comm = read_sysfs(f"/proc/{pid}/comm")
+            if comm in TRANSIENT:
+                continue
+            for path, target in hits.items():
+                found.setdefault(path, []).append(f"{target} is open in process {pid} ({comm})")
+    return found
+
+
+async def volume_users(vols: Collection[Volume]) -> dict[str, list[str]]:
+    """Backend.volume_users for volumes that are block devices (partitions, LVs, LUNs)."""
+    paths = {v.path: v.name for v in vols}
+    if not paths:
+        return {}
+    found = await trio.to_thread.run_sync(lambda: users(devices=list(paths)))
+    return {paths[p]: why for p, why in found.items()}
 
 
 async def zero_out(dev: str) -> None:

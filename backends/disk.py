@@ -175,7 +175,12 @@ class DiskBackend(BlockBackend):
             if await blockdev.loops_of(self.source):
                 raise Busy(f"{self.source} is attached to a loop device")
         else:
-            await trio.to_thread.run_sync(blockdev.check_unused, self.source)
+            # The pool is stopped, but its partitions are still the kernel's: one that a
+            # process holds open would lose its table under it.
+            users = await trio.to_thread.run_sync(
+                lambda: blockdev.users(devices=[self.source]).get(self.source))
+            if users:
+                raise Busy(f"{self.source} is in use: {'; '.join(users)}")
         await run(["wipefs", "--all", "--quiet", self.source])
 
     def _status(self, table: Table) -> PoolStatus:

@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 from abc import abstractmethod
+from collections.abc import Collection
 from typing import Any, ClassVar
 
 import trio
@@ -21,6 +22,7 @@ from vsfs.errors import Busy, NotFound, Unsupported
 from vsfs.model import PoolDef, Volume
 from vsfs.proc import run
 
+from . import blockdev
 from .base import Backend, Services
 from .qsd import StorageDaemon
 
@@ -141,6 +143,17 @@ class ExportingBackend(Backend):
     async def prepare_volume(self, vol: Volume) -> None:
         await self._export(vol.name)
 
+    async def volume_users(self, vols: Collection[Volume]) -> dict[str, list[str]]:
+        # Withdrawing an export under a process that holds it (rm, stop, a rename) fails
+        # its next read or write with ENOTCONN, and Ceph sees no watcher of ours to refuse
+        # an rbd rm with: the export's users are looked for here. Volumes not exported
+        # have no local path anything could hold.
+        paths = {self.qsd.path_of(v.name): v.name for v in vols if v.name in self._exports}
+        if not paths:
+            return {}
+        found = await trio.to_thread.run_sync(lambda: blockdev.users(files=list(paths)))
+        return {paths[p]: why for p, why in found.items()}
+
     async def reap(self) -> list[str]:
         """Withdraw exports idle for a while that no process has open (checked every third
         of that time); the volumes whose went."""
@@ -151,7 +164,10 @@ class ExportingBackend(Backend):
         idle = [n for n, used in self._exports.items() if now - used >= self._idle]
         if not idle:
             return []
-        busy = await trio.to_thread.run_sync(open_files, {self.qsd.path_of(n) for n in idle})
+        # In use also when no process has it open: a loop device on it holds it as well;
+        # and the daemon's own descriptors count here (an upload longer than the idle time).
+        busy = await trio.to_thread.run_sync(
+            lambda: blockdev.users(files=[self.qsd.path_of(n) for n in idle], own=True))
         reaped = []
         for name in idle:
             if self.qsd.path_of(name) in busy:
@@ -164,22 +180,3 @@ class ExportingBackend(Backend):
                 continue
             reaped.append(name)
         return reaped
-
-
-def open_files(paths: set[str]) -> set[str]:
-    """Which of ``paths`` some process has open (its /proc/PID/fd). Blocking."""
-    found: set[str] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"{fd_dir}/{fd}")
-                if target in paths:
-                    found.add(target)
-    return found

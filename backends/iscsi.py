@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,6 +30,7 @@ from vsfs.proc import run
 
 from . import blockdev
 from .base import Backend, Services, Snapshot
+from .blockdev import read_sysfs as _read
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,6 @@ ERR_TRANS_TIMEOUT = 8
 # SCSI peripheral types that hold data: disk and CD/DVD (as libvirt keeps).
 DATA_TYPES = frozenset({"0", "5"})
 LINK_WAIT = 5.0  # seconds new LUNs get to attach and have their stable links made
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def check_target(pool: PoolDef) -> None:
@@ -350,10 +343,14 @@ class IscsiBackend(Backend):
         session = await self._session()
         if session is None:
             return
-        for lun in await trio.to_thread.run_sync(_luns, session):
-            users = await trio.to_thread.run_sync(blockdev.device_users, f"/dev/{lun.block}")
-            if users:
-                raise Busy(f"LUN {lun.name} (/dev/{lun.block}) is in use: {'; '.join(users)}")
+        # Also the LUNs the pool has not listed yet: a logout pulls every one of them. Open
+        # counts as in use as much as mounted: the holder's next read would fail.
+        luns = {f"/dev/{lun.block}": lun for lun in
+                await trio.to_thread.run_sync(_luns, session)}
+        found = await trio.to_thread.run_sync(lambda: blockdev.users(devices=list(luns)))
+        if found:
+            dev, users = next(iter(found.items()))
+            raise Busy(f"LUN {luns[dev].name} ({dev}) is in use: {'; '.join(users)}")
         portal = _read(os.path.join(CONNECTIONS, f"connection{session.sid}:0",
                                     "persistent_address"))
         port = _read(os.path.join(CONNECTIONS, f"connection{session.sid}:0", "persistent_port"))
@@ -439,6 +436,11 @@ class IscsiBackend(Backend):
             if vol.name == name:
                 return vol
         raise NotFound(f"no LUN {name!r} in pool {self.pool.name!r}")
+
+    async def volume_users(self, vols: Collection[Volume]) -> dict[str, list[str]]:
+        # A LUN opened but not mounted (a VM's disk, dd) is in use: wiping it would write
+        # under its user.
+        return await blockdev.volume_users(vols)
 
     async def wipe_volume(self, vol: Volume) -> None:
         await blockdev.zero_out(vol.path)

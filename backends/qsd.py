@@ -9,6 +9,7 @@ never through vsfs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ from typing import Any
 
 import trio
 
-from vsfs.errors import BackendFailed, Busy
+from vsfs.errors import BackendFailed, Busy, NoSpace
 from vsfs.proc import run
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ class StorageDaemon:
         log.info("%s: qemu-storage-daemon started", self.label)
 
     async def stop(self) -> None:
-        """Remove every export, then end the daemon (EBUSY while an export is in use)."""
+        """Remove every export, then end the daemon. Exports in use are taken from their
+        users: the pool's stop refuses before (Manager.held, volume_users)."""
         if not await self.alive():
             return
         for export in await self.command("query-block-exports"):
@@ -152,9 +154,11 @@ class StorageDaemon:
             os.unlink(self.path_of(name))
 
     async def _remove(self, eid: str, node: str) -> None:
+        # QEMU ends the FUSE session at once, open descriptors and all (their next read or
+        # write fails with ENOTCONN; seen with QEMU 7.2): whoever withdraws an export checks
+        # first that no process holds it (ExportingBackend.volume_users).
         await self.command("block-export-del", id=eid)
-        # The export goes once its FUSE mount is gone: the kernel unmounts it only when
-        # nobody has it open.
+        # The export is gone once QEMU has unmounted it: wait for that.
         with trio.move_on_after(5):
             while eid in await self.exported():
                 await trio.sleep(0.02)
@@ -163,7 +167,18 @@ class StorageDaemon:
         await self.command("blockdev-del", **{"node-name": node})
 
     async def resize(self, name: str, size: int) -> None:
-        await self.command("block_resize", **{"node-name": node_id("n", name)}, size=size)
+        """Resize an exported volume through its export (a writable one): QEMU truncates
+        the image and answers with the new size, which the kernel then serves at once.
+        A QMP ``block_resize`` resizes the image only: the kernel keeps serving the size
+        it cached (QEMU's exports cache attributes for a second), so ``qemu-img info`` on
+        the path would see the old size right after the resize returned."""
+        path = self.path_of(name)
+        try:
+            await trio.to_thread.run_sync(os.truncate, path, size)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise NoSpace(f"{self.label}: resizing {name}: {e.strerror}") from None
+            raise BackendFailed(f"{self.label}: resizing {name}: {e.strerror}") from None
 
 
 def _touch(path: str) -> None:

@@ -359,6 +359,10 @@ class RbdBackend(ExportingBackend):
     async def rename_volume(self, vol: Volume, new_name: str) -> Volume:
         if "@" in vol.name or "@" in new_name:
             raise Unsupported("snapshots are not renamed here")
+        # The export goes with the old name: not from under a process using it.
+        held = (await self.volume_users([vol])).get(vol.name)
+        if held:
+            raise Busy(f"volume {vol.name!r} is in use: {'; '.join(held)}")
         await self._unexport(vol.name)
         await self._rbd("mv", f"{self.rados_pool}/{vol.name}", f"{self.rados_pool}/{new_name}",
                         what=f"renaming {vol.name}")
@@ -369,7 +373,9 @@ class RbdBackend(ExportingBackend):
         if "@" in vol.name:
             raise Unsupported("snapshots cannot be resized")
         if vol.name in self._exports:
-            # Through QEMU, which resizes the image and its export together.
+            # Through the export, which QEMU resizes together with the image: the kernel
+            # takes the new size from the reply, where after a QMP block_resize it would
+            # serve the old one from its attribute cache for another second.
             await self.qsd.resize(vol.name, capacity)
         else:
             await self._rbd("resize", "--no-progress", "--allow-shrink", "--size",

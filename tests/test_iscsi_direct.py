@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, free_port, sh
+from holders import holding, still_works
 from rng import assert_sources_make_pools, assert_valid
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
@@ -171,3 +172,38 @@ def test_iscsi_direct_chap_and_refusals(vsfs: Mount, tgt: Tgt) -> None:
                    f"<device path='{IQN}'/></source></pool>")
     res = sh(f"cat {xml} > {vsfs.path}/pools/define")
     assert "Invalid argument" in res.stderr and "initiator" in vsfs.error()
+
+
+def test_iscsi_direct_volume_in_use(vsfs: Mount, tgt: Tgt) -> None:
+    """A LUN whose local path (its export) a process holds open is in use: wipe and the
+    pool's stop are EBUSY and change nothing; once closed, they work."""
+    files = tgt.start((16, 8))
+    data = os.urandom(MiB)
+    with open(files[0], "r+b") as f:
+        f.write(data)
+    p = define(vsfs, tgt)
+    sh(f"echo start > {p}/ctl", check=True)
+    try:
+        with holding(p / "volumes/unit:0:0:1") as pid:
+            for cmd in (f"echo wipe > {p}/volinfo/unit:0:0:1/ctl", f"echo stop > {p}/ctl"):
+                res = sh(cmd)
+                assert res.returncode != 0 and "Device or resource busy" in res.stderr, cmd
+                assert f"process {pid} (sleep)" in vsfs.error(), cmd
+                assert "'unit:0:0:1'" in vsfs.error(), cmd
+            # nothing changed: the pool runs, the LUN keeps its bytes, the holder reads them
+            assert (p / "state").read_text() == "running\n"
+            with open(files[0], "rb") as f:
+                assert f.read(MiB) == data
+            assert still_works(pid)[:16] == data[:16]
+            # another LUN nobody holds is wiped as usual
+            sh(f"echo wipe > {p}/volinfo/unit:0:0:2/ctl", check=True)
+        sh(f"echo wipe > {p}/volinfo/unit:0:0:1/ctl", check=True)
+        with open(files[0], "rb") as f:
+            assert f.read(MiB) == bytes(MiB)
+        with holding(p / "volumes/unit:0:0:2", "<") as pid:
+            assert "Device or resource busy" in sh(f"echo stop > {p}/ctl").stderr
+            assert f"process {pid} (sleep)" in vsfs.error()
+            assert (p / "state").read_text() == "running\n"
+    finally:
+        sh(f"echo stop > {p}/ctl", check=True)
+    assert (p / "state").read_text() == "inactive\n"

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 from conftest import Mount, loops_of, sh
+from holders import holding, still_works
 from rng import assert_valid
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
@@ -212,3 +213,44 @@ def test_sources_logical_on_the_host(vsfs: Mount, loopdev: str) -> None:
     finally:
         sh(f"vgremove -q -f {vg} && pvremove -q -y {loopdev}", check=True)
     assert f"<name>{vg}</name>" not in (vsfs.path / "sources" / "logical").read_text()
+
+
+def test_partitions_opened_are_in_use(vsfs: Mount, loopdev: str) -> None:
+    """A partition a process holds open (not mounted) is in use: rm, shrinking, wipe, the
+    pool's stop and, once stopped, its delete are EBUSY and change nothing."""
+    d = vsfs.path / "pools" / "d"
+    define(vsfs, disk_xml("d", loopdev), "d")
+    sh(f"echo build > {d}/ctl && echo start > {d}/ctl", check=True)
+    sh(f"truncate -s 16M {d}/volumes/a && truncate -s 16M {d}/volumes/b", check=True)
+    part = os.readlink(d / "volumes" / "a")
+    data = os.urandom(MiB)
+    with open(part, "r+b") as f:
+        f.write(data)
+
+    def refused(cmd: str, pid: int) -> None:
+        res = sh(cmd)
+        assert res.returncode != 0 and "Device or resource busy" in res.stderr, cmd
+        assert f"process {pid} (sleep)" in vsfs.error(), cmd
+
+    with holding(d / "volumes" / "a") as pid:
+        for cmd in (f"rm {d}/volumes/a", f"echo 8M > {d}/volinfo/a/capacity",
+                    f"echo wipe > {d}/volinfo/a/ctl", f"echo stop > {d}/ctl"):
+            refused(cmd, pid)
+        assert "'a'" in vsfs.error()
+        assert sorted(os.listdir(d / "volumes")) == ["a", "b"]
+        assert stat.S_ISBLK(os.stat(part).st_mode)
+        assert int(sh(f"blockdev --getsize64 {part}", check=True).stdout) == 16 * MiB
+        assert (d / "state").read_text() == "running\n"
+        assert still_works(pid)[:16] == data[:16]
+    sh(f"echo wipe > {d}/volinfo/a/ctl", check=True)
+    with open(part, "rb") as f:
+        assert f.read(MiB) == bytes(MiB)
+    sh(f"rm {d}/volumes/a", check=True)
+    assert not os.path.exists(part)
+    sh(f"echo stop > {d}/ctl", check=True)
+    # stopped, its partitions are still the kernel's: one held open keeps the table
+    with holding(f"{loopdev}p2", "<") as pid:
+        refused(f"echo delete > {d}/ctl", pid)
+        assert "gpt" in sh(f"blkid -p -o value -s PTTYPE {loopdev}", check=True).stdout
+    sh(f"echo delete > {d}/ctl", check=True)
+    assert sh(f"blkid -p -o value -s PTTYPE {loopdev}").stdout.strip() == ""

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from ceph_cluster import CephCluster
 from conftest import Mount, sh
+from holders import holding, still_works
 from rng import assert_valid
 
 from vsfs.manager import runtime_dir
@@ -284,3 +285,81 @@ def test_rbd_local_paths_on_demand(mount_factory: Callable[..., Mount], ceph: Ce
     # another host could delete it now; here it is simply used again
     assert (p / "volumes" / "disk").read_bytes() == b"x" * MiB
     assert exported()
+
+
+def test_rbd_volume_in_use(vsfs: Mount, ceph: CephCluster,
+                           rbd_pool: Callable[[Mount, str], Path]) -> None:
+    """A volume whose local path (its export) a process holds open is in use: rm, shrinking,
+    wipe, mv and the pool's stop are EBUSY and change nothing; once closed, they work."""
+    p = rbd_pool(vsfs, "r")
+    sh(f"truncate -s 32M {p}/volumes/v", check=True)
+    data = os.urandom(MiB)
+    (vsfs.base / "d").write_bytes(data)
+    sh(f"dd if={vsfs.base}/d of={p}/volumes/v bs=1M conv=notrunc,fsync status=none",
+       check=True)
+
+    def refused(cmd: str, pid: int, name: str = "v") -> None:
+        res = sh(cmd)
+        assert res.returncode != 0 and "Device or resource busy" in res.stderr, cmd
+        assert f"process {pid} (sleep)" in vsfs.error() and f"'{name}'" in vsfs.error(), cmd
+
+    with holding(p / "volumes" / "v") as pid:
+        refused(f"rm {p}/volumes/v", pid)
+        refused(f"echo 'shrink 16M' > {p}/volinfo/v/ctl", pid)
+        refused(f"echo 16M > {p}/volinfo/v/capacity", pid)
+        refused(f"echo wipe > {p}/volinfo/v/ctl", pid)
+        refused(f"mv {p}/volumes/v {p}/volumes/w", pid)
+        refused(f"echo stop > {p}/ctl", pid)
+        assert "cannot be stopped" in vsfs.error()
+        # nothing changed, and the holder still reads and writes through its descriptor
+        assert ceph.cli("rbd", "ls", ceph.pool).stdout.split() == [b"v"]
+        assert rbd_size(ceph, "v") == 32 * MiB
+        assert rbd_export(ceph, "v")[:MiB] == data
+        assert (p / "state").read_text() == "running\n"
+        assert still_works(pid)[:16] == data[:16]
+        # growing takes nothing away: allowed
+        sh(f"echo 48M > {p}/volinfo/v/capacity", check=True)
+    sh(f"echo 'shrink 16M' > {p}/volinfo/v/ctl", check=True)
+    assert rbd_size(ceph, "v") == 16 * MiB
+    sh(f"echo wipe > {p}/volinfo/v/ctl", check=True)
+    assert rbd_export(ceph, "v")[:MiB] == bytes(MiB)
+    sh(f"mv {p}/volumes/v {p}/volumes/w", check=True)
+    # held read-only, as a shell's `exec 4<path` does: in use just the same
+    with holding(p / "volumes" / "w", "<") as pid:
+        refused(f"rm {p}/volumes/w", pid, "w")
+        refused(f"echo stop > {p}/ctl", pid, "w")
+        assert ceph.cli("rbd", "ls", ceph.pool).stdout.split() == [b"w"]
+    sh(f"rm {p}/volumes/w", check=True)
+    assert ceph.cli("rbd", "ls", ceph.pool).stdout.split() == []
+    sh(f"truncate -s 8M {p}/volumes/last", check=True)
+    with open(p / "volumes" / "last", "rb"):
+        res = sh(f"echo stop > {p}/ctl")
+        assert "Device or resource busy" in res.stderr
+        assert f"process {os.getpid()}" in vsfs.error()
+        assert (p / "state").read_text() == "running\n"
+    sh(f"echo stop > {p}/ctl", check=True)
+    assert (p / "state").read_text() == "inactive\n"
+
+
+def qemu_img_size(path: Path) -> int:
+    info = json.loads(sh(f"qemu-img info --output=json {path}", check=True).stdout)
+    return int(info["virtual-size"])
+
+
+def test_rbd_resize_seen_at_once(vsfs: Mount, ceph: CephCluster,
+                                 rbd_pool: Callable[[Mount, str], Path]) -> None:
+    """When a write to capacity (or a shrink) returns, the volume's path has the new size:
+    no sleep, no retry (the kernel must not serve the size it cached)."""
+    p = rbd_pool(vsfs, "r")
+    sh(f"truncate -s 32M {p}/volumes/g", check=True)
+    path = p / "volumes" / "g"
+    assert qemu_img_size(path) == 32 * MiB  # the export's size, now cached by the kernel
+    sh(f"echo 96M > {p}/volinfo/g/capacity", check=True)
+    assert qemu_img_size(path) == 96 * MiB
+    assert os.stat(path).st_size == 96 * MiB
+    assert rbd_size(ceph, "g") == 96 * MiB
+    sh(f"echo 'shrink 40M' > {p}/volinfo/g/ctl", check=True)
+    assert qemu_img_size(path) == 40 * MiB
+    assert rbd_size(ceph, "g") == 40 * MiB
+    assert (p / "volinfo" / "g" / "capacity").read_text() == f"{40 * MiB}\n"
+    sh(f"rm {p}/volumes/g", check=True)

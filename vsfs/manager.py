@@ -13,7 +13,7 @@ import logging
 import os
 import shlex
 import stat
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -314,9 +314,22 @@ class Manager:
             return f"volume {vol.name!r} is the backing store of {overlay[0]}/{overlay[1].name}"
         return None
 
-    def _not_in_use(self, pool: str, vol: Volume, done: str) -> None:
-        """Refuse to destroy what an overlay, a running pool or a writer relies on."""
-        why = self.in_use(pool, vol)
+    async def held(self, entry: PoolEntry, vols: Collection[Volume]) -> str | None:
+        """Why one of ``vols`` is in use on this host as only its backend can tell (its
+        local path open in a process, a device mounted, held or under a loop), if it is.
+        Asked after ``in_use``; the pool's lock must be held."""
+        users = await entry.backend.volume_users(vols)
+        if not users:
+            return None
+        vol = next(v for v in vols if v.name in users)
+        why = users[vol.name]
+        more = f"; and {len(why) - 3} more" if len(why) > 3 else ""
+        return f"volume {vol.name!r} is in use: {'; '.join(why[:3])}{more}"
+
+    async def _not_in_use(self, entry: PoolEntry, vol: Volume, done: str) -> None:
+        """Refuse to destroy what an overlay, a running pool, a writer or any process on
+        this host relies on."""
+        why = self.in_use(entry.pool.name, vol) or await self.held(entry, [vol])
         if why is not None:
             raise Busy(f"{why}: it cannot be {done}")
 
@@ -440,6 +453,11 @@ class Manager:
                     if users:
                         raise Busy(f"volume {vol.name!r} of pool {name!r} is the source of "
                                    f"running pool {users[0]!r}; stop that first")
+                # Stopping takes every local path away (an export, a LUN, a loop): not
+                # from under a process that holds one.
+                why = await self.held(entry, entry.volumes.values())
+                if why is not None:
+                    raise Busy(f"{why}; pool {name!r} cannot be stopped")
                 await entry.backend.stop()
                 self._deactivate(entry)
             log.info("pool %s stopped", name)
@@ -730,7 +748,7 @@ class Manager:
         entry = self.running_entry(pool)
         async with entry.locked():
             vol = self.volume(pool, name)
-            why = self.in_use(pool, vol)
+            why = self.in_use(pool, vol) or await self.held(entry, [vol])
             if why is not None:
                 raise Busy(why)
             await entry.backend.delete_volume(vol)
@@ -767,7 +785,7 @@ class Manager:
             if capacity > vol.capacity:
                 await self._check_space(entry, capacity - vol.capacity)
             elif capacity < vol.capacity:
-                self._not_in_use(pool, vol, "shrunk")
+                await self._not_in_use(entry, vol, "shrunk")
             new = await entry.backend.resize_volume(vol, capacity)
             entry.volumes[name] = new
         log.info("volume %s/%s resized to %d bytes", pool, name, capacity)
@@ -808,7 +826,7 @@ class Manager:
             entry = self.running_entry(pool)
             async with entry.locked():
                 vol = self.volume(pool, name)
-                self._not_in_use(pool, vol, "wiped")
+                await self._not_in_use(entry, vol, "wiped")
                 await entry.backend.wipe_volume(vol)
                 entry.volumes[name] = await entry.backend.volume(name)
             log.info("volume %s/%s wiped", pool, name)
@@ -817,7 +835,7 @@ class Manager:
             entry = self.running_entry(pool)
             async with entry.locked():
                 vol = self.volume(pool, name)
-                self._not_in_use(pool, vol, "shrunk")
+                await self._not_in_use(entry, vol, "shrunk")
                 entry.volumes[name] = await entry.backend.shrink_volume(vol, size)
             log.info("volume %s/%s shrunk to %d bytes", pool, name, size)
         elif cmd == "clone" and len(args) in (1, 2):

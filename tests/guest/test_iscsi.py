@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, sh
+from holders import holding, still_works
 from rng import assert_sources_make_pools, assert_valid
 
 pytestmark = [pytest.mark.guest, pytest.mark.fuse, pytest.mark.root]
@@ -261,3 +262,34 @@ def test_sources_iscsi(vsfs: Mount, target: Callable[..., list[Path]]) -> None:
     # nothing was logged in to, and no node records were left by the query
     assert IQN not in sessions()
     assert sh(f"iscsiadm -m node -T {IQN}").returncode != 0
+
+
+def test_iscsi_lun_opened_is_in_use(vsfs: Mount, target: Callable[..., list[Path]]) -> None:
+    """A LUN a process holds open, not mounted (by its stable link or as /dev/sdX), is in
+    use: wipe and stop are EBUSY, the session stays and the LUN keeps its bytes."""
+    files = target(16, 8)
+    data = os.urandom(MiB)
+    with open(files[0], "r+b") as f:
+        f.write(data)
+    p = define(vsfs)
+    sh(f"echo start > {p}/ctl", check=True)
+    dev = os.path.realpath(p / "volumes" / "unit:0:0:0")
+    assert dev.startswith("/dev/sd")
+    for path, redirect in ((p / "volumes" / "unit:0:0:0", "<>"), (f"{BYPATH}0", "<"),
+                           (dev, "<")):
+        with holding(path, redirect) as pid:
+            for cmd in (f"echo stop > {p}/ctl", f"echo wipe > {p}/volinfo/unit:0:0:0/ctl"):
+                res = sh(cmd)
+                assert res.returncode != 0 and "Device or resource busy" in res.stderr, cmd
+                assert f"process {pid} (sleep)" in vsfs.error(), (cmd, path)
+                assert "unit:0:0:0" in vsfs.error(), cmd
+            assert IQN in sessions()
+            assert (p / "state").read_text() == "running\n"
+            assert still_works(pid)[:16] == data[:16]
+            with open(files[0], "rb") as f:
+                assert f.read(MiB) == data
+    sh(f"echo wipe > {p}/volinfo/unit:0:0:0/ctl", check=True)
+    sh(f"cmp -n {16 * MiB} /dev/zero {files[0]}", check=True)
+    sh(f"echo stop > {p}/ctl", check=True)
+    assert IQN not in sessions()
+    assert (p / "state").read_text() == "inactive\n"

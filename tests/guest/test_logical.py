@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, sh
+from holders import holding, still_works
 from rng import assert_valid
 
 pytestmark = [pytest.mark.guest, pytest.mark.fuse, pytest.mark.root]
@@ -129,3 +130,32 @@ def test_sources_logical(vsfs: Mount, disks: list[str]) -> None:
     assert "<name>srcvg</name>" in xml
     for dev in disks[:2]:
         assert f"<device path=\"{dev}\"/>" in xml
+
+
+def test_logical_volume_opened_is_in_use(vsfs: Mount, disks: list[str]) -> None:
+    """An LV a process holds open, not mounted, is in use: rm, shrink, wipe and stop are
+    EBUSY and change nothing; once closed, they work."""
+    v = define_vg(vsfs, "vg", disks[:1])
+    sh(f"echo build > {v}/ctl && echo start > {v}/ctl", check=True)
+    sh(f"truncate -s 32M {v}/volumes/lv", check=True)
+    sh(f"head -c 1M /dev/urandom > {vsfs.base}/blob", check=True)
+    sh(f"dd if={vsfs.base}/blob of={v}/volumes/lv bs=1M conv=fsync status=none", check=True)
+    data = (vsfs.base / "blob").read_bytes()
+    with holding(v / "volumes" / "lv") as pid:
+        for cmd in (f"rm {v}/volumes/lv", f"echo 'shrink 16M' > {v}/volinfo/lv/ctl",
+                    f"echo wipe > {v}/volinfo/lv/ctl", f"echo stop > {v}/ctl"):
+            res = sh(cmd)
+            assert res.returncode != 0 and "Device or resource busy" in res.stderr, cmd
+            assert f"process {pid} (sleep)" in vsfs.error() and "'lv'" in vsfs.error(), cmd
+        assert sh("lvs --noheadings -o lv_name,lv_attr vsfsvg", check=True).stdout.split()[0] \
+            == "lv"
+        assert int(sh("blockdev --getsize64 /dev/vsfsvg/lv", check=True).stdout) == 32 * MiB
+        assert (v / "state").read_text() == "running\n"
+        assert still_works(pid)[:16] == data[:16]
+        sh(f"cmp -n {MiB} {vsfs.base}/blob /dev/vsfsvg/lv", check=True)
+    sh(f"echo 'shrink 16M' > {v}/volinfo/lv/ctl", check=True)
+    assert int(sh("blockdev --getsize64 /dev/vsfsvg/lv", check=True).stdout) == 16 * MiB
+    sh(f"echo wipe > {v}/volinfo/lv/ctl", check=True)
+    sh(f"rm {v}/volumes/lv", check=True)
+    assert sh("lvs --noheadings -o lv_name vsfsvg", check=True).stdout.split() == []
+    sh(f"echo stop > {v}/ctl && echo delete > {v}/ctl", check=True)
