@@ -64,14 +64,15 @@ def set_read_spin(microseconds: int) -> None:
 
 
 class Notifier:
-    """Tells the kernel what to forget, from a thread of its own that nothing waits for.
+    """Tells the kernel what to forget, from a thread of its own.
 
     To drop an entry the kernel takes its parent directory's lock
     (``fuse_reverse_inval_entry``), and to drop a symlink's cached target the lock of
     its page; a request in flight may hold either while it waits for this daemon's
-    answer. So the rule: **no request ever waits for an invalidation.** Handlers and
-    the manager only queue one here (an append, never blocking, never bounded), and
-    this thread alone waits in the kernel, for as long as the requests holding those
+    answer. So the rule: **no request waits for an invalidation** (but a write to a
+    value file, which holds no directory lock, for at most TIMEOUT: _caught_up).
+    Handlers and the manager only queue one here (an append, never blocking, never
+    bounded), and this thread alone waits in the kernel, for as long as the requests holding those
     locks take to be answered, which the main loop goes on doing meanwhile. Neither
     trio's worker threads (whose number is limited and which handlers use) nor
     pyfuse3's own notify thread (one queue that an entry waiting for its lock holds
@@ -87,6 +88,10 @@ class Notifier:
         self._calling = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None
+        # How many were queued (by the main thread) and have been sent (by this one).
+        self.queued = 0
+        self.sent = 0
+        self._progress = threading.Condition()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="vsfs-invalidate",
@@ -96,14 +101,22 @@ class Notifier:
     def entry(self, parent: int, name: bytes, lazy: bool = False) -> None:
         """Drop the kernel's entry ``name`` of directory inode ``parent``; a lazy one
         may wait LAZY_INVALIDATE seconds to go with others."""
+        self.queued += 1
         self._queue.append(("entry", parent, name))
         if not lazy:
             self._wake.set()
 
     def inode(self, ino: int) -> None:
         """Drop what the kernel caches of inode ``ino`` (a symlink's target, say)."""
+        self.queued += 1
         self._queue.append(("inode", ino, b""))
         self._wake.set()
+
+    def wait_sent(self, upto: int, timeout: float) -> bool:
+        """Block until the first ``upto`` invalidations were sent, at most ``timeout``
+        seconds (for a worker thread); whether they were."""
+        with self._progress:
+            return self._progress.wait_for(lambda: self.sent >= upto or self._closed, timeout)
 
     def close(self, timeout: float = 5.0) -> bool:
         """Stop sending (before the session goes); False if a call still waits in the
@@ -125,6 +138,9 @@ class Notifier:
                     if self._closed:
                         return
                     self._send(kind, ino, name)
+                with self._progress:
+                    self.sent += 1
+                    self._progress.notify_all()
 
     @staticmethod
     def _send(kind: str, ino: int, name: bytes) -> None:
@@ -716,7 +732,22 @@ class Operations(pyfuse3.Operations):
         except Exception as e:
             handle.failed = True
             raise self._fail(handle.uid, e) from None
+        await self._caught_up()
         return len(buf)
+
+    async def _caught_up(self) -> None:
+        """Wait (TIMEOUT at most) until the kernel has been told of what the write just
+        changed, so that a script reads the new state when its write returns (a target
+        after a redefine, volumes/V gone after `delete` in volinfo/V/ctl).
+
+        The one wait for invalidations the rule allows (Notifier): a write to a value
+        file holds no directory lock, the invalidations wait only for requests that the
+        main loop answers meanwhile, and the wait is bounded by the time the kernel
+        would trust the entry anyway."""
+        upto = self.notifier.queued
+        if self.notifier.sent < upto:
+            await trio.to_thread.run_sync(self.notifier.wait_sent, upto, TIMEOUT,
+                                          abandon_on_cancel=True)
 
     async def _write_lines(self, handle: Handle, node: File, off: int, buf: bytes) -> None:
         """A value or command is taken whole, at its newline (or at close without one):
@@ -796,6 +827,7 @@ class Operations(pyfuse3.Operations):
                 except Exception as e:
                     handle.failed = True
                     raise self._fail(handle.uid, e) from None
+                await self._caught_up()
             return
         if not handle.wrote:
             return
@@ -812,6 +844,7 @@ class Operations(pyfuse3.Operations):
         except Exception as e:
             handle.failed = True
             raise self._fail(handle.uid, e) from None
+        await self._caught_up()
 
     @_guarded(by_fh=True)
     async def release(self, fh: int) -> None:
