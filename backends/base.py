@@ -101,9 +101,11 @@ class Backend(ABC):
             raise Unsupported(f"a directory cannot be copied into a {self.pool_type} volume")
         vol = await self.create_volume(VolumeDef(name=vdef.name, capacity=source.capacity))
         try:
+            # Killed with the daemon: the half-copied volume is removed at the next start
+            # (the manager's journal), which a copy still writing would keep in use.
             await run(["qemu-img", "convert", "-U", "-q", "-n", "-f",
                        data_format(source.format), "-O", "raw", source.path, vol.path],
-                      timeout=3600)
+                      timeout=3600, dies_with_daemon=True)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.delete_volume(vol)
@@ -131,6 +133,11 @@ class Backend(ABC):
 
     async def start(self) -> None:
         """Activate the pool; the default has nothing to do."""
+
+    async def remove_leftovers(self) -> None:
+        """Remove what a daemon killed in the middle of an action left half-made in the
+        pool (a copy under a temporary name). Called once the pool is up, before its first
+        refresh: after ``start``, and when a pool still up is adopted at mount time."""
 
     async def stop(self) -> None:
         """Deactivate the pool; the default has nothing to do. Called only once

@@ -228,14 +228,24 @@ class DirBackend(Backend):
             if not os.path.isdir(self.root):
                 raise BackendFailed(
                     f"target directory {self.root} does not exist (build the pool first)")
-            # Volumes a daemon was still making when it died: never finished, never listed.
-            for entry in os.scandir(self.root):
+        await trio.to_thread.run_sync(check)
+
+    async def remove_leftovers(self) -> None:
+        # Volumes a daemon was still making when it died: never finished, never listed.
+        # The same for fs and netfs pools, whose start mounts first, and for one still
+        # mounted that a new daemon adopts (the manager calls this after either).
+        def clean() -> None:
+            try:
+                entries = list(os.scandir(self.root))
+            except OSError as e:
+                raise BackendFailed(f"reading {self.root}: {e.strerror}") from None
+            for entry in entries:
                 if entry.name.startswith(TEMP_PREFIX):
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
                         log.info("pool %s: removed %s, left unfinished", self.pool.name,
                                  entry.path)
-        await trio.to_thread.run_sync(check)
+        await trio.to_thread.run_sync(clean)
 
     async def delete(self) -> None:
         def rmdir() -> None:

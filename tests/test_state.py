@@ -388,3 +388,168 @@ def test_write_failures_name_the_file(sd):
     with pytest.raises(BackendFailed, match=r"cannot write .*images\.xml: Is a directory"):
         sd.save(_pool())
     assert _names(sd.path) == ["autostart", "images.xml"]  # no temporary file left
+
+
+# ---------------------------------------------------------------- after a kill
+
+
+class Killed(BaseException):
+    """What a kill -9 does to the code it stops: nothing after it runs."""
+
+
+def _remove_killed_at(sd: StateDir, monkeypatch: pytest.MonkeyPatch, step: int) -> bool:
+    """StateDir.remove, killed before its unlink or fsync number ``step``; whether it
+    finished first."""
+    calls = 0
+    real_unlink, real_fsync = os.unlink, state_mod._fsync_dir
+
+    def count(real, *args, **kwargs):
+        nonlocal calls
+        if calls == step:
+            raise Killed
+        calls += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(state_mod.os, "unlink", lambda *a, **k: count(real_unlink, *a, **k))
+    monkeypatch.setattr(state_mod, "_fsync_dir", lambda *a: count(real_fsync, *a))
+    try:
+        sd.remove("p")
+        return True
+    except Killed:
+        return False
+    finally:
+        monkeypatch.undo()
+
+
+def test_undefine_killed_at_any_step_leaves_the_pool_whole_or_gone(sd, monkeypatch, caplog):
+    """rmdir of an autostart pool killed between any two of its syscalls: after the next
+    start's cleanup the pool is defined with its autostart, or not defined at all."""
+    outcomes = set()
+    for step in range(10):
+        sd.save(_pool("p", UUIDS[0]))
+        sd.set_autostart("p", True)
+        finished = _remove_killed_at(sd, monkeypatch, step)
+        with caplog.at_level(logging.WARNING, logger="vsfs.state"):
+            StateDir(sd.path).remove_litter()  # the next start
+        loaded = [(s.pool.name, s.autostart) for s in StateDir(sd.path).load()]
+        assert loaded in ([("p", True)], []), f"killed at step {step}: {loaded}"
+        assert _names(sd.autostart_dir) == (["p.xml"] if loaded else [])
+        outcomes.add(tuple(loaded))
+        if finished:
+            break
+    assert outcomes == {(("p", True),), ()}, "both outcomes were reached"
+    assert "pool p has no definition (its undefine was cut short)" in caplog.text
+
+
+def test_remove_litter(sd, caplog):
+    sd.save(_pool("kept", UUIDS[0]))
+    sd.set_autostart("kept", True)
+    (sd.path / ".tmp-1a2b3c").write_text("<pool type='dir'><na")
+    (sd.autostart_dir / ".tmp-0011223344556677").symlink_to("../kept.xml")
+    (sd.autostart_dir / "gone.xml").symlink_to("../gone.xml")
+    (sd.autostart_dir / "libvirt.xml").symlink_to("/etc/libvirt/storage/libvirt.xml")
+    (sd.path / "libvirt.xml").write_text("not parsed here")
+    (sd.path / ".images.xml.tmp1234").write_text("not vsfs's: left alone")
+    with caplog.at_level(logging.INFO, logger="vsfs.state"):
+        sd.remove_litter()
+    assert _names(sd.path) == [".images.xml.tmp1234", "autostart", "kept.xml", "libvirt.xml"]
+    assert _names(sd.autostart_dir) == ["kept.xml", "libvirt.xml"]
+    assert "autostart link" in caplog.text and "gone.xml removed" in caplog.text
+    assert ".tmp-1a2b3c, left by a write that never finished" in caplog.text
+
+
+def test_remove_keeps_the_pool_undefined_when_its_link_cannot_go(sd, monkeypatch, caplog):
+    sd.save(_pool())
+    sd.set_autostart("images", True)
+    real = os.unlink
+
+    def unlink(path, *a, **k):
+        if "autostart" in str(path):
+            raise OSError(13, "Permission denied")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(state_mod.os, "unlink", unlink)
+    with caplog.at_level(logging.ERROR, logger="vsfs.state"):
+        sd.remove("images")  # undefined: the link alone is not a failure
+    monkeypatch.undo()
+    assert "it goes at the next start" in caplog.text
+    sd.remove_litter()
+    assert _names(sd.autostart_dir) == []
+    assert list(sd.load()) == []
+
+
+# ---------------------------------------------------------------- the journal of uploads
+
+
+def _journal(sd: StateDir) -> state_mod.UploadJournal:
+    return state_mod.UploadJournal(sd.path / state_mod.JOURNAL_NAME)
+
+
+def test_journal_records_what_is_in_flight_and_goes_at_a_clean_exit(sd):
+    j = _journal(sd)
+    a = j.begin(UUIDS[0], "a")
+    assert [r.name for r in state_mod.read_in_flight(j.path)] == ["a"]
+    b = j.identify(j.begin(UUIDS[0], "b b", 8 << 20), "block", 2049, 0, -1, "LV-UUID")
+    a = j.identify(a, "file", 64769, 12, 345, "/srv/a")
+    j.end(a)
+    assert [r.name for r in state_mod.read_in_flight(j.path)] == ["b b"]
+    j.end(b)
+    assert state_mod.read_in_flight(j.path) == []
+    j.end(b)  # twice: nothing
+    j.put(b)  # in flight again (changed after it was settled)
+    assert [r.name for r in state_mod.read_in_flight(j.path)] == ["b b"]
+    j.close()
+    assert j.path.exists(), "kept while something is in flight"
+    j.end(b)
+    j.close()
+    assert _names(sd.path) == ["autostart"]
+
+
+def test_journal_recover_keeps_the_last_record_of_each(sd):
+    j = _journal(sd)
+    a = j.begin(UUIDS[0], "a")
+    j.identify(a, "file", 1, 2, 3, "/srv/a")
+    b = j.begin(UUIDS[1], "b")
+    j.end(b)
+    j.begin(UUIDS[1], "c", 4096)
+    with open(j.path, "ab") as f:
+        f.write(b'{"id": "torn", "pool": "x", "na')  # a write cut short: skipped
+    # the daemon is killed; the next one reads what it left
+    k = _journal(sd)
+    left = sorted(k.recover(), key=lambda r: r.name)
+    assert [(r.name, r.kind, r.dev, r.ino, r.gen, r.key, r.size) for r in left] == [
+        ("a", "file", 1, 2, 3, "/srv/a", -1), ("c", "", 0, 0, -1, "", 4096)]
+    assert [r.name for r in k.left_in(UUIDS[1])] == ["c"]
+    # rewritten with only those, and gone once both are dealt with
+    assert len(j.path.read_bytes().splitlines()) == 2
+    new = k.begin(UUIDS[0], "a")  # a new upload under the same name: an id of its own
+    assert new.id not in {r.id for r in left}
+    k.end(new)
+    for rec in left:
+        k.forget(rec)
+    assert state_mod.read_in_flight(j.path) == []
+    k.close()
+    assert _names(sd.path) == ["autostart"]
+
+
+def test_journal_is_compacted(sd, monkeypatch):
+    monkeypatch.setattr(state_mod, "JOURNAL_COMPACT_AT", 4096)
+    j = _journal(sd)
+    for i in range(100):  # one at a time: emptied in place, the same inode
+        j.end(j.identify(j.begin(UUIDS[0], f"v{i}"), "file", 1, i, 0, ""))
+    ino = j.path.stat().st_ino
+    assert j.path.stat().st_size <= 4096 + 512
+    held = j.begin(UUIDS[0], "held open")
+    for i in range(100):  # with one in flight: written anew without the others
+        j.end(j.identify(j.begin(UUIDS[0], f"w{i}"), "file", 1, i, 0, ""))
+    assert j.path.stat().st_size <= 4096 + 512
+    assert [r.name for r in state_mod.read_in_flight(j.path)] == ["held open"]
+    assert not [n for n in _names(sd.path) if n.startswith(".tmp-")]
+    j.end(held)
+    assert j.path.stat().st_ino != ino
+
+
+def test_journal_failures_are_backend_failures(tmp_path):
+    j = state_mod.UploadJournal(tmp_path / "missing" / state_mod.JOURNAL_NAME)
+    with pytest.raises(BackendFailed, match="cannot write the journal of uploads"):
+        j.begin(UUIDS[0], "v")

@@ -7,12 +7,15 @@ tree calls it and the FUSE adapter only translates.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import logging
 import os
 import shlex
 import stat
+import struct
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +23,9 @@ from pathlib import Path
 import trio
 
 from .backends import BACKENDS, Backend
-from .backends.base import Services, Snapshot
+from .backends.base import Services, Snapshot, T
+from .backends.blockdev import filesystem_type
+from .backends.dir import LOCAL_FILESYSTEMS
 from .backends.host import HostDevices
 from .errors import (
     Busy,
@@ -46,7 +51,7 @@ from .model import (
     data_format,
 )
 from .secrets import SecretStore
-from .state import StateDir
+from .state import JOURNAL_NAME, InFlight, StateDir, UploadJournal, remove_temporaries
 from .units import parse_size
 from .xmlio import normalize_uuid, parse_pool, parse_volume
 
@@ -133,6 +138,11 @@ class Upload:
     # Each upload is a file of its own: one deleted while still open and a new one of
     # the same name must not share an inode.
     serial: int = field(default_factory=lambda: next(_upload_serials))
+    # What the journal of uploads says of it (state.UploadJournal), and whether it says
+    # "in flight": from before its volume is made until it is settled, so that a daemon
+    # killed meanwhile leaves no half-written volume behind.
+    record: InFlight | None = None
+    in_flight: bool = False
 
     def size(self) -> int:
         """The size of its file now; 0 once it is closed (or has no file yet)."""
@@ -154,6 +164,70 @@ def _same_file(fd: int, path: str) -> bool:
     if stat.S_ISBLK(st.st_mode):
         return stat.S_ISBLK(there.st_mode) and st.st_rdev == there.st_rdev
     return (st.st_dev, st.st_ino) == (there.st_dev, there.st_ino)
+
+
+# A volume being made when vsfs died, recorded before the backend could say what it made,
+# is taken for the volume found under its name only if that is as the backend would have
+# left it, and made no sooner than the record (the file's ctime, on a coarse clock) nor
+# much later (the daemon died within the creation).
+_CLOCK_SLACK_NS = 1_000_000_000
+_MAKING_BOUND_NS = 60_000_000_000
+# LVM rounds a size up to whole extents.
+_ROUNDING = 64 << 20
+
+
+# FS_IOC_GETVERSION (linux/fs.h): the generation of an inode on ext2/3/4, xfs and btrfs.
+_FS_IOC_GETVERSION = 0x80087601
+
+
+def _identity(fd: int) -> tuple[os.stat_result, int]:
+    """An open file's stat and its inode's generation, which tells it from a later file
+    given the same inode number (ext4 gives a freed number to the next file at once); -1
+    where the filesystem keeps none (tmpfs, which does not give numbers again soon).
+    Blocking."""
+    buf = bytearray(8)
+    try:
+        fcntl.ioctl(fd, _FS_IOC_GETVERSION, buf)
+        gen: int = struct.unpack("=I", buf[:4])[0]  # the kernel writes an int
+    except OSError:
+        gen = -1
+    return os.fstat(fd), gen
+
+
+def _cut_short(rec: InFlight, vol: Volume) -> bool | None:
+    """Whether ``vol`` is the volume ``rec`` records as being made when vsfs died; None
+    when its pool cannot tell (a path served on demand). Blocking."""
+    if rec.kind == "other":
+        return None
+    if rec.kind == "block" or (not rec.kind and rec.size >= 0):
+        try:
+            st = os.stat(vol.path)  # through its link (/dev/VG/LV)
+        except OSError:
+            return False
+        if not stat.S_ISBLK(st.st_mode):
+            return False
+        if rec.kind == "block":
+            return st.st_rdev == rec.dev and vol.key == rec.key
+        # Killed while the backend made it: a device of the size asked.
+        return rec.size <= vol.capacity < rec.size + _ROUNDING
+    try:
+        fd = os.open(vol.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # gone, or a link: not what vsfs made
+    try:
+        st, gen = _identity(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if rec.kind == "file":
+        # The generation, where there is one, rather than the device number: a filesystem
+        # mounted again (a netfs pool, an image on another loop device) gets a new one.
+        same = gen == rec.gen if rec.gen >= 0 else st.st_dev == rec.dev
+        return same and st.st_ino == rec.ino
+    # Killed while the backend made it: an empty file, made since the record.
+    return (st.st_size == 0 and rec.since_ns - _CLOCK_SLACK_NS <= st.st_ctime_ns
+            <= rec.since_ns + _MAKING_BOUND_NS)
 
 
 def command_words(line: str) -> list[str]:
@@ -186,6 +260,10 @@ class Manager:
         self._define_lock = trio.Lock()
         self.host = HostDevices()
         self.services = Services(SecretStore(state.path / "secrets"), runtime_dir(state.path))
+        self.journal = UploadJournal(state.path / JOURNAL_NAME)
+        # Whether the state directory is on a local filesystem: the journal's few syscalls
+        # then run inline, as Backend.quick_io does (set by load).
+        self._journal_inline = False
 
     def set_invalidator(self, invalidate: Invalidator,
                         forget_link: LinkForgetter | None = None) -> None:
@@ -201,6 +279,19 @@ class Manager:
     async def load(self) -> None:
         """Read every definition, adopt pools that are already up, start autostart ones."""
         await trio.to_thread.run_sync(self.state.ensure)
+
+        def after_a_crash() -> None:
+            # What killed writes left: temporary files (here and in the runtime directory,
+            # per pool), links of undefined pools, uploads in flight (dealt with as each
+            # pool starts: _activate).
+            self.state.remove_litter()
+            run = self.services.run_dir
+            for directory in [run, *(run.iterdir() if run.is_dir() else [])]:
+                if directory.is_dir() and not directory.is_symlink():
+                    remove_temporaries(directory)
+            self.journal.recover()
+            self._journal_inline = filesystem_type(str(self.state.path)) in LOCAL_FILESYSTEMS
+        await trio.to_thread.run_sync(after_a_crash)
         await self.host.refresh()
         stored = await trio.to_thread.run_sync(lambda: list(self.state.load()))
         uuids: dict[str, str] = {}
@@ -406,6 +497,13 @@ class Manager:
                 raise Busy(f"pool {name!r} is active; stop it before undefining it")
             await trio.to_thread.run_sync(self.state.remove, name)
             del self.pools[name]
+            for rec in self.journal.left_in(entry.pool.uuid):
+                # Its storage stays, and no start of it will come to remove the volume.
+                log.warning("pool %s: volume %s was being written when vsfs stopped and "
+                            "may be incomplete; it stays, as the pool's storage does", name,
+                            rec.name)
+                with contextlib.suppress(VsfsError):
+                    await self._journal_io(self.journal.forget, rec)
         self._gone("pools", name)
         log.info("pool %s undefined", name)
 
@@ -493,6 +591,9 @@ class Manager:
         if start:
             await entry.backend.start()
         try:
+            # What a killed daemon left half-made (a copy under a temporary name), at a
+            # start and at the adoption of a pool still up (a mounted fs pool) alike.
+            await entry.backend.remove_leftovers()
             snap = await entry.backend.refresh()
         except BaseException:
             if start:
@@ -503,8 +604,38 @@ class Manager:
                         log.error("pool %s: undoing start failed: %s", entry.pool.name, e)
             raise
         self._apply(entry, snap)
+        if self.journal.left:
+            await self._remove_cut_short(entry)
         entry.state = PoolState.RUNNING
         log.info("pool %s active with %d volumes", entry.pool.name, len(entry.volumes))
+
+    async def _remove_cut_short(self, entry: PoolEntry) -> None:
+        """Remove the volumes a killed daemon was still making through a file handle (the
+        journal's records it left in flight): a volume of partial size would look like
+        any other, and a VM given it would boot a truncated disk. Only the volume that
+        was recorded, never one made since under the same name."""
+        for rec in self.journal.left_in(entry.pool.uuid):
+            vol = entry.volumes.get(rec.name)
+            if vol is not None:
+                ours = await trio.to_thread.run_sync(_cut_short, rec, vol)
+                if ours is None:
+                    log.warning("pool %s: volume %s may be incomplete: vsfs stopped while it "
+                                "was being written, and a %s pool cannot tell whether it is "
+                                "still that volume; check it", entry.pool.name, rec.name,
+                                entry.pool.type)
+                elif not ours:
+                    log.info("pool %s: volume %s is not the one vsfs was writing when it "
+                             "stopped: left alone", entry.pool.name, rec.name)
+                elif await self._discard(entry, vol):
+                    log.warning("pool %s: volume %s removed: vsfs stopped while it was being "
+                                "written through a file handle, so it is incomplete",
+                                entry.pool.name, rec.name)
+                else:
+                    continue  # still recorded: tried again at the next start
+            try:
+                await self._journal_io(self.journal.forget, rec)
+            except VsfsError as e:
+                log.error("pool %s: %s", entry.pool.name, e)
 
     def _deactivate(self, entry: PoolEntry) -> None:
         names = list(entry.volumes)
@@ -617,14 +748,30 @@ class Manager:
                 raise Invalid(f"pool {pool!r} is not active")
             if name in entry.volumes:
                 raise Exists(f"volume {name!r} already exists in pool {pool!r}")
-            # Empty at first: its size is checked against free space when set.
-            made = await entry.backend.create_upload(VolumeDef(name=name, capacity=0,
-                                                               format="raw"))
+            # In the journal before it is made, so that a daemon killed before it is
+            # settled leaves no half-written volume (volumes made at their size are
+            # recorded when truncate makes them).
+            rec = (None if entry.backend.sized_at_creation
+                   else await self._journal_io(self.journal.begin, entry.pool.uuid, name))
+            try:
+                # Empty at first: its size is checked against free space when set.
+                made = await entry.backend.create_upload(VolumeDef(name=name, capacity=0,
+                                                                   format="raw"))
+            except BaseException:
+                if rec is not None:
+                    with trio.CancelScope(shield=True):
+                        await self._journal_io(self.journal.end, rec)
+                raise
             fd = -1
             if made is not None:
                 vol, fd = made
                 entry.volumes[name] = vol
-        upload = Upload(pool, name, fd)
+                if rec is not None:
+                    rec = await self._made(entry, rec, vol, fd)
+            elif rec is not None:
+                await self._journal_io(self.journal.end, rec)
+                rec = None
+        upload = Upload(pool, name, fd, record=rec, in_flight=rec is not None)
         self.uploads[(pool, name)] = upload
         log.info("volume %s/%s created for writing", pool, name)
         return upload
@@ -636,10 +783,20 @@ class Manager:
                 # Backends whose volumes need a size (partitions) make them now.
                 async with entry.locked():
                     await self._check_space(entry, size)
-                    made, upload.fd = await entry.backend.create_sized_upload(
-                        VolumeDef(name=upload.name, capacity=size, format="raw"))
+                    rec = await self._journal_io(self.journal.begin, entry.pool.uuid,
+                                                 upload.name, size)
+                    try:
+                        made, fd = await entry.backend.create_sized_upload(
+                            VolumeDef(name=upload.name, capacity=size, format="raw"))
+                    except BaseException:
+                        with trio.CancelScope(shield=True):
+                            await self._journal_io(self.journal.end, rec)
+                        raise
                     entry.volumes[made.name] = made
+                    upload.record = await self._made(entry, rec, made, fd)
+                    upload.fd, upload.in_flight = fd, True
                 return
+            await self.changing_upload(upload)
             await entry.backend.truncate_upload(upload.fd, size)
         except (NoSpace, Invalid):
             # Refused before anything changed: the writer may try another size. A volume
@@ -653,6 +810,46 @@ class Manager:
         current = None if upload.orphaned else entry.volumes.get(upload.name)
         if current is not None and current.format == "raw":
             entry.volumes[upload.name] = replace(current, capacity=size, physical=size)
+
+    async def changing_upload(self, upload: Upload) -> None:
+        """Before an upload's volume changes after it was settled (through a descriptor
+        still open: a shell's `> V` closes its first copy before writing): in flight again
+        until the next close settles it, so that a daemon killed meanwhile leaves nothing
+        half-written."""
+        if upload.record is not None and not upload.in_flight and not upload.orphaned:
+            await self._journal_io(self.journal.put, upload.record)
+            upload.in_flight = True
+
+    async def _made(self, entry: PoolEntry, rec: InFlight, vol: Volume, fd: int) -> InFlight:
+        """Record in the journal what the backend made for an upload: its inode, or its
+        device, so that only that is ever removed after a crash, never a volume made later
+        under the same name. What cannot be recorded is undone."""
+        try:
+            st, gen = await entry.backend.quick_io(_identity, fd)
+            if stat.S_ISBLK(st.st_mode):
+                return await self._journal_io(self.journal.identify, rec, "block",
+                                              st.st_rdev, 0, -1, vol.key)
+            if stat.S_ISREG(st.st_mode) and not entry.backend.on_demand_paths:
+                return await self._journal_io(self.journal.identify, rec, "file",
+                                              st.st_dev, st.st_ino, gen, vol.key)
+            # A path served on demand (an export): its inode says nothing later.
+            return await self._journal_io(self.journal.identify, rec, "other", 0, 0, -1,
+                                          vol.key)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                with contextlib.suppress(OSError):
+                    await entry.backend.quick_io(os.close, fd)
+                await self._discard(entry, vol)
+                with contextlib.suppress(VsfsError):
+                    await self._journal_io(self.journal.end, rec)
+            raise
+
+    async def _journal_io(self, fn: Callable[..., T], *args: object) -> T:
+        """A call on the journal of uploads: a few syscalls, inline when the state
+        directory is local, else in a worker thread (a network filesystem may hang)."""
+        if self._journal_inline:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
 
     async def finish_upload(self, upload: Upload, last: bool = False) -> None:
         """Settle a volume made through a file handle, at each close of it.
@@ -678,6 +875,7 @@ class Manager:
         vol = entry.volumes.get(upload.name) if entry is not None else None
         bad = upload.failed or upload.refused
         removed = False
+        kept = False  # a bad volume that could not be removed: left to the next start
         if entry is not None and vol is not None and (bad or upload.written):
             async with entry.locked():
                 if upload.fd >= 0 and not await entry.backend.quick_io(
@@ -685,11 +883,12 @@ class Manager:
                     # Replaced behind vsfs's back: that volume is not this upload's.
                     self._let_go(upload)
                 elif bad:
-                    await self._discard(entry, vol)
+                    kept = not await self._discard(entry, vol)
                     self._let_go(upload)
-                    removed = True
-                    log.info("volume %s/%s removed: its upload %s", upload.pool,
-                             upload.name, "failed" if upload.failed else "was refused its size")
+                    removed = not kept
+                    if removed:
+                        log.info("volume %s/%s removed: its upload %s", upload.pool, upload.name,
+                                 "failed" if upload.failed else "was refused its size")
                 else:
                     upload.written = False
                     # Bytes came in: they may be an image (a qcow2 copied in).
@@ -697,6 +896,11 @@ class Manager:
                         entry.volumes[upload.name] = await entry.backend.volume(upload.name)
                     except NotFound:
                         entry.volumes.pop(upload.name, None)
+        if upload.in_flight and upload.record is not None and not kept:
+            # Settled (complete, gone, or not its own) before the writer's close returns:
+            # a crash from now on must not take it away.
+            await self._journal_io(self.journal.end, upload.record)
+            upload.in_flight = False
         if removed and not first:
             # Listed before: the kernel may hold its symlink for a while.
             self._gone("pools", upload.pool, "volumes", upload.name)
@@ -735,14 +939,18 @@ class Manager:
                 else:
                     await trio.to_thread.run_sync(os.close, fd)
 
-    async def _discard(self, entry: PoolEntry, vol: Volume) -> None:
+    async def _discard(self, entry: PoolEntry, vol: Volume) -> bool:
+        """Remove a volume that must not stay (a failed upload); whether it is gone. One
+        that stays (in use, say) stays listed: the journal has it removed at the next start."""
         try:
             await entry.backend.delete_volume(vol)
         except NotFound:
             pass
         except VsfsError as e:
             log.error("volume %s/%s: could not remove it: %s", entry.pool.name, vol.name, e)
+            return False
         entry.volumes.pop(vol.name, None)
+        return True
 
     async def delete_volume(self, pool: str, name: str) -> None:
         entry = self.running_entry(pool)
@@ -863,7 +1071,18 @@ class Manager:
             vdef = VolumeDef(name=new_name, capacity=src.capacity,
                              format=None if src.format == "dir" else data_format(src.format),
                              perms=Permissions(src.mode, src.owner, src.group))
-            vol = await dest.backend.clone_volume(vdef, src)
+            # A volume made at its size (an LV, a partition) has its name while the bytes
+            # go in (file pools copy under a temporary name): in the journal of uploads
+            # until the copy is done, so that a kill meanwhile leaves no half-copied volume.
+            rec = (await self._journal_io(self.journal.begin, dest.pool.uuid, new_name,
+                                          src.capacity)
+                   if dest.backend.sized_at_creation else None)
+            try:
+                vol = await dest.backend.clone_volume(vdef, src)
+            finally:
+                if rec is not None:
+                    with trio.CancelScope(shield=True):
+                        await self._journal_io(self.journal.end, rec)
             dest.volumes[new_name] = vol
         log.info("volume %s/%s cloned to %s/%s", pool, name, dest_pool, new_name)
         return vol
