@@ -9,7 +9,7 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -184,6 +184,7 @@ class DirBackend(Backend):
         self._dir_sig: tuple[int, int] | None = None
         # Whether the target is on a local filesystem (set at each refresh).
         self._local = False
+        self._open_files: blockdev.OpenFiles | None = None
 
     @classmethod
     def validate(cls, pool: PoolDef) -> None:
@@ -651,6 +652,19 @@ class DirBackend(Backend):
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise NotEmpty(f"directory volume {vol.path} is not empty") from None
             raise BackendFailed(f"removing {vol.path}: {e.strerror}") from None
+
+    async def volume_users(self, vols: Collection[Volume]) -> dict[str, list[str]]:
+        # A file a guest or any tool holds open (not only a device): removing, shrinking
+        # or zeroing it would pull its data from under that process. One scan of /proc,
+        # shared by the checks of a tenth of a second (blockdev.OpenFiles), so that `rm`
+        # of a thousand volumes does not make a thousand scans.
+        files = {v.path: v.name for v in vols if v.type == "file"}
+        if not files:
+            return {}
+        if self._open_files is None or self._open_files.directory != self.root:
+            self._open_files = blockdev.OpenFiles(self.root)
+        found = await self._open_files.holders(list(files))
+        return {files[p]: why for p, why in found.items()}
 
     async def rename_volume(self, vol: Volume, new_name: str) -> Volume:
         new_path = self.path_of(new_name)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mount, sh
+from holders import holding
 from rng import assert_valid
 
 from vsfs.tree import readme_text
@@ -404,3 +405,27 @@ def test_values_and_commands_are_taken_whole(vsfs: Mount) -> None:
     assert "in order" in vsfs.error()
     assert os.stat(target / "v").st_size == 2 << 30
     vsfs.assert_clean_log()
+
+
+def test_a_file_held_open_is_in_use(vsfs: Mount) -> None:
+    """A guest's disk is a file some process holds open: rm, shrink, wipe and the pool's
+    stop are EBUSY and change nothing, naming the process; growing is fine; once it is
+    closed, everything works at once."""
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    sh(f"truncate -s 1M {p}/volumes/v && echo data > {target}/v", check=True)
+    sh(f"truncate -s 1M {p}/volumes/w", check=True)
+    with holding(p / "volumes" / "v", redirect="<") as pid:
+        for cmd in (f"rm {p}/volumes/v", f"echo wipe > {p}/volinfo/v/ctl",
+                    f"echo 1K > {p}/volinfo/v/capacity", f"echo 'shrink 1K' > {p}/volinfo/v/ctl",
+                    f"echo delete > {p}/volinfo/v/ctl", f"echo stop > {p}/ctl"):
+            res = sh(cmd)
+            assert "Device or resource busy" in res.stderr, (cmd, res.stderr)
+            assert f"is open in process {pid} (sleep)" in vsfs.error(), vsfs.error()
+        assert (target / "v").read_bytes() == b"data\n"
+        assert (p / "state").read_text() == "running\n"
+        # Growing takes nothing from the holder; other volumes are not in use.
+        sh(f"echo 2M > {p}/volinfo/v/capacity", check=True)
+        sh(f"rm {p}/volumes/w", check=True)
+    sh(f"rm {p}/volumes/v", check=True)
+    assert not (target / "v").exists()
