@@ -288,6 +288,27 @@ def test_kill9_midway_through_cp_leaves_no_volume(vsfs: Mount) -> None:
     assert "volume empty removed" in log
 
 
+def test_kill9_while_a_redirection_writes_leaves_no_volume(vsfs: Mount) -> None:
+    """`cat img > V`: the shell opens V, duplicates it and closes the first descriptor
+    before cat writes anything, which settles V (empty) at once; the data comes later
+    through the copy. Killed then, V is half-written: gone at the next start too."""
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    sh(f"echo yes > {p}/autostart", check=True)
+    first = os.open(p / "volumes" / "redirected", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    copy = os.dup(first)
+    os.close(first)  # settled: listed, empty, not in flight any more
+    os.write(copy, b"x" * (3 * MiB))
+    kill_daemon(vsfs)
+    with contextlib.suppress(OSError):
+        os.close(copy)
+    detach(vsfs.path)
+    vsfs.start()
+    assert os.listdir(p / "volumes") == []
+    assert os.listdir(target) == []
+    assert "volume redirected removed" in vsfs.log.read_text()
+
+
 def fs_pool(m: Mount, dev: str, name: str = "f") -> Path:
     """An autostart fs pool on ``dev`` (ext4, made by build), started; its mount point."""
     target = m.base / f"{name}-mnt"

@@ -789,6 +789,9 @@ class Operations(pyfuse3.Operations):
             self.tree.record_error(handle.uid, f"volume {upload.name} was removed after a "
                                    "failed write")
             raise pyfuse3.FUSEError(errno.EIO)
+        # Written after it was settled (a shell's `> V` closed its first descriptor before
+        # any data came): in flight again, so a daemon killed now leaves no half volume.
+        await self.tree.m.changing_upload(upload)
         upload.written = True
         fd = upload.fd
         try:
