@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 from conftest import Mount, sh
+
+from vsfs.watchdog import mount_device
 
 pytestmark = pytest.mark.fuse
 
@@ -591,3 +597,43 @@ def test_backing_stores_named_another_way_are_in_use(vsfs: Mount) -> None:
             assert f"backing store of p/{top}" in vsfs.error()
     assert sorted(os.listdir(target)) == ["b1", "b2", "o1", "o2"]
     vsfs.assert_clean_log()
+
+
+@pytest.mark.root
+def test_unprivileged_daemon_is_denied_not_failed() -> None:
+    """A daemon run by a user who may not make the pool's directory: `build` is EACCES
+    (the caller may not do this), not EIO, and the reason is in MNT/error."""
+    base = Path(tempfile.mkdtemp(prefix="vsfs-user-"))
+    nobody = "65534"
+    proc = None
+    try:
+        os.chown(base, 65534, 65534)
+        mnt = base / "mnt"
+        mnt.mkdir()
+        os.chown(mnt, 65534, 65534)
+        # Started as that user; root cannot look into a mount of another user without
+        # allow_other, so the mount table says when it is there.
+        proc = subprocess.Popen(["setpriv", f"--reuid={nobody}", f"--regid={nobody}",
+                                 "--clear-groups", sys.executable, "-m", "vsfs", "mount",
+                                 str(mnt), "--foreground", "--state-dir", str(base / "state"),
+                                 "--log-file", str(base / "vsfs.log")])
+        deadline = time.monotonic() + 20
+        while mount_device(str(mnt)) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "vsfs did not mount"
+            time.sleep(0.02)
+        xml = base / "p.xml"
+        xml.write_text("<pool type='dir'><name>p</name><target><path>/root/vsfs-denied/"
+                       "images</path></target></pool>")
+        sh(f"cat {xml} > {mnt}/pools/define", check=True, user=nobody)
+        res = sh(f"echo build > {mnt}/pools/p/ctl", user=nobody)
+        assert res.returncode != 0 and "Permission denied" in res.stderr, res.stderr
+        error = sh(f"cat {mnt}/error", user=nobody).stdout
+        assert "mkdir /root/vsfs-denied/images: Permission denied" in error
+        assert not os.path.exists("/root/vsfs-denied")
+    finally:
+        if proc is not None:
+            subprocess.run(["fusermount3", "-u", str(base / "mnt")], check=False)
+            assert proc.wait(timeout=30) == 0
+        log = (base / "vsfs.log").read_text() if (base / "vsfs.log").exists() else ""
+        shutil.rmtree(base, ignore_errors=True)
+    assert "Traceback" not in log, log
