@@ -125,6 +125,13 @@ def test_mount_failures_say_why(tmp_path: Path, case: str) -> None:
 def test_mount_over_dead_mount_says_so(mount_factory) -> None:
     m = mount_factory()
     assert m.proc is not None
+    # The daemon's watchdog would detach the dead mount (test_faults.py): end it first,
+    # as if it could not act, to see what a mount over a dead one says.
+    children = Path(f"/proc/{m.proc.pid}/task/{m.proc.pid}/children").read_text().split()
+    watchdogs = [pid for pid in children
+                 if b"vsfs.watchdog" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(watchdogs) == 1, children
+    os.kill(int(watchdogs[0]), signal.SIGKILL)
     m.proc.kill()
     m.proc.wait()
     m.proc = None
@@ -138,6 +145,24 @@ def test_mount_over_dead_mount_says_so(mount_factory) -> None:
                              check=False)
     assert res.returncode == 0, res.stderr
     assert not os.path.ismount(m.path)
+
+
+def test_one_daemon_per_state_directory(mount_factory, tmp_path: Path) -> None:
+    """A second daemon on the same state directory would take the first one's files in
+    flight for litter: it is refused, naming the first, and mounts nothing."""
+    m = mount_factory()
+    assert m.proc is not None
+    other = tmp_path / "other"
+    other.mkdir()
+    res = subprocess.run([*VSFS, "mount", str(other), "--state-dir", str(m.state)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode != 0
+    assert "is used by another vsfs daemon" in res.stderr, res.stderr
+    assert not os.path.ismount(other)
+    m.stop()
+    # Free again once the first has gone.
+    again = mount_factory(name="again", state=m.state)
+    assert (again.path / "pools").is_dir()
 
 
 def test_copied_libvirt_state_dir(mount_factory, tmp_path: Path) -> None:

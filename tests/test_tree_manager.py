@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from vsfs import fuse_ops
 from vsfs.errors import Busy, Exists, Invalid, NoSpace, NotFound
@@ -305,3 +306,40 @@ def test_volumes_made_by_commands_are_private_until_done(tmp_path: Path) -> None
 def test_bad_ports_are_invalid(port: str) -> None:
     with pytest.raises(Invalid):
         source_query(f"host=h:{port}" if port else "host=h&port=")
+
+
+def test_a_task_waiting_for_an_undefined_pool_acts_on_nothing(tmp_path: Path) -> None:
+    """set_autostart waiting for the lock while the pool is undefined: NotFound, and no
+    autostart link left for a pool that is gone."""
+    async def main() -> None:
+        m, _ = make(tmp_path)
+        await m.load()
+        await m.define_pool(pool_xml("p", tmp_path / "img"))
+        entry = m.pools["p"]
+        release = trio.Event()
+        outcome: list[object] = []
+
+        async def hold() -> None:
+            async with entry.locked():
+                await release.wait()
+
+        async def autostart() -> None:
+            try:
+                await m.set_autostart("p", True)
+                outcome.append("done")
+            except NotFound as e:
+                outcome.append(e)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(hold)
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(m.undefine_pool, "p")
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(autostart)
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+        assert "p" not in m.pools
+        assert len(outcome) == 1 and isinstance(outcome[0], NotFound), outcome
+        assert not (tmp_path / "state" / "autostart" / "p.xml").is_symlink()
+
+    trio.run(main)

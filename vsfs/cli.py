@@ -222,7 +222,15 @@ def run_daemon(mnt: Path, state_dir: Path, args: argparse.Namespace) -> int:
 async def serve(mnt: Path, state_dir: Path, allow_other: bool,
                 tell: Callable[[str], None], read_spin_us: int = READ_SPIN_US,
                 log_file: Path | None = None) -> None:
-    manager = Manager(StateDir(state_dir))
+    state = StateDir(state_dir)
+    try:
+        # Held until this process ends: what load() removes as litter is no one else's.
+        state_lock = state.lock()
+    except VsfsError as e:
+        raise Refused(e.message) from None
+    except OSError as e:
+        raise Refused(f"state directory {state_dir}: {e.strerror}") from None
+    manager = Manager(state)
     tree = Tree(manager)
     ops = Operations(tree, os.getuid(), os.getgid())
     manager.set_invalidator(ops.invalidate, ops.forget_link)
@@ -263,6 +271,7 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
         with contextlib.suppress(OSError):
             manager.services.run_dir.rmdir()  # when no pool keeps files there
         del watchdog
+        os.close(state_lock)
 
 
 def start_watchdog(mnt: Path, log_file: Path | None) -> subprocess.Popen[bytes] | None:

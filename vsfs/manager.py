@@ -77,19 +77,25 @@ class _Held:
     switch (see the pyfuse3 fast-loop patch), and most volume operations take
     their pool's lock uncontended."""
 
-    __slots__ = ("lock",)
+    __slots__ = ("entry",)
 
-    def __init__(self, lock: trio.Lock) -> None:
-        self.lock = lock
+    def __init__(self, entry: PoolEntry) -> None:
+        self.entry = entry
 
     async def __aenter__(self) -> None:
+        lock = self.entry.lock
         try:
-            self.lock.acquire_nowait()
+            lock.acquire_nowait()
         except trio.WouldBlock:
-            await self.lock.acquire()
+            await lock.acquire()
+            if self.entry.undefined:
+                # Undefined while we waited (and maybe defined anew: another entry). What
+                # was asked of this pool has nothing left to act on.
+                lock.release()
+                raise NotFound(f"pool {self.entry.pool.name!r} was undefined meanwhile")
 
     async def __aexit__(self, *exc: object) -> None:
-        self.lock.release()
+        self.entry.lock.release()
 
 
 @dataclass
@@ -105,6 +111,8 @@ class PoolEntry:
     # When each volume, or the whole pool, was last read from the backend.
     read_at: dict[str, float] = field(default_factory=dict)
     scanned_at: float = float("-inf")
+    # Undefined: a task that waited for its lock must not act on it any more.
+    undefined: bool = False
 
     @property
     def running(self) -> bool:
@@ -112,7 +120,7 @@ class PoolEntry:
 
     def locked(self) -> _Held:
         """The pool's lock, held for one change of the pool or its volumes."""
-        return _Held(self.lock)
+        return _Held(self)
 
 
 _upload_serials = itertools.count(1)
@@ -497,6 +505,7 @@ class Manager:
                 raise Busy(f"pool {name!r} is active; stop it before undefining it")
             await trio.to_thread.run_sync(self.state.remove, name)
             del self.pools[name]
+            entry.undefined = True
             for rec in self.journal.left_in(entry.pool.uuid):
                 # Its storage stays, and no start of it will come to remove the volume.
                 log.warning("pool %s: volume %s was being written when vsfs stopped and "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import fcntl
 import itertools
 import json
 import logging
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import BackendFailed, Invalid, VsfsError
+from .errors import BackendFailed, Busy, Invalid, VsfsError
 from .model import PoolDef
 from .xmlio import format_pool, parse_pool
 
@@ -113,6 +114,22 @@ class StateDir:
             raise BackendFailed(f"state directory {self.path}: {e.strerror}") from None
         if not os.access(self.path, os.R_OK | os.W_OK | os.X_OK):
             raise BackendFailed(f"state directory {self.path}: not readable and writable")
+
+    def lock(self) -> int:
+        """Take the state directory for this daemon alone, for as long as it lives (the
+        kernel lets go of the lock when the process ends, however it ends); the lock's
+        descriptor. Two daemons on one directory would remove each other's temporary files
+        and uploads in flight as litter. The lock is on the directory itself, so that it
+        holds however the directory is spelled and adds no file to libvirt's layout.
+        Busy when another daemon has it."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(f"state directory {self.path} is used by another vsfs daemon; "
+                       "one daemon per state directory") from None
+        return fd
 
     def _file(self, name: str) -> Path:
         return self.path / f"{name}.xml"
