@@ -86,13 +86,15 @@ class _Held:
         lock = self.entry.lock
         try:
             lock.acquire_nowait()
+            return
         except trio.WouldBlock:
-            await lock.acquire()
-            if self.entry.undefined:
-                # Undefined while we waited (and maybe defined anew: another entry). What
-                # was asked of this pool has nothing left to act on.
-                lock.release()
-                raise NotFound(f"pool {self.entry.pool.name!r} was undefined meanwhile")
+            pass
+        await lock.acquire()
+        if self.entry.undefined:
+            # Undefined while we waited (and maybe defined anew: another entry). What was
+            # asked of this pool has nothing left to act on.
+            lock.release()
+            raise NotFound(f"pool {self.entry.pool.name!r} was undefined meanwhile")
 
     async def __aexit__(self, *exc: object) -> None:
         self.entry.lock.release()
