@@ -95,3 +95,67 @@ def test_killed_daemon_frees_its_mount(mount_factory: Callable[..., Mount]) -> N
     wait_for(lambda: not os.path.ismount(m.path), "the watchdog to detach the mount")
     m.start()
     assert (m.path / "pools" / "p" / "state").read_text() == "running\n"
+
+
+def _mounted(mnt: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(mnt) for line in f)
+
+
+def test_watchdog_finds_a_mount_point_reached_through_a_symlink(tmp_path: Path) -> None:
+    """The kernel lists a mount under its real path; the one given may lead through a
+    symlink (/var/run is /run on Debian). The watchdog must look for it there, or a
+    killed daemon's mount stays dead."""
+    real = tmp_path / "real"
+    (real / "mnt").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real)
+    m = Mount(tmp_path / "link" / "mnt", tmp_path / "state", tmp_path / "mnt.log", tmp_path)
+    m.start()
+    try:
+        assert m.proc is not None
+        m.proc.kill()
+        m.proc.wait(timeout=30)
+        wait_for(lambda: not _mounted(real / "mnt"), "the watchdog to detach the mount")
+    finally:
+        if m.proc is not None and m.proc.stderr:
+            m.proc.stderr.close()
+        subprocess.run(["fusermount3", "-u", "-z", str(real / "mnt")], check=False,
+                       capture_output=True)
+    assert "no watchdog" not in m.log.read_text()
+
+
+def _watchdogs(pid: int) -> list[str]:
+    """The watchdog among a daemon's children (others run commands: ldconfig, at import)."""
+    found = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"vsfs.watchdog" in argv or b"setpriv" in argv[:1]:
+            found.append(child)
+    return found
+
+
+def test_a_daemon_killed_as_its_watchdog_starts_frees_its_mount(tmp_path: Path) -> None:
+    """Killed the moment its watchdog is started, while the watchdog's Python is still
+    starting: the parent-death signal must wait for the watchdog to take it, not end it."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "vsfs", "mount", str(mnt),
+                                 "--foreground", "--state-dir", str(tmp_path / "state"),
+                                 "--log-file", str(tmp_path / "mnt.log")],
+                                stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        try:
+            while not _watchdogs(proc.pid):  # the moment it is started
+                assert proc.poll() is None and time.monotonic() < deadline, "no watchdog"
+        finally:
+            proc.kill()
+            proc.wait()
+        try:
+            wait_for(lambda: not _mounted(mnt), f"the watchdog to detach the mount ({attempt})")
+        finally:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False,
+                           capture_output=True)

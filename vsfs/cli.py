@@ -235,6 +235,10 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
     ops = Operations(tree, os.getuid(), os.getgid())
     manager.set_invalidator(ops.invalidate, ops.forget_link)
     await manager.load()
+    # The kernel lists the mount under its real path: the one given may lead through a
+    # symlink (/var/run is /run on Debian). Resolved now: once mounted, resolving it
+    # would ask this very daemon, which does not answer yet.
+    real_mnt = os.path.realpath(mnt)
     options = set(pyfuse3.default_options)
     options |= {"fsname=vsfs", "subtype=vsfs"}
     if allow_other:
@@ -243,7 +247,7 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
         pyfuse3.init(ops, str(mnt), options)
     except RuntimeError as e:
         raise Refused(f"cannot mount {mnt}: {e}") from None
-    watchdog = start_watchdog(mnt, log_file)
+    watchdog = start_watchdog(real_mnt, log_file)
     ops.notifier.start()
     ops.mounted = True
     set_read_spin(read_spin_us)
@@ -274,24 +278,30 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
         os.close(state_lock)
 
 
-def start_watchdog(mnt: Path, log_file: Path | None) -> subprocess.Popen[bytes] | None:
+def start_watchdog(mnt: str, log_file: Path | None) -> subprocess.Popen[bytes] | None:
     """The process that frees the mount if this daemon dies without unmounting it
-    (vsfs/watchdog.py). Started from the main thread: the kernel signals it when this
-    thread ends, however it ends."""
-    device = mount_device(str(mnt))
+    (vsfs/watchdog.py), at ``mnt`` as the kernel lists it (its real path). Started from
+    the main thread: the kernel signals it when this thread ends, however it ends."""
+    device = mount_device(mnt)
     if device is None or shutil.which("setpriv") is None:
         log.warning("no watchdog for %s: %s", mnt, "setpriv is missing (util-linux)"
                     if device is not None else "the mount is not in /proc/self/mountinfo")
         return None
     argv = ["setpriv", "--pdeathsig", "TERM", "--", sys.executable, "-m", "vsfs.watchdog",
-            str(os.getpid()), device, str(mnt)]
+            str(os.getpid()), device, mnt]
     if log_file is not None:
         argv.append(str(log_file))
     # Its own session: a terminal's signals are for the daemon. No descriptor of ours:
-    # holding /dev/fuse would keep the very connection it may have to abort.
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, close_fds=True,
-                            start_new_session=True)
+    # holding /dev/fuse would keep the very connection it may have to abort. The
+    # parent-death signal blocked from the start (the mask goes through exec): one that
+    # came while its Python starts would end it before it could take the signal.
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, close_fds=True,
+                                start_new_session=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 async def keep_running(name: str, task: Callable[[], Awaitable[None]]) -> None:
