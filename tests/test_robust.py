@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from pathlib import Path
 
 import pyfuse3
@@ -14,7 +15,7 @@ import trio
 from test_tree_manager import Ctx, make, pool_xml
 
 from vsfs.cli import keep_running
-from vsfs.fuse_ops import Operations
+from vsfs.fuse_ops import Notifier, Operations
 from vsfs.tree import Tree
 
 
@@ -92,3 +93,21 @@ def test_keep_running_starts_a_failed_task_again(caplog: pytest.LogCaptureFixtur
     assert len(runs) == 3
     assert runs[2] - runs[1] >= 1.0  # not in a tight loop
     assert caplog.text.count("the test task failed; starting it again") == 2
+
+
+def test_a_lazy_invalidation_goes_within_a_moment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lazy invalidation (an upload's dentry, once closed) waits LAZY_INVALIDATE to go
+    with others, not until something else wakes the notifier: a value file's write
+    (`echo 2G > capacity` after `truncate`) waits for what was queued before it."""
+    sent: list[tuple[int, bytes]] = []
+    monkeypatch.setattr(pyfuse3, "invalidate_entry",
+                        lambda ino, name: sent.append((ino, name)))
+    notifier = Notifier()
+    notifier.start()
+    try:
+        time.sleep(0.1)  # the thread waits for work now
+        notifier.entry(5, b"v", lazy=True)
+        assert notifier.wait_sent(notifier.queued, 0.5), "the lazy invalidation waited"
+        assert sent == [(5, b"v")]
+    finally:
+        notifier.close()

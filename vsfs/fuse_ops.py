@@ -83,7 +83,10 @@ class Notifier:
 
     def __init__(self) -> None:
         self._queue: deque[tuple[str, int, bytes]] = deque()
+        # Set when anything is queued; _urgent when something is that must not wait
+        # LAZY_INVALIDATE for others to go with it.
         self._wake = threading.Event()
+        self._urgent = threading.Event()
         # Held while a call into libfuse runs: the session must outlive it.
         self._calling = threading.Lock()
         self._closed = False
@@ -104,12 +107,14 @@ class Notifier:
         self.queued += 1
         self._queue.append(("entry", parent, name))
         if not lazy:
-            self._wake.set()
+            self._urgent.set()
+        self._wake.set()
 
     def inode(self, ino: int) -> None:
         """Drop what the kernel caches of inode ``ino`` (a symlink's target, say)."""
         self.queued += 1
         self._queue.append(("inode", ino, b""))
+        self._urgent.set()
         self._wake.set()
 
     def wait_sent(self, upto: int, timeout: float) -> bool:
@@ -122,6 +127,7 @@ class Notifier:
         """Stop sending (before the session goes); False if a call still waits in the
         kernel after ``timeout`` seconds, when the session must not be destroyed."""
         self._closed = True
+        self._urgent.set()
         self._wake.set()
         if not self._calling.acquire(timeout=timeout):
             return False
@@ -130,7 +136,11 @@ class Notifier:
 
     def _run(self) -> None:
         while not self._closed:
-            self._wake.wait(LAZY_INVALIDATE if self._queue else None)
+            self._wake.wait()
+            # A lazy one waits a moment for others to go with it, unless one that must
+            # not wait comes meanwhile.
+            self._urgent.wait(LAZY_INVALIDATE)
+            self._urgent.clear()
             self._wake.clear()
             while self._queue and not self._closed:
                 kind, ino, name = self._queue.popleft()
