@@ -416,8 +416,9 @@ def test_a_file_held_open_is_in_use(vsfs: Mount) -> None:
     sh(f"truncate -s 1M {p}/volumes/v && echo data > {target}/v", check=True)
     sh(f"truncate -s 1M {p}/volumes/w", check=True)
     with holding(p / "volumes" / "v", redirect="<") as pid:
+        # v holds 5 bytes now (echo truncated it): 1 byte is a shrink, 1K would be growth.
         for cmd in (f"rm {p}/volumes/v", f"echo wipe > {p}/volinfo/v/ctl",
-                    f"echo 1K > {p}/volinfo/v/capacity", f"echo 'shrink 1K' > {p}/volinfo/v/ctl",
+                    f"echo 1 > {p}/volinfo/v/capacity", f"echo 'shrink 1K' > {p}/volinfo/v/ctl",
                     f"echo delete > {p}/volinfo/v/ctl", f"echo stop > {p}/ctl"):
             res = sh(cmd)
             assert "Device or resource busy" in res.stderr, (cmd, res.stderr)
@@ -429,3 +430,22 @@ def test_a_file_held_open_is_in_use(vsfs: Mount) -> None:
         sh(f"rm {p}/volumes/w", check=True)
     sh(f"rm {p}/volumes/v", check=True)
     assert not (target / "v").exists()
+
+
+def test_a_size_changed_behind_vsfs_is_compared_as_it_is_now(vsfs: Mount) -> None:
+    """A guest's disk grown outside vsfs (qemu's block_resize, a truncate) and held open:
+    a capacity below its new size is a shrink, refused while held, even if vsfs last saw
+    the volume smaller."""
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    sh(f"truncate -s 1M {p}/volumes/v", check=True)
+    assert (p / "volinfo/v/capacity").read_text() == f"{1 << 20}\n"
+    os.truncate(target / "v", 4 << 20)
+    with holding(target / "v", redirect="<") as pid:
+        res = sh(f"echo 2M > {p}/volinfo/v/capacity")
+        assert "Device or resource busy" in res.stderr, res.stderr
+        assert f"is open in process {pid} (sleep)" in vsfs.error(), vsfs.error()
+        assert os.stat(target / "v").st_size == 4 << 20
+    sh(f"echo 2M > {p}/volinfo/v/capacity", check=True)
+    assert os.stat(target / "v").st_size == 2 << 20
+    vsfs.assert_clean_log()

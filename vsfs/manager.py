@@ -999,8 +999,11 @@ class Manager:
     async def resize_volume(self, pool: str, name: str, capacity: int) -> Volume:
         entry = self.running_entry(pool)
         async with entry.locked():
-            vol = self.volume(pool, name)
+            self.volume(pool, name)
             entry.backend.require("resize_volume", "resize volumes")
+            # Its size now, not as last read: grown behind vsfs's back (a guest's
+            # block_resize), a smaller capacity is a shrink and must meet the in-use check.
+            vol = entry.volumes[name] = await entry.backend.volume(name)
             if capacity > vol.capacity:
                 await self._check_space(entry, capacity - vol.capacity)
             elif capacity < vol.capacity:
