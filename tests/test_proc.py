@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from trio._core import _thread_cache
 
 from vsfs.errors import CommandNoSpace
 from vsfs.proc import run
@@ -43,5 +44,18 @@ def test_commands_fail_in_english_whatever_the_locale(tmp_path: Path,
             await run(["cp", str(src), "/dev/full"])
         assert e.value.errno == 28  # ENOSPC, not EIO
         assert "No space left on device" in e.value.message
+
+    trio.run(main)
+
+
+def test_a_command_that_dies_with_the_daemon_outlives_the_thread_that_started_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent-death signal (setpriv --pdeathsig) follows the thread that started the
+    command, and trio starts commands from worker threads that it ends once idle (after
+    10 s; 0.2 s here): a long copy must not be killed midway when that thread goes."""
+    monkeypatch.setattr(_thread_cache, "IDLE_TIMEOUT", 0.2)
+
+    async def main() -> None:
+        await run(["sleep", "1.5"], dies_with_daemon=True)
 
     trio.run(main)

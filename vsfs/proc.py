@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shlex
 import subprocess
@@ -46,15 +47,17 @@ async def run(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
 
     log.debug("run: %s", masked(shlex.join(argv)))
     name = argv[0]
-    if dies_with_daemon:
-        argv = ["setpriv", "--pdeathsig", "KILL", "--", *argv]
     try:
-        with trio.fail_after(timeout):
-            result = await trio.run_process(
-                list(argv), capture_stdout=True, capture_stderr=True, check=False,
-                stdin=subprocess.DEVNULL, env=command_env(env), umask=umask,
-            )
-    except trio.TooSlowError:
+        if dies_with_daemon:
+            result = await _run_held(["setpriv", "--pdeathsig", "KILL", "--", *argv],
+                                     timeout, command_env(env), umask)
+        else:
+            with trio.fail_after(timeout):
+                result = await trio.run_process(
+                    list(argv), capture_stdout=True, capture_stderr=True, check=False,
+                    stdin=subprocess.DEVNULL, env=command_env(env), umask=umask,
+                )
+    except (trio.TooSlowError, subprocess.TimeoutExpired):
         raise BackendFailed(f"{name}: no answer after {timeout:g} s") from None
     except OSError as e:
         raise BackendFailed(f"{name}: {e.strerror}") from None
@@ -68,3 +71,29 @@ async def run(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
             raise CommandNoSpace(f"{name}: {last}", result.returncode, stderr)
         raise BackendFailed(f"{name}: {last}", result.returncode, stderr)
     return result.stdout.decode(errors="replace")
+
+
+# The threads that wait for commands which die with the daemon: as many as there are such
+# commands, apart from trio's default limiter, which request handlers share.
+_HOLDERS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("vsfs_holders")
+
+
+async def _run_held(argv: list[str], timeout: float, env: dict[str, str],
+                    umask: int) -> subprocess.CompletedProcess[bytes]:
+    """Run a command under ``setpriv --pdeathsig`` from a thread that waits for it.
+
+    The parent-death signal follows the thread that started the process, not the
+    daemon, and trio starts commands from worker threads that it ends after 10 s idle:
+    a copy started so would be killed then, midway. The thread that starts this one
+    waits for it, so it ends only with the command, or with the daemon. A trio
+    cancellation waits for the command to end (no caller cancels one now; a job's
+    cancel would have to kill it)."""
+    try:
+        limiter = _HOLDERS.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(math.inf)
+        _HOLDERS.set(limiter)
+    return await trio.to_thread.run_sync(
+        lambda: subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL,
+                               env=env, umask=umask, timeout=timeout, check=False),
+        limiter=limiter)
