@@ -82,6 +82,17 @@ def _put_in_place(tmp: str, path: str) -> None:
         return
     os.unlink(tmp)
 
+def _open_volume(vol: Volume, flags: int) -> int:
+    """Open a volume's file to change it: gone behind vsfs's back is ENOENT, a refusal
+    (an immutable file, a program running from it) the contract's errno, never EIO."""
+    try:
+        return os.open(vol.path, flags | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"{vol.path} is gone (removed behind vsfs's back)") from None
+    except OSError as e:
+        raise os_failure(e, f"opening {vol.path}") from None
+
+
 async def _discard_file(path: str) -> None:
     """Remove what a failed action made, in a worker thread: the pool's filesystem may
     be a network one whose server hangs, and the event loop must go on serving. Runs
@@ -651,7 +662,7 @@ class DirBackend(Backend):
         except OSError as e:
             if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
                 raise NotEmpty(f"directory volume {vol.path} is not empty") from None
-            raise BackendFailed(f"removing {vol.path}: {e.strerror}") from None
+            raise os_failure(e, f"removing {vol.path}") from None
 
     async def volume_users(self, vols: Collection[Volume]) -> dict[str, list[str]]:
         # A file a guest or any tool holds open (not only a device): removing, shrinking
@@ -675,8 +686,10 @@ class DirBackend(Backend):
             try:
                 with self._own_change():
                     os.rename(vol.path, new_path)
+            except FileNotFoundError:
+                raise NotFound(f"{vol.path} is gone (removed behind vsfs's back)") from None
             except OSError as e:
-                raise BackendFailed(f"renaming {vol.path}: {e.strerror}") from None
+                raise os_failure(e, f"renaming {vol.path}") from None
             probe = self._probes.pop(vol.name, None)
             if probe is not None:
                 self._probes[new_name] = probe
@@ -706,7 +719,7 @@ class DirBackend(Backend):
 
     @staticmethod
     def _resize_raw(vol: Volume, capacity: int) -> None:
-        fd = os.open(vol.path, os.O_RDWR | os.O_CLOEXEC)
+        fd = _open_volume(vol, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
             if capacity < size:
@@ -722,7 +735,7 @@ class DirBackend(Backend):
                         f"at offset {data_at}; wipe that part first")
             os.ftruncate(fd, capacity)
         except OSError as e:
-            raise BackendFailed(f"resizing {vol.path}: {e.strerror}") from None
+            raise os_failure(e, f"resizing {vol.path}") from None
         finally:
             os.close(fd)
 
@@ -740,12 +753,14 @@ class DirBackend(Backend):
             def zero() -> None:
                 # Dropping every block and restoring the size reads back as zeros
                 # and costs no writes, like a discard of the whole volume.
-                fd = os.open(vol.path, os.O_WRONLY | os.O_CLOEXEC)
+                fd = _open_volume(vol, os.O_WRONLY)
                 try:
                     size = os.fstat(fd).st_size
                     os.ftruncate(fd, 0)
                     os.ftruncate(fd, size)
                     os.fsync(fd)
+                except OSError as e:
+                    raise os_failure(e, f"wiping {vol.path}") from None
                 finally:
                     os.close(fd)
             await trio.to_thread.run_sync(zero)

@@ -449,3 +449,46 @@ def test_a_size_changed_behind_vsfs_is_compared_as_it_is_now(vsfs: Mount) -> Non
     sh(f"echo 2M > {p}/volinfo/v/capacity", check=True)
     assert os.stat(target / "v").st_size == 2 << 20
     vsfs.assert_clean_log()
+
+
+def test_what_the_file_refuses_is_said_with_its_errno(vsfs: Mount) -> None:
+    """Never an internal error: a file removed behind vsfs's back is ENOENT, an immutable
+    one (chattr +i) is refused as permissions are, a running program (ETXTBSY) is busy;
+    nothing changes."""
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    for name in ("gone", "gone2", "fixed", "prog"):
+        sh(f"truncate -s 1M {p}/volumes/{name}", check=True)
+    assert sorted(os.listdir(p / "volumes")) == ["fixed", "gone", "gone2", "prog"]
+    os.unlink(target / "gone")
+    os.unlink(target / "gone2")
+    for cmd in (f"echo wipe > {p}/volinfo/gone/ctl", f"echo 2M > {p}/volinfo/gone2/capacity",
+                f"mv {p}/volumes/gone {p}/volumes/gone3"):
+        res = sh(cmd)
+        assert "No such file or directory" in res.stderr, (cmd, res.stderr)
+    assert not (target / "gone3").exists()
+    if sh(f"chattr +i {target}/fixed").returncode == 0:
+        try:
+            for cmd in (f"rm {p}/volumes/fixed", f"echo wipe > {p}/volinfo/fixed/ctl",
+                        f"echo 2M > {p}/volinfo/fixed/capacity",
+                        f"mv {p}/volumes/fixed {p}/volumes/fixed2"):
+                res = sh(cmd)
+                assert "Permission denied" in res.stderr, (cmd, res.stderr)
+                assert "Operation not permitted" in vsfs.error(), vsfs.error()
+            assert os.stat(target / "fixed").st_size == 1 << 20
+        finally:
+            sh(f"chattr -i {target}/fixed", check=True)
+    program = Path("/bin/sleep").read_bytes()
+    (target / "prog").write_bytes(program)
+    os.chmod(target / "prog", 0o700)
+    running = subprocess.Popen([str(target / "prog"), "600"])
+    try:
+        for cmd in (f"echo wipe > {p}/volinfo/prog/ctl", f"echo 4M > {p}/volinfo/prog/capacity"):
+            res = sh(cmd)
+            assert "Device or resource busy" in res.stderr, (cmd, res.stderr)
+            assert "Text file busy" in vsfs.error(), vsfs.error()
+    finally:
+        running.kill()
+        running.wait()
+    assert (target / "prog").read_bytes() == program
+    vsfs.assert_clean_log()

@@ -79,11 +79,13 @@ class CommandNoSpace(BackendFailed):
 
 def os_failure(e: OSError, what: str) -> VsfsError:
     """A failed system call as the contract's error: EACCES/EPERM stay "permission
-    denied" (the caller may not do this), ENOSPC/EDQUOT "no space", the rest EIO
-    with the call's message."""
+    denied" (the caller may not do this), ENOSPC/EDQUOT "no space", ETXTBSY/EBUSY
+    "in use" (a program running from the file), the rest EIO with the call's message."""
     message = f"{what}: {e.strerror or e}"
     if e.errno in (errno.EACCES, errno.EPERM):
         return Denied(message)
+    if e.errno in (errno.ETXTBSY, errno.EBUSY):
+        return Busy(message)
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return NoSpace(message)
     return BackendFailed(message)
