@@ -492,3 +492,19 @@ def test_what_the_file_refuses_is_said_with_its_errno(vsfs: Mount) -> None:
         running.wait()
     assert (target / "prog").read_bytes() == program
     vsfs.assert_clean_log()
+
+
+def test_appending_to_value_command_and_xml_files(vsfs: Mount) -> None:
+    """`>>` (O_APPEND) means what `>` means, however recently the file was written: the
+    end the kernel keeps for it after a write is no offset into this open's value."""
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    sh(f"truncate -s 1M {p}/volumes/v", check=True)
+    sh(f"echo refresh >> {p}/ctl && echo refresh >> {p}/ctl", check=True)
+    sh(f"echo 2M >> {p}/volinfo/v/capacity && echo 3M >> {p}/volinfo/v/capacity", check=True)
+    assert os.stat(target / "v").st_size == 3 << 20
+    for name in ("a", "b"):
+        sh(f"echo '<volume><name>{name}</name><capacity>1M</capacity></volume>' >> {p}/define",
+           check=True)
+    assert sorted(os.listdir(target)) == ["a", "b", "v"]
+    vsfs.assert_clean_log()

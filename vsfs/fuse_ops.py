@@ -248,7 +248,8 @@ class Handle:
     pending: bytearray = field(default_factory=bytearray)
     applied: bytes | None = None
     # Opened with O_APPEND: the kernel's idea of the end may miss writes made through
-    # the volume's own path meanwhile, so the end is taken from the file itself.
+    # the volume's own path meanwhile, so the end is taken from the file itself. A value
+    # or XML file's writes follow each other whatever offset the kernel gives them.
     append: bool = False
 
 
@@ -683,7 +684,9 @@ class Operations(pyfuse3.Operations):
         assert isinstance(node, File)
         if writing and node.write is None:
             self._refuse(ctx, errno.EACCES, f"{_shown(path)} is read-only")
-        handle = Handle(ctx.uid, node)
+        # O_APPEND: the kernel puts each write at the end it keeps for the file, which a
+        # write moments before (direct I/O) left where that one ended: no offset here.
+        handle = Handle(ctx.uid, node, append=bool(flags & os.O_APPEND))
         if reading:
             if path == ("error",):
                 handle.content = self.tree.error_text(ctx.uid)
@@ -726,7 +729,7 @@ class Operations(pyfuse3.Operations):
         try:
             if handle.feeder is not None:
                 feeder = handle.feeder
-                if off != len(feeder.data) and not feeder.complete:
+                if off != len(feeder.data) and not feeder.complete and not handle.append:
                     raise Invalid("write the XML document in order, from its start")
                 feeder.feed(bytes(buf))
                 if feeder.settled() and not feeder.acted:
@@ -769,7 +772,7 @@ class Operations(pyfuse3.Operations):
         nothing; a shell's printf writes each line on its own, and its second is refused).
         """
         assert node.write is not None
-        if off != handle.taken:
+        if off != handle.taken and not handle.append:
             raise Invalid("write the value in order, from its start")
         *ended, rest = bytes(handle.pending + buf).split(b"\n")
         values = [line for line in ended if line.strip()]
