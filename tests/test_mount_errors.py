@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, sh
+from conftest import Mount, free_port, sh
 
 from vsfs.watchdog import mount_device
 
@@ -466,6 +466,27 @@ def test_sources_need_a_host(vsfs: Mount) -> None:
         assert "Invalid argument" in sh(f"cat '{src}/{stype}?port=3260'").stderr
         assert "names no host" in vsfs.error()
     assert not (src / "zfs?host=a").exists()
+
+
+def test_a_source_document_on_several_lines_is_taken(vsfs: Mount) -> None:
+    """sources/TYPE takes a <source> document as virsh find-storage-pool-sources does,
+    on as many lines as it comes, in one write (cat) or several; a line that is not one
+    is still a single value."""
+    src = vsfs.path / "sources" / "iscsi-direct"
+    port = free_port()
+    doc = (f"<source>\n  <host name='127.0.0.1' port='{port}'/>\n  <initiator>\n"
+           "    <iqn name='iqn.2024-01.org.example:test'/>\n  </initiator>\n</source>\n")
+    for cmd in (f"cat > {src}", f"dd of={src} bs=7 status=none"):
+        sh(f"echo > {src}", check=True)  # forget what was written before
+        res = sh(cmd, input=doc)
+        assert res.returncode == 0, (cmd, res.stderr)
+        res = sh(f"cat {src}")
+        assert res.returncode != 0 and "and an initiator" not in vsfs.error(), vsfs.error()
+        assert f"127.0.0.1:{port}" in vsfs.error(), vsfs.error()
+    res = sh(f"cat > {src}", input=doc.replace("</source>", "</source><x/>"))
+    assert "Invalid argument" in res.stderr and "malformed XML" in vsfs.error(), vsfs.error()
+    assert "Invalid argument" in sh(f"printf 'a\nb\n' > {src}").stderr
+    vsfs.assert_clean_log()
 
 
 def test_ids_and_modes_out_of_range_change_nothing(vsfs: Mount) -> None:

@@ -726,6 +726,10 @@ class Operations(pyfuse3.Operations):
         if handle.failed:
             raise pyfuse3.FUSEError(errno.EINVAL)
         handle.wrote = True
+        if (node.document and handle.feeder is None and handle.taken == 0
+                and bytes(buf).lstrip().startswith(b"<")):
+            # A <source> document is one value, on as many lines as it has.
+            handle.feeder = DocumentFeeder()
         try:
             if handle.feeder is not None:
                 feeder = handle.feeder

@@ -146,6 +146,8 @@ class File(Node):
     read: Render | None = None
     write: Apply | None = None
     xml: bool = False
+    # A value, or an XML document when what is written starts with "<" (sources/TYPE).
+    document: bool = False
     # Size of static content; generated files report 0 and are read with direct I/O.
     size: int = 0
 
@@ -265,7 +267,7 @@ class Tree:
 
             async def remember(data: bytes) -> None:
                 self.source_specs[stype] = source_spec(data)
-            return File(RW_MODE, write=remember,
+            return File(RW_MODE, write=remember, document=True,
                         read=finder(stype, lambda: self.source_specs.get(stype, PoolSource())))
 
         return Dir(DIR_MODE, names=lambda: list(SOURCE_FINDERS), child=child)
