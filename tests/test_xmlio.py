@@ -1233,6 +1233,34 @@ def test_feeder_data_after_the_end_in_a_later_chunk(after):
         feeder.feed(after)
 
 
+@pytest.mark.parametrize(
+    "after",
+    [b"<!-- a -- b -->", b"<!-- x --->", b"<?xml version='1.0'?>", b"<??>", b"<?xml ?>",
+     b"<!-- ok -->\n<? ?>"],
+)
+def test_feeder_a_malformed_comment_or_pi_in_a_later_chunk_is_refused(after):
+    # What XML allows after the document, written later: whole comments and processing
+    # instructions as XML has them, not whatever lies between their delimiters.
+    feeder = DocumentFeeder()
+    assert feeder.feed(b"<pool><name>p</name></pool>\n") is True
+    with pytest.raises(Invalid, match="malformed"):
+        feeder.feed(after)
+    split = DocumentFeeder()
+    assert split.feed(b"<pool><name>p</name></pool>\n" + after[:3]) is True
+    assert not split.settled()
+    with pytest.raises(Invalid, match="malformed"):
+        split.feed(after[3:])
+
+
+@pytest.mark.parametrize("after", [b"<!---->", b"<!-- a - b -->", b"<?pi x?>",
+                                   b"<?xml-stylesheet href='a'?>\n<!-- c -->\n"])
+def test_feeder_good_comments_and_pis_in_a_later_chunk(after):
+    feeder = DocumentFeeder()
+    assert feeder.feed(b"<pool><name>p</name></pool>\n") is True
+    assert feeder.feed(after) is True
+    assert feeder.settled()
+
+
 @pytest.mark.parametrize("after", [b"<pool/>", b"x", b"\n<other/>"])
 def test_feeder_data_after_the_end_in_the_same_chunk(after):
     feeder = DocumentFeeder()

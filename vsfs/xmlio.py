@@ -163,6 +163,7 @@ class DocumentFeeder:
                 raise Invalid(f"more than {MAX_XML_BYTES} bytes after the XML document")
             if not _misc_prefix(_MISC.sub(b"", bytes(self._trailer), count=1)):
                 raise self._after_the_end()
+            self._check_misc()
             return True
         self.data += chunk
         if len(self.data) > MAX_XML_BYTES:
@@ -189,6 +190,19 @@ class DocumentFeeder:
             self._trailer = bytearray(self._after_root())
             del self.data[len(self.data) - len(self._trailer):]
         return self.complete
+
+    def _check_misc(self) -> None:
+        """The trailer's whole comments and processing instructions as XML has them (no
+        "--" in a comment, a PI with a target that is not "xml"): the pattern above only
+        finds where they end."""
+        whole = _MISC.match(bytes(self._trailer))
+        if whole is None or not whole.group(0).strip():
+            return
+        try:
+            etree.fromstring(b"<x/>" + whole.group(0), safe_parser())
+        except _LXML_INPUT_ERRORS as e:
+            raise Invalid(f"malformed XML after the document: {_said(e)} "
+                          f"({self._outcome()})") from None
 
     def _after_root(self) -> bytes:
         """The bytes after the root element's end, which must be (the start of) Misc."""
