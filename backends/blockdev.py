@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import stat
 from collections.abc import Collection, Iterator
 
@@ -206,26 +207,80 @@ def users(files: Collection[str] = (), devices: Collection[str] = (),
     return found
 
 
+def _unescape(field: str) -> str:
+    """A path of /proc/self/mountinfo: space, tab, newline and backslash are octal there."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _within(path: str, top: str) -> str | None:
+    """``path`` below (or at) the directory ``top``, as a relative tail ("" at ``top``);
+    None when it is not. Both as the kernel names them."""
+    if top == "/":
+        return path.lstrip("/")
+    if path == top:
+        return ""
+    return path[len(top) + 1:] if path.startswith(top + "/") else None
+
+
+def _aliases(real: str) -> list[str]:
+    """``real`` (a directory, resolved) and the other names mounts give it: the same
+    directory seen through a bind mount (a container's view of a pool), where /proc names
+    the files a process opened there. Blocking."""
+    mounts = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            mounts.append((fields[2], _unescape(fields[3]), _unescape(fields[4])))
+    holding = [(dev, root, mnt) for dev, root, mnt in mounts if _within(real, mnt) is not None]
+    if not holding:
+        return [real]
+    dev, root, mnt = max(holding, key=lambda m: len(m[2]))  # the last one wins a tie
+    inside = os.path.join(root, _within(real, mnt) or "").rstrip("/") or "/"
+    names = [real]
+    for other_dev, other_root, other_mnt in mounts:
+        tail = _within(inside, other_root.rstrip("/") or "/")
+        if other_dev == dev and tail is not None:
+            alias = os.path.join(other_mnt, tail).rstrip("/") or "/"
+            if alias not in names:
+                names.append(alias)
+    return names
+
+
 def _open_below(directory: str) -> tuple[str, dict[str, list[str]]]:
     """The directory as the kernel names it, and every file below it that a process other
-    than this daemon holds open (as /proc names it) -> one phrase per holder; loop devices
-    attached to one count too. One pass over /proc/*/fd. Blocking."""
+    than this daemon holds open (as /proc names it, under that name) -> one phrase per
+    holder; loop devices attached to one count too, and files opened through a bind mount
+    of it. One pass over /proc/*/fd. Blocking."""
     real = os.path.realpath(directory)
     root = real.rstrip("/") + "/"
+    prefixes = [name.rstrip("/") + "/" for name in _aliases(real)]
+
+    def below(path: str) -> str | None:
+        """``path`` as named below ``real``, if it is below one of its names."""
+        for prefix in prefixes:
+            if path.startswith(prefix) and len(path) > len(prefix):
+                return root + path[len(prefix):]
+        return None
+
     found: dict[str, list[str]] = {}
     for backing, loops in _loops().items():
-        if backing.startswith(root):
-            found.setdefault(backing, []).extend(
+        where = below(backing)
+        if where is not None:
+            found.setdefault(where, []).extend(
                 f"{loop} is attached to {backing}" for loop in loops)
     for pid, fds in _descriptors(str(os.getpid())):
-        hits = {target for _, target in fds if target.startswith(root)}
+        hits = {}
+        for _, target in fds:
+            where = below(target)
+            if where is not None:
+                hits[where] = target
         if hits:
             comm = read_sysfs(f"/proc/{pid}/comm")
             if comm in TRANSIENT:
                 continue
-            for target in hits:
-                found.setdefault(target, []).append(f"{target} is open in process {pid} "
-                                                    f"({comm})")
+            for where, target in hits.items():
+                found.setdefault(where, []).append(f"{target} is open in process {pid} "
+                                                   f"({comm})")
     return real, found
 
 

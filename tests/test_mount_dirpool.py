@@ -508,3 +508,27 @@ def test_appending_to_value_command_and_xml_files(vsfs: Mount) -> None:
            check=True)
     assert sorted(os.listdir(target)) == ["a", "b", "v"]
     vsfs.assert_clean_log()
+
+
+@pytest.mark.root
+def test_a_file_held_through_a_bind_mount_is_in_use(vsfs: Mount) -> None:
+    """A process that opened the volume through a bind mount of the pool's directory
+    (a container's view of it) holds the same file: rm, wipe and stop are EBUSY."""
+    target = vsfs.dir_pool()
+    p = vsfs.path / "pools" / "p"
+    sh(f"truncate -s 1M {p}/volumes/v && echo data > {target}/v", check=True)
+    view = vsfs.base / "view"
+    view.mkdir()
+    sh(f"mount --bind {target} {view}", check=True)
+    try:
+        with holding(view / "v", redirect="<") as pid:
+            for cmd in (f"rm {p}/volumes/v", f"echo wipe > {p}/volinfo/v/ctl",
+                        f"echo stop > {p}/ctl"):
+                res = sh(cmd)
+                assert "Device or resource busy" in res.stderr, (cmd, res.stderr)
+                assert f"is open in process {pid} (sleep)" in vsfs.error(), vsfs.error()
+            assert (target / "v").read_bytes() == b"data\n"
+    finally:
+        sh(f"umount {view}", check=True)
+    sh(f"rm {p}/volumes/v", check=True)
+    vsfs.assert_clean_log()
