@@ -4,6 +4,7 @@ background task costs that one request an EIO, or the task a restart, never the 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -159,3 +160,29 @@ def test_a_daemon_killed_as_its_watchdog_starts_frees_its_mount(tmp_path: Path) 
         finally:
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False,
                            capture_output=True)
+
+
+def test_sigterm_under_load_unmounts_cleanly(mount_factory: Callable[..., Mount]) -> None:
+    """SIGTERM while 40 creators take turns at the volumes/ directory's lock: the
+    notifier's last invalidation may wait for it, held by a request that only the
+    running loop answers. The daemon must still unmount by itself (not leave its mount
+    to the watchdog) and exit 0."""
+    m = mount_factory()
+    m.dir_pool("p")
+    vols = m.path / "pools" / "p" / "volumes"
+    assert m.proc is not None
+    callers = [subprocess.Popen(["bash", "-c", f"for j in $(seq 200); do truncate -s 1M "
+                                 f"{vols}/x{i}-$j; rm -f {vols}/x{i}-$((j-1)); done"],
+                                stderr=subprocess.DEVNULL) for i in range(40)]
+    try:
+        time.sleep(2)
+        m.proc.send_signal(signal.SIGTERM)
+        assert m.proc.wait(timeout=30) == 0
+    finally:
+        for p in callers:
+            p.wait(timeout=60)
+    if m.proc.stderr:
+        m.proc.stderr.close()
+    m.proc = None
+    assert "an invalidation still waits" not in m.log.read_text()
+    assert not _mounted(m.path)

@@ -18,7 +18,7 @@ import pyfuse3
 import trio
 
 from .errors import VsfsError
-from .fuse_ops import READ_SPIN_US, Operations, set_read_spin
+from .fuse_ops import READ_SPIN_US, Notifier, Operations, set_read_spin
 from .manager import Manager, default_state_dir
 from .state import StateDir
 from .tree import Tree
@@ -255,7 +255,7 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
     clean = False
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_on_signals)
+            nursery.start_soon(_on_signals, ops.notifier)
             nursery.start_soon(keep_running, "the pool poll", manager.poll)
             nursery.start_soon(keep_running, "the host device watch", manager.watch_host)
             tell("ok")
@@ -317,10 +317,14 @@ async def keep_running(name: str, task: Callable[[], Awaitable[None]]) -> None:
         await trio.sleep(1.0)
 
 
-async def _on_signals() -> None:
+async def _on_signals(notifier: Notifier) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %s: unmounting", signal.Signals(signum).name)
+            # The notifier's last call may wait in the kernel for a directory lock that
+            # a request holds until it is answered: stopped while the loop still answers,
+            # not after, when nothing would answer that request any more.
+            await trio.to_thread.run_sync(notifier.close)
             pyfuse3.terminate()
 
 
