@@ -1003,7 +1003,7 @@ class Manager:
             entry.backend.require("resize_volume", "resize volumes")
             # Its size now, not as last read: grown behind vsfs's back (a guest's
             # block_resize), a smaller capacity is a shrink and must meet the in-use check.
-            vol = entry.volumes[name] = await entry.backend.volume(name)
+            vol = await self._current(entry, name)
             if capacity > vol.capacity:
                 await self._check_space(entry, capacity - vol.capacity)
             elif capacity < vol.capacity:
@@ -1012,6 +1012,15 @@ class Manager:
             entry.volumes[name] = new
         log.info("volume %s/%s resized to %d bytes", pool, name, capacity)
         return new
+
+    async def _current(self, entry: PoolEntry, name: str) -> Volume:
+        """A volume as the backend has it now, for an action that goes by its size or
+        format: both change behind vsfs's back without a rescan (a guest's block_resize,
+        `qemu-img create` over the file). ENOENT for a name vsfs does not list. The pool's
+        lock must be held."""
+        self.volume(entry.pool.name, name)
+        vol = entry.volumes[name] = await entry.backend.volume(name)
+        return vol
 
     async def refresh_volume(self, pool: str, name: str) -> Volume:
         """One volume for a value file, re-read unless read in the last second.
@@ -1047,7 +1056,7 @@ class Manager:
         elif cmd == "wipe" and (not args or args == ["zero"]):
             entry = self.running_entry(pool)
             async with entry.locked():
-                vol = self.volume(pool, name)
+                vol = await self._current(entry, name)  # an image made over it: a fresh one
                 await self._not_in_use(entry, vol, "wiped")
                 await entry.backend.wipe_volume(vol)
                 entry.volumes[name] = await entry.backend.volume(name)
@@ -1056,7 +1065,7 @@ class Manager:
             size = parse_size(args[0])
             entry = self.running_entry(pool)
             async with entry.locked():
-                vol = self.volume(pool, name)
+                vol = await self._current(entry, name)
                 await self._not_in_use(entry, vol, "shrunk")
                 entry.volumes[name] = await entry.backend.shrink_volume(vol, size)
             log.info("volume %s/%s shrunk to %d bytes", pool, name, size)
