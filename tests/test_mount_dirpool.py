@@ -537,12 +537,12 @@ def test_a_file_held_through_a_bind_mount_is_in_use(vsfs: Mount) -> None:
 def test_a_volume_rewritten_behind_vsfs_is_wiped_as_it_is_now(vsfs: Mount) -> None:
     """An image made over a volume's file in place (qemu-img create: same inode, so no
     rescan) is wiped as the image it now is, a fresh qcow2, not zeroed as the raw file
-    vsfs last saw; a smaller capacity too goes by what the file is now."""
+    vsfs last saw; a smaller capacity and a snapshot too go by what the file is now."""
     target = vsfs.dir_pool()
     p = vsfs.path / "pools" / "p"
-    sh(f"truncate -s 1M {p}/volumes/v {p}/volumes/w", check=True)
+    sh(f"truncate -s 1M {p}/volumes/v {p}/volumes/w {p}/volumes/x", check=True)
     assert (p / "volinfo/v/format").read_text() == "raw\n"
-    for name in ("v", "w"):
+    for name in ("v", "w", "x"):
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target / name), "4M"],
                        check=True)
     sh(f"echo wipe > {p}/volinfo/v/ctl", check=True)
@@ -551,4 +551,8 @@ def test_a_volume_rewritten_behind_vsfs_is_wiped_as_it_is_now(vsfs: Mount) -> No
     sh(f"echo 2M > {p}/volinfo/w/capacity", check=True)
     info = qemu_info(target / "w")
     assert info["format"] == "qcow2" and info["virtual-size"] == 2 << 20, info
+    # An overlay of it reads it as the qcow2 it is (-F qcow2), never its header as data.
+    sh(f"echo 'snapshot s' > {p}/volinfo/x/ctl", check=True)
+    info = qemu_info(target / "s")
+    assert info["backing-filename-format"] == "qcow2", info
     vsfs.assert_clean_log()

@@ -1114,7 +1114,8 @@ class Manager:
         check_name(new_name, "volume name")
         entry = self.running_entry(pool)
         async with entry.locked():
-            vol = self.volume(pool, name)
+            # Its format now: an overlay that took a qcow2 for raw would show its header.
+            vol = await self._current(entry, name)
             if new_name in entry.volumes:
                 raise Exists(f"volume {new_name!r} already exists in pool {pool!r}")
             if entry.pool.type in ("dir", "fs", "netfs"):
