@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import logging
@@ -91,6 +92,25 @@ def _open_volume(vol: Volume, flags: int) -> int:
         raise NotFound(f"{vol.path} is gone (removed behind vsfs's back)") from None
     except OSError as e:
         raise os_failure(e, f"opening {vol.path}") from None
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _punch_hole(fd: int, length: int) -> bool:
+    """Deallocate the first ``length`` bytes of a file, keeping its size; False where
+    the filesystem cannot (then nothing changed). Blocking."""
+    if length <= 0:
+        return True
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 async def _discard_file(path: str) -> None:
@@ -751,13 +771,16 @@ class DirBackend(Backend):
             raise Unsupported(f"volume {vol.name!r} cannot be wiped")
         if vol.format == "raw":
             def zero() -> None:
-                # Dropping every block and restoring the size reads back as zeros
-                # and costs no writes, like a discard of the whole volume.
+                # Dropping every block reads back as zeros and costs no writes, like a
+                # discard of the whole volume. A punched hole keeps the size: truncating
+                # to 0 and back left a volume of size 0 when vsfs was killed between the
+                # two (freeing 2 GB takes ext4 half a second).
                 fd = _open_volume(vol, os.O_WRONLY)
                 try:
                     size = os.fstat(fd).st_size
-                    os.ftruncate(fd, 0)
-                    os.ftruncate(fd, size)
+                    if not _punch_hole(fd, size):
+                        os.ftruncate(fd, 0)
+                        os.ftruncate(fd, size)
                     os.fsync(fd)
                 except OSError as e:
                     raise os_failure(e, f"wiping {vol.path}") from None

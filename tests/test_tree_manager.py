@@ -343,3 +343,29 @@ def test_a_task_waiting_for_an_undefined_pool_acts_on_nothing(tmp_path: Path) ->
         assert not (tmp_path / "state" / "autostart" / "p.xml").is_symlink()
 
     trio.run(main)
+
+
+def test_a_raw_wipe_keeps_the_size_throughout(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wipe killed midway (kill -9 of the daemon) must not leave a volume of size 0:
+    the blocks are dropped with the size kept, not by truncating to 0 and back."""
+    async def main() -> None:
+        m, _ = await running_pool(tmp_path)
+        await m.create_volume("p", VolumeDef(name="v", capacity=4 << 20))
+        path = tmp_path / "img" / "v"
+        path.write_bytes(b"x" * (4 << 20))
+        sizes: list[int] = []
+        truncate = os.ftruncate
+
+        def recorded(fd: int, length: int) -> None:
+            sizes.append(length)
+            truncate(fd, length)
+
+        monkeypatch.setattr(os, "ftruncate", recorded)
+        await m.volume_command("p", "v", "wipe")
+        monkeypatch.setattr(os, "ftruncate", truncate)
+        assert 0 not in sizes
+        assert path.read_bytes() == bytes(4 << 20)
+        assert os.stat(path).st_blocks == 0
+
+    trio.run(main)
