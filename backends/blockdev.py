@@ -234,7 +234,8 @@ def _aliases(real: str) -> list[str]:
     holding = [(dev, root, mnt) for dev, root, mnt in mounts if _within(real, mnt) is not None]
     if not holding:
         return [real]
-    dev, root, mnt = max(holding, key=lambda m: len(m[2]))  # the last one wins a tie
+    # The deepest mount point; of mounts stacked on it, the last one (on top).
+    dev, root, mnt = max(reversed(holding), key=lambda m: len(m[2]))
     inside = os.path.join(root, _within(real, mnt) or "").rstrip("/") or "/"
     names = [real]
     for other_dev, other_root, other_mnt in mounts:
