@@ -180,9 +180,9 @@ class Backend(ABC):
         lock held, on a running pool, with one volume or with all of them at once (stop):
         look at them in one pass (one scan of /proc), never one per volume. It only looks,
         so it has nothing to undo; blocking work (sysfs, /proc) runs in a worker thread,
-        never on trio's. The default finds nothing; the files of dir, fs and netfs pools
-        are looked up in one scan of /proc that the checks of a tenth of a second share
-        (blockdev.OpenFiles), so that ``rm`` of thousands of files makes a few scans.
+        never on trio's. The default finds nothing; dir, fs and netfs pools ask the
+        kernel file by file (a write lease, blockdev.opened_elsewhere) and read /proc only to
+        name a holder, so that ``rm`` of thousands of files makes no scan.
         """
         return {}
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
@@ -275,6 +277,12 @@ def _open_below(directory: str) -> tuple[str, dict[str, list[str]]]:
             where = below(target)
             if where is not None:
                 hits[where] = target
+        with contextlib.suppress(OSError):
+            exe = os.readlink(f"/proc/{pid}/exe")
+            where = below(exe)
+            if where is not None:  # a program run from a volume holds it too
+                found.setdefault(where, []).append(
+                    f"{exe} is running as process {pid} ({read_sysfs(f'/proc/{pid}/comm')})")
         if hits:
             comm = read_sysfs(f"/proc/{pid}/comm")
             if comm in TRANSIENT:
@@ -283,6 +291,29 @@ def _open_below(directory: str) -> tuple[str, dict[str, list[str]]]:
                 found.setdefault(where, []).append(f"{target} is open in process {pid} "
                                                    f"({comm})")
     return real, found
+
+
+def opened_elsewhere(path: str) -> bool | None:
+    """Whether another open of the file at ``path`` exists now (any process, reading or
+    writing), told exactly and in microseconds by the kernel: a write lease is refused
+    (EAGAIN) while anyone else has the file open. None where it cannot tell: no leases
+    on this filesystem (NFS) or for this caller (not the file's owner, no CAP_LEASE), or
+    no such regular file. The lease is let go at once; an open elsewhere meanwhile waits
+    those microseconds (one with O_NONBLOCK gets EWOULDBLOCK), and the lease break's
+    SIGIO is ignored by the daemon (cli). Blocking."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+    except OSError as e:
+        return True if e.errno in (errno.EAGAIN, errno.EBUSY) else None
+    else:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
 
 
 class OpenFiles:
@@ -304,15 +335,16 @@ class OpenFiles:
         self._real = directory  # the directory as /proc names files in it
         self._scanning: trio.Event | None = None
 
-    async def holders(self, paths: Collection[str]) -> dict[str, list[str]]:
+    async def holders(self, paths: Collection[str],
+                      fresh: bool = False) -> dict[str, list[str]]:
         """Path (below the directory) -> what holds it; paths nothing holds left out.
 
         What the shared scan says is free is taken as it is; what it says is held is
         looked at again, so that a file closed a moment ago is not refused (a script
         that ends its guest, then removes its disk)."""
-        await self._scan(self.FRESH)
+        await self._scan(0.0 if fresh else self.FRESH)
         found = self._lookup(paths)
-        if found:
+        if found and not fresh:
             await self._scan(0.0)
             found = self._lookup(paths)
         return found

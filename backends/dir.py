@@ -686,15 +686,27 @@ class DirBackend(Backend):
 
     async def volume_users(self, vols: Collection[Volume]) -> dict[str, list[str]]:
         # A file a guest or any tool holds open (not only a device): removing, shrinking
-        # or zeroing it would pull its data from under that process. One scan of /proc,
-        # shared by the checks of a tenth of a second (blockdev.OpenFiles), so that `rm`
-        # of a thousand volumes does not make a thousand scans.
+        # or zeroing it would pull its data from under that process. The kernel tells it
+        # exactly, file by file (a write lease is refused while anyone else has the file
+        # open: blockdev.opened_elsewhere); /proc is read only to name the holder, or
+        # where leases cannot be had (NFS), through one scan shared by the checks of a
+        # tenth of a second (blockdev.OpenFiles), so `rm` of thousands makes few scans.
         files = {v.path: v.name for v in vols if v.type == "file"}
         if not files:
             return {}
+        said = await self.quick_io(lambda: {p: blockdev.opened_elsewhere(p) for p in files})
         if self._open_files is None or self._open_files.directory != self.root:
             self._open_files = blockdev.OpenFiles(self.root)
-        found = await self._open_files.holders(list(files))
+        unknown = [p for p, busy in said.items() if busy is None]
+        found = await self._open_files.holders(unknown) if unknown else {}
+        held = [p for p, busy in said.items() if busy]
+        if held:
+            named = await self._open_files.holders(held, fresh=True)
+            for p in held:
+                # Open in a process whose descriptors this daemon cannot read (another
+                # user's, without root): said without its name.
+                found[p] = named.get(p) or [f"{p} is open, mapped or running in a process "
+                                            "vsfs cannot name"]
         return {files[p]: why for p, why in found.items()}
 
     async def rename_volume(self, vol: Volume, new_name: str) -> Volume:

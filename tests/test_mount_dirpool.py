@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -483,10 +484,13 @@ def test_what_the_file_refuses_is_said_with_its_errno(vsfs: Mount) -> None:
     os.chmod(target / "prog", 0o700)
     running = subprocess.Popen([str(target / "prog"), "600"])
     try:
-        for cmd in (f"echo wipe > {p}/volinfo/prog/ctl", f"echo 4M > {p}/volinfo/prog/capacity"):
+        # wipe: in use, the program named; growing: the file itself refuses (ETXTBSY).
+        for cmd, why in ((f"echo wipe > {p}/volinfo/prog/ctl",
+                          f"is running as process {running.pid} (prog)"),
+                         (f"echo 4M > {p}/volinfo/prog/capacity", "Text file busy")):
             res = sh(cmd)
             assert "Device or resource busy" in res.stderr, (cmd, res.stderr)
-            assert "Text file busy" in vsfs.error(), vsfs.error()
+            assert why in vsfs.error(), vsfs.error()
     finally:
         running.kill()
         running.wait()
@@ -556,3 +560,48 @@ def test_a_volume_rewritten_behind_vsfs_is_wiped_as_it_is_now(vsfs: Mount) -> No
     info = qemu_info(target / "s")
     assert info["backing-filename-format"] == "qcow2", info
     vsfs.assert_clean_log()
+
+
+def test_a_file_opened_a_moment_ago_is_in_use(vsfs: Mount) -> None:
+    """No window: a file opened right after another `rm` looked at the pool is in use
+    at once (the kernel says so file by file, not a scan of a moment ago)."""
+    vsfs.dir_pool()
+    vols = vsfs.path / "pools" / "p" / "volumes"
+    for i in range(10):
+        sh(f"truncate -s 1M {vols}/w{i} {vols}/v{i}", check=True)
+        sh(f"rm {vols}/w{i}", check=True)  # a look at the pool's open files just now
+        with holding(vols / f"v{i}", redirect="<") as pid:
+            res = sh(f"rm {vols}/v{i}")
+            assert "Device or resource busy" in res.stderr, (i, res.stderr)
+            assert f"is open in process {pid} (sleep)" in vsfs.error()
+        sh(f"rm {vols}/v{i}", check=True)
+
+
+@pytest.mark.root
+def test_a_file_mapped_or_under_a_loop_is_in_use(vsfs: Mount) -> None:
+    """Held without an open descriptor: a mapping whose descriptor was closed, a loop
+    device on the file. Both keep the file open in the kernel: in use."""
+    target = vsfs.dir_pool()
+    vols = vsfs.path / "pools" / "p" / "volumes"
+    sh(f"truncate -s 1M {vols}/mapped {vols}/looped", check=True)
+    code = ("import mmap, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "m = mmap.mmap(fd, 4096, prot=mmap.PROT_READ); os.close(fd); print(1, flush=True); "
+            "time.sleep(600)")
+    mapper = subprocess.Popen([sys.executable, "-c", code, str(target / "mapped")],
+                              stdout=subprocess.PIPE)
+    loop = ""
+    try:
+        assert mapper.stdout is not None and mapper.stdout.readline() == b"1\n"
+        res = sh(f"rm {vols}/mapped")
+        assert "Device or resource busy" in res.stderr, res.stderr
+        loop = sh(f"losetup -f --show {target}/looped", check=True).stdout.strip()
+        res = sh(f"rm {vols}/looped")
+        assert "Device or resource busy" in res.stderr, res.stderr
+        assert f"{loop} is attached to" in vsfs.error(), vsfs.error()
+    finally:
+        mapper.kill()
+        mapper.wait()
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+    sh(f"rm {vols}/mapped {vols}/looped", check=True)
+    assert os.listdir(target) == []

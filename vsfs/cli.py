@@ -196,6 +196,10 @@ def _setup_logging(level: str, log_file: Path | None) -> None:
 
 def run_daemon(mnt: Path, state_dir: Path, args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, args.log_file)
+    # A write lease taken for a moment to see whether a file is open elsewhere
+    # (blockdev.opened_elsewhere) is broken by any open meanwhile, and the kernel then
+    # signals SIGIO, whose default would end the daemon.
+    signal.signal(signal.SIGIO, signal.SIG_IGN)
     ready_fd: int | None = args.ready_fd
 
     def tell(message: str) -> None:
