@@ -9,12 +9,14 @@ is in vsfs itself; each fault is triggered by a name the test chooses:
 - reading a value of a volume named ``badfd`` raises OSError(EBADF), as a closed
   descriptor did in readdir once (issue 12);
 - the pool poll and the host device watch raise RuntimeError on their first run;
-- the kernel's FORGET raises (after `echo 2 > /proc/sys/vm/drop_caches`).
+- the kernel's FORGET raises (after `echo 2 > /proc/sys/vm/drop_caches`);
+- the watchdog cannot be started (EAGAIN, as on a host at its process limit).
 """
 
 from __future__ import annotations
 
 import errno
+import subprocess
 import sys
 from typing import Any
 
@@ -57,6 +59,14 @@ def main() -> int:
         forget(self, inode_list)
         raise RuntimeError("injected: forget fails")
 
+    popen = subprocess.Popen
+
+    def faulty_popen(argv: Any, *args: Any, **kwargs: Any) -> Any:
+        if "vsfs.watchdog" in argv:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable (injected)")
+        return popen(argv, *args, **kwargs)
+
+    cli.subprocess.Popen = faulty_popen  # type: ignore[misc]
     tree.Tree.children = faulty_children  # type: ignore[method-assign]
     manager.Manager.refresh_volume = faulty_refresh_volume  # type: ignore[method-assign]
     manager.Manager.poll = fail_first(manager.Manager.poll, "the poll")  # type: ignore[method-assign]

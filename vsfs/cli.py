@@ -304,6 +304,12 @@ def start_watchdog(mnt: str, log_file: Path | None) -> subprocess.Popen[bytes] |
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, close_fds=True,
                                 start_new_session=True)
+    except OSError as e:
+        # A host at its process limit, say: the mount serves without one rather than
+        # leaving a mount that nothing would free.
+        log.error("no watchdog for %s: %s; if this daemon dies, 'vsfs umount %s' frees "
+                  "the mount", mnt, e.strerror, mnt)
+        return None
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
