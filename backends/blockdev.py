@@ -300,7 +300,8 @@ def opened_elsewhere(path: str) -> bool | None:
     on this filesystem (NFS) or for this caller (not the file's owner, no CAP_LEASE), or
     no such regular file. The lease is let go at once; an open elsewhere meanwhile waits
     those microseconds (one with O_NONBLOCK gets EWOULDBLOCK), and the lease break's
-    SIGIO is ignored by the daemon (cli). Blocking."""
+    SIGIO is ignored by the daemon (cli). Only for local filesystems: NFS refuses a write
+    lease (EAGAIN) whenever it holds no write delegation, open elsewhere or not. Blocking."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
