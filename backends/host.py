@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import pyudev
 import trio
 
+from .blockdev import read_sysfs
+
 log = logging.getLogger(__name__)
 
 RESCAN_SECONDS = 5.0
@@ -61,12 +63,7 @@ def _attr(dev: pyudev.Device, name: str) -> str:
 
 def _parent_attr(dev: pyudev.Device, name: str) -> str:
     """An attribute of the disk's ``device/`` (model, serial, wwid live there)."""
-    path = os.path.join(dev.sys_path, "device", name)
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+    return read_sysfs(os.path.join(dev.sys_path, "device", name))
 
 
 def _mounts() -> dict[str, list[str]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from test_tree_manager import Ctx, make, pool_xml
+from test_tree_manager import Ctx, adapter_with_pool, make
 
 from vsfs.cli import keep_running
 from vsfs.fuse_ops import Notifier, Operations
@@ -24,11 +24,7 @@ def test_unexpected_errors_answer_one_request(tmp_path: Path,
     ctx = Ctx(uid=1234, gid=1234, pid=1, umask=0o22)
 
     async def main() -> None:
-        m, tree = make(tmp_path)
-        await m.load()
-        await m.define_pool(pool_xml("p", tmp_path / "img"))
-        ops = Operations(tree, 0, 0)
-        pools = await ops.lookup(pyfuse3.ROOT_INODE, b"pools", ctx)
+        tree, ops, pools = await adapter_with_pool(tmp_path, ctx)
         resolve = Tree.resolve
 
         def broken(self: Tree, path: tuple[str, ...]) -> object:

@@ -177,15 +177,21 @@ class Ctx(SimpleNamespace):
     umask: int
 
 
+async def adapter_with_pool(tmp_path: Path, ctx: Ctx
+                            ) -> tuple[Tree, Operations, pyfuse3.EntryAttributes]:
+    """The adapter over a tree with pool p defined (inactive), and the entry of pools/."""
+    m, tree = make(tmp_path)
+    await m.load()
+    await m.define_pool(pool_xml("p", tmp_path / "img"))
+    ops = Operations(tree, 0, 0)
+    return tree, ops, await ops.lookup(pyfuse3.ROOT_INODE, b"pools", ctx)
+
+
 def test_adapter_maps_errors_and_records_them(tmp_path: Path) -> None:
     ctx = Ctx(uid=1234, gid=1234, pid=1, umask=0o22)
 
     async def main() -> None:
-        m, tree = make(tmp_path)
-        await m.load()
-        await m.define_pool(pool_xml("p", tmp_path / "img"))
-        ops = Operations(tree, 0, 0)
-        pools = await ops.lookup(pyfuse3.ROOT_INODE, b"pools", ctx)
+        tree, ops, pools = await adapter_with_pool(tmp_path, ctx)
         p = await ops.lookup(pools.st_ino, b"p", ctx)
         ctl = await ops.lookup(p.st_ino, b"ctl", ctx)
         fi = await ops.open(ctl.st_ino, os.O_WRONLY, ctx)

@@ -251,7 +251,7 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
         pyfuse3.init(ops, str(mnt), options)
     except RuntimeError as e:
         raise Refused(f"cannot mount {mnt}: {e}") from None
-    watchdog = start_watchdog(real_mnt, log_file)
+    start_watchdog(real_mnt, log_file)
     ops.notifier.start()
     ops.mounted = True
     set_read_spin(read_spin_us)
@@ -278,7 +278,6 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
         log.info("unmounted %s", mnt)
         with contextlib.suppress(OSError):
             manager.services.run_dir.rmdir()  # when no pool keeps files there
-        del watchdog
         os.close(state_lock)
 
 
