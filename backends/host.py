@@ -148,16 +148,18 @@ class HostDevices:
     def devices(self) -> dict[str, HostDevice]:
         return self._devices
 
-    async def refresh(self) -> set[str]:
-        """Re-read the list; returns the names that went away."""
+    async def refresh(self) -> tuple[set[str], set[str]]:
+        """Re-read the list; returns the names that came and those that went away."""
         found = await trio.to_thread.run_sync(list_host_devices)
         new = {d.kname: d for d in found}
         gone = set(self._devices) - set(new)
+        came = set(new) - set(self._devices)
         self._devices = new
-        return gone
+        return came, gone
 
-    async def watch(self, on_gone: Callable[[str], None]) -> None:
-        """Follow the kernel's block uevents for as long as the mount lives."""
+    async def watch(self, on_change: Callable[[str, bool], None]) -> None:
+        """Follow the kernel's block uevents for as long as the mount lives, calling
+        ``on_change(name, added)`` for each device that came or went."""
         await self.refresh()
         monitor: pyudev.Monitor | None = None
         try:
@@ -183,7 +185,10 @@ class HostDevices:
             except OSError as e:
                 log.debug("host devices: uevent socket: %s", e)
             try:
-                for kname in await self.refresh():
-                    on_gone(kname)
+                came, gone = await self.refresh()
+                for kname in sorted(gone):
+                    on_change(kname, False)
+                for kname in sorted(came):
+                    on_change(kname, True)
             except OSError as e:
                 log.warning("host devices: listing failed: %s", e)

@@ -19,7 +19,7 @@ from vsfs.fuse_ops import Operations
 from vsfs.manager import Manager
 from vsfs.model import VolumeDef
 from vsfs.state import StateDir
-from vsfs.tree import FILES, Dir, File, Link, Tree, readme_text, source_query
+from vsfs.tree import FILES, Dir, File, Link, Stream, Tree, readme_text, source_query
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -132,16 +132,18 @@ def test_files_table_matches_the_tree(tmp_path: Path) -> None:
         m, tree = await running_pool(tmp_path)
         vol = await m.create_volume("p", VolumeDef("v", 1024))
         uuid = m.entry("p").pool.uuid
+        # A job holding the volume: jobs/<id>/ and volinfo/v/job exist while it runs.
+        job = m.jobs.begin("wipe p/v", "wiped", [(("p", "v"), True)])
         documented = set()
         for pattern, access, _ in FILES:
-            path = _instances(pattern).rstrip("/")
+            path = _instances(pattern).rstrip("/").replace("<id>", str(job.id))
             path = path.replace("UUID", uuid).replace("KEY", vol.key.replace("/", "\\x2f"))
             path = path.replace("LOCALPATH", vol.path.lstrip("/"))
             path = path.replace("<dev>", next(iter(m.host.devices())))
             path = path.replace("<type>", "netfs").replace("<host>", "127.0.0.1")
             node = tree.resolve(tuple(path.split("/")))
             assert node is not None, f"{pattern} is in FILES but not in the tree"
-            kind = {"link": Link, "dir": Dir}.get(access, File)
+            kind = Stream if path == "events" else {"link": Link, "dir": Dir}.get(access, File)
             assert isinstance(node, kind), pattern
             if isinstance(node, File):
                 assert ("r" in access) == (node.read is not None or path == "error"), pattern
@@ -150,11 +152,12 @@ def test_files_table_matches_the_tree(tmp_path: Path) -> None:
         # and nothing in the tree goes undocumented
         dev = next(iter(m.host.devices()))
         for base in ["", "sources", "pools", "pools/p", "pools/p/volinfo/v",
-                     f"host/volinfo/{dev}"]:
+                     f"host/volinfo/{dev}", "jobs", f"jobs/{job.id}"]:
             node = tree.resolve(tuple(base.split("/")) if base else ())
             assert isinstance(node, Dir)
             for name, child in tree.children(node):
                 full = f"{base}/{name}".lstrip("/").replace(f"/{dev}/", "/<dev>/")
+                full = re.sub(r"^jobs/\d+", "jobs/<id>", full)
                 if isinstance(child, Dir) and any(d.startswith(full + "/") for d in documented):
                     continue
                 assert full in documented, f"{full} is in the tree but not in FILES"

@@ -18,7 +18,7 @@ import pyfuse3
 import trio
 
 from .errors import VsfsError
-from .fuse_ops import READ_SPIN_US, Notifier, Operations, set_read_spin
+from .fuse_ops import MAX_TASKS, READ_SPIN_US, Notifier, Operations, set_read_spin
 from .manager import Manager, default_state_dir
 from .state import StateDir
 from .tree import Tree
@@ -237,7 +237,8 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
     manager = Manager(state)
     tree = Tree(manager)
     ops = Operations(tree, os.getuid(), os.getgid())
-    manager.set_invalidator(ops.invalidate, ops.forget_link)
+    manager.feed.subscribe(ops.on_change)
+    manager.set_link_forgetter(ops.forget_link)
     await manager.load()
     # The kernel lists the mount under its real path: the one given may lead through a
     # symlink (/var/run is /run on Debian). Resolved now: once mounted, resolving it
@@ -263,7 +264,7 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
             nursery.start_soon(keep_running, "the pool poll", manager.poll)
             nursery.start_soon(keep_running, "the host device watch", manager.watch_host)
             tell("ok")
-            await pyfuse3.main()
+            await pyfuse3.main(max_tasks=MAX_TASKS)
             clean = True
             nursery.cancel_scope.cancel()
     finally:

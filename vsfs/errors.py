@@ -52,6 +52,12 @@ class Denied(VsfsError):
     errno = errno.EACCES
 
 
+class Canceled(VsfsError):
+    """The long operation a write started was cancelled (MNT/jobs/<id>/ctl)."""
+
+    errno = errno.ECANCELED
+
+
 class CrossDevice(VsfsError):
     errno = errno.EXDEV
 

@@ -11,6 +11,7 @@ import errno
 import functools
 import logging
 import os
+import select
 import stat
 import threading
 import time
@@ -23,8 +24,9 @@ import pyfuse3
 import trio
 
 from .errors import Invalid, VsfsError
+from .feed import Change, Feed
 from .manager import Upload
-from .tree import Dir, File, Link, Node, Tree, UploadFile
+from .tree import Dir, File, Link, Node, Stream, Tree, UploadFile
 from .units import shown
 from .xmlio import DocumentFeeder
 
@@ -38,6 +40,13 @@ TIMEOUT = 1.0
 LAZY_INVALIDATE = 0.05
 # The longest line a value or command file takes.
 MAX_LINE = 64 * 1024
+# A read of MNT/events waits for the next change and holds one of pyfuse3's request
+# tasks meanwhile: the main loop may run this many, and at most WAITING_READS of them
+# wait in such a read, so that other requests always find a task.
+MAX_TASKS = 1024
+WAITING_READS = 768
+# How often a waiting read of events looks whether its reader was sent a signal.
+SIGNAL_CHECK = 0.2
 
 R = TypeVar("R")
 P = ParamSpec("P")
@@ -196,6 +205,8 @@ Key = tuple[tuple[str, ...], str]
 def _kind(node: Node) -> str:
     if isinstance(node, Dir):
         return "dir"
+    if isinstance(node, Stream):
+        return "stream"
     if isinstance(node, Link):
         return "link:" + node.target
     if isinstance(node, UploadFile):
@@ -232,6 +243,24 @@ def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
+def _signal_pending(pid: int) -> bool:
+    """Whether process ``pid`` has a signal pending that it neither blocks nor ignores.
+
+    pyfuse3 does not pass on the kernel's INTERRUPT requests: a reader of events killed
+    by ^C or SIGTERM while its read waits here would wait with it, in the kernel, until
+    the next change. The signal stays pending while it waits, so it shows here; the read
+    is then answered EINTR, and the signal is delivered. A reader gone (or never known)
+    has none."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+        pending = int(fields[b"SigPnd"], 16) | int(fields[b"ShdPnd"], 16)
+        quiet = int(fields[b"SigBlk"], 16) | int(fields[b"SigIgn"], 16)
+    except (OSError, KeyError, ValueError):
+        return False
+    return bool(pending & ~quiet)
+
+
 @dataclass
 class Handle:
     uid: int
@@ -251,6 +280,12 @@ class Handle:
     # the volume's own path meanwhile, so the end is taken from the file itself. A value
     # or XML file's writes follow each other whatever offset the kernel gives them.
     append: bool = False
+    # A reader of events: the feed, where it is in it, the bytes of a line it has
+    # only partly read, and the process that opened it (to see its signals).
+    feed: Feed | None = None
+    cursor: int = 0
+    unread: bytes = b""
+    pid: int = 0
 
 
 @dataclass
@@ -288,6 +323,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self.mounted = False
         self.notifier = Notifier()
+        self._waiting_reads = 0
 
     # ---------------------------------------------------------------- plumbing
 
@@ -299,6 +335,37 @@ class Operations(pyfuse3.Operations):
         parent = self._ino_of.get((path[:-1], "dir"))
         if parent is not None:
             self.notifier.entry(parent, os.fsencode(path[-1]), lazy)
+
+    def on_change(self, change: Change) -> None:
+        """Which of the kernel's entries a change makes wrong (a subscriber of the
+        manager's feed). Only queues invalidations (Notifier): never waits."""
+        kind, names, event = change.kind, change.names, change.event
+        if kind == "pool":
+            pool = names[0]
+            if event == "undefined":
+                self.invalidate(("pools", pool))
+            elif event == "defined":  # redefined: its target may be another
+                self.invalidate(("pools", pool, "target"))
+            for p, v in change.touches:  # stopped: its volumes are gone
+                self.invalidate(("pools", p, "volumes", v))
+                self.invalidate(("pools", p, "volinfo", v))
+        elif kind == "volume":
+            pool, vol = names
+            if event in ("deleted", "renamed"):
+                self.invalidate(("pools", pool, "volinfo", vol))
+                # Gone already where the kernel itself removed it (rm, mv): lazily.
+                self.invalidate(("pools", pool, "volumes", vol), lazy=True)
+            elif event == "created":
+                # An upload listed at its first close: its regular file's entry was
+                # handed out with a zero timeout, so the next lookup finds the symlink;
+                # dropping the dentry spares a GETATTR of the old inode in a listing.
+                self.invalidate(("pools", pool, "volumes", vol), lazy=True)
+        elif kind == "job" and event != "started":
+            for p, v in change.touches:  # volinfo/V/job leads nowhere now
+                self.invalidate(("pools", p, "volinfo", v, "job"))
+        elif kind == "host" and event == "removed":
+            self.invalidate(("host", "volumes", names[0]))
+            self.invalidate(("host", "volinfo", names[0]))
 
     async def forget_link(self, path: tuple[str, ...], target: str) -> None:
         """Make the kernel read a symlink's target again (from the manager)."""
@@ -371,6 +438,8 @@ class Operations(pyfuse3.Operations):
         elif isinstance(node, UploadFile):
             a.st_mode = stat.S_IFREG | node.mode
             size = node.upload.size() if node.upload is not None else 0
+        elif isinstance(node, Stream):
+            a.st_mode = stat.S_IFREG | node.mode
         else:
             assert isinstance(node, File)
             a.st_mode = stat.S_IFREG | node.mode
@@ -681,6 +750,14 @@ class Operations(pyfuse3.Operations):
                                        append=bool(flags & os.O_APPEND))
             self._upload_inos.setdefault(inode, node)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        if isinstance(node, Stream):
+            if writing:
+                self._refuse(ctx, errno.EACCES, f"{_shown(path)} is read-only")
+            assert node.feed is not None
+            # Its own cursor, from the moment it opened.
+            self._handles[fh] = Handle(ctx.uid, node, feed=node.feed,
+                                       cursor=node.feed.cursor(), pid=ctx.pid)
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
         assert isinstance(node, File)
         if writing and node.write is None:
             self._refuse(ctx, errno.EACCES, f"{_shown(path)} is read-only")
@@ -709,12 +786,53 @@ class Operations(pyfuse3.Operations):
     @_guarded(by_fh=True)
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
+        if handle.feed is not None:
+            return await self._read_events(handle, size)
         if handle.upload is not None:
             fd = handle.upload.fd
             if fd < 0:
                 return b""
             return await trio.to_thread.run_sync(os.pread, fd, size, off)
         return handle.content[off:off + size]
+
+    async def _read_events(self, handle: Handle, size: int) -> bytes:
+        """The next lines of the feed after this reader's cursor, waiting for one if
+        there is none yet; EINTR as soon as the reader has a signal pending."""
+        feed = handle.feed
+        assert feed is not None
+        if not handle.unread and not feed.ready(handle.cursor):
+            if self._waiting_reads >= WAITING_READS:
+                self.tree.record_error(handle.uid, f"{WAITING_READS} reads of events wait "
+                                       "already; try again later")
+                raise pyfuse3.FUSEError(errno.EAGAIN)
+            self._waiting_reads += 1
+            try:
+                while not feed.ready(handle.cursor):
+                    with trio.move_on_after(SIGNAL_CHECK):
+                        await feed.wait(handle.cursor)
+                    if (not feed.ready(handle.cursor) and handle.pid
+                            and _signal_pending(handle.pid)):
+                        raise pyfuse3.FUSEError(errno.EINTR)
+            finally:
+                self._waiting_reads -= 1
+        if not handle.unread:
+            handle.unread, handle.cursor = feed.take(handle.cursor, size)
+        out, handle.unread = handle.unread[:size], handle.unread[size:]
+        return out
+
+    @_guarded(by_fh=True)
+    async def poll(self, fh_inode: int, fh: int, poll_handle: pyfuse3.PollHandle | None,
+                   ctx: pyfuse3.RequestContext) -> int:
+        """Readable when a line waits for this reader (events); other files always."""
+        handle = self._handles.get(fh)
+        ready = select.POLLIN | select.POLLRDNORM
+        if handle is None or handle.feed is None:
+            return ready | select.POLLOUT | select.POLLWRNORM
+        if handle.unread or handle.feed.ready(handle.cursor):
+            return ready
+        if poll_handle is not None:
+            handle.feed.on_next(fh, poll_handle.notify)
+        return 0
 
     @_guarded(by_fh=True)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -817,6 +935,7 @@ class Operations(pyfuse3.Operations):
             else:
                 n = await trio.to_thread.run_sync(os.pwrite, fd, buf, off)
             upload.refused = False  # the writer went on after a refused size
+            self.tree.m.upload_wrote(upload, n)
             return n
         except OSError as e:
             upload.failed = True
@@ -869,6 +988,8 @@ class Operations(pyfuse3.Operations):
     @_guarded(by_fh=True)
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
+        if handle is not None and handle.feed is not None:
+            handle.feed.forget(fh)
         if handle is None or handle.upload is None:
             return
         if any(h.upload is handle.upload for h in self._handles.values()):

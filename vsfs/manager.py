@@ -29,6 +29,7 @@ from .backends.dir import LOCAL_FILESYSTEMS
 from .backends.host import HostDevices
 from .errors import (
     Busy,
+    Canceled,
     CrossDevice,
     Exists,
     Invalid,
@@ -37,6 +38,8 @@ from .errors import (
     Unsupported,
     VsfsError,
 )
+from .feed import Change, Feed, ref
+from .jobs import Job, Jobs, report
 from .model import (
     Permissions,
     PoolDef,
@@ -63,10 +66,6 @@ LIBVIRT_POOL_TYPES = frozenset({
     "rbd", "sheepdog", "gluster", "zfs", "vstorage",
 })
 
-# Called with the path (inside the mount) of an entry that vanished or changed, and
-# whether the kernel may learn it a moment later (when its cache is only inefficient,
-# not wrong, until then).
-Invalidator = Callable[[tuple[str, ...], bool], None]
 # Called with the path of a symlink and its target, whose target the kernel must read again.
 LinkForgetter = Callable[[tuple[str, ...], str], Awaitable[None]]
 
@@ -115,6 +114,8 @@ class PoolEntry:
     scanned_at: float = float("-inf")
     # Undefined: a task that waited for its lock must not act on it any more.
     undefined: bool = False
+    # The job that builds it, while one does.
+    building: Job | None = None
 
     @property
     def running(self) -> bool:
@@ -153,6 +154,8 @@ class Upload:
     # killed meanwhile leaves no half-written volume behind.
     record: InFlight | None = None
     in_flight: bool = False
+    # Its job (jobs/<id>/): from its creation to its last close.
+    job: Job | None = None
 
     def size(self) -> int:
         """The size of its file now; 0 once it is closed (or has no file yet)."""
@@ -258,14 +261,26 @@ def parse_bool(text: str) -> bool:
 
 
 class Manager:
-    def __init__(self, state: StateDir, invalidate: Invalidator | None = None) -> None:
+    """Pools and volumes, and every action on them.
+
+    Locks (docs/architecture.md): a pool's lock is held for its own lifecycle (start,
+    stop, refresh, ...) and for short changes of its volumes (one backend call that
+    makes, removes or resizes one); never for a long one. A long operation (clone,
+    wipe, snapshot, a volume made from XML, build, an upload) is a job (vsfs.jobs):
+    its checks and its reservation of names and space are made under the lock, its
+    work outside it, holding only its volumes; any action on those gets EBUSY at
+    once, naming the job. Every change is published on ``feed``.
+    """
+
+    def __init__(self, state: StateDir) -> None:
         self.state = state
         self.pools: dict[str, PoolEntry] = {}
         self.uploads: dict[tuple[str, str], Upload] = {}  # not closed yet
         # Listed, but a descriptor is still open (a dup of a shell's redirection, dd's
         # output): its volume is settled again when closed again.
         self.open_uploads: dict[tuple[str, str], Upload] = {}
-        self._invalidate = invalidate
+        self.feed = Feed()
+        self.jobs = Jobs(self.feed.publish)
         self._forget_link: LinkForgetter | None = None
         self._define_lock = trio.Lock()
         self.host = HostDevices()
@@ -275,14 +290,34 @@ class Manager:
         # then run inline, as Backend.quick_io does (set by load).
         self._journal_inline = False
 
-    def set_invalidator(self, invalidate: Invalidator,
-                        forget_link: LinkForgetter | None = None) -> None:
-        self._invalidate = invalidate
+    def set_link_forgetter(self, forget_link: LinkForgetter) -> None:
+        """Who makes the kernel read a symlink's target again (reap: not a change of
+        the storage, so not on the feed)."""
         self._forget_link = forget_link
 
-    def _gone(self, *path: str, lazy: bool = False) -> None:
-        if self._invalidate is not None:
-            self._invalidate(path, lazy)
+    def _pool_changed(self, entry: PoolEntry, event: str,
+                      gone: Collection[str] = ()) -> None:
+        self.feed.publish(Change("pool", (entry.pool.name,), event,
+                                 touches=tuple((entry.pool.name, v) for v in gone)))
+
+    def _volume_changed(self, pool: str, name: str, event: str, detail: str = "") -> None:
+        self.feed.publish(Change("volume", (pool, name), event, detail))
+
+    def _job_in_pool(self, entry: PoolEntry, doing: str) -> None:
+        """EBUSY, naming the job, if one works in the pool (or builds it)."""
+        job = entry.building or self.jobs.in_pool(entry.pool.name)
+        if job is not None:
+            raise Busy(f"pool {entry.pool.name!r} cannot be {doing} while job {job.id} "
+                       f"runs: {job.what}")
+
+    def _check_new_name(self, entry: PoolEntry, name: str) -> None:
+        """A new volume's name must be free: not listed, not being made by a job."""
+        pool = entry.pool.name
+        if name in entry.volumes:
+            raise Exists(f"volume {name!r} already exists in pool {pool!r}")
+        job = self.jobs.holder(pool, name)
+        if job is not None:
+            raise Busy(job.conflict(pool, name))
 
     # ---------------------------------------------------------------- loading
 
@@ -402,6 +437,9 @@ class Manager:
         """Why ``vol`` may not be deleted or renamed now, if anything."""
         if (pool, vol.name) in self.uploads or (pool, vol.name) in self.open_uploads:
             return f"volume {vol.name!r} is still being written"
+        job = self.jobs.holder(pool, vol.name)
+        if job is not None:
+            return job.conflict(pool, vol.name)
         users = self.source_users(vol.path)
         if users:
             return f"volume {vol.name!r} is the source of running pool {users[0]!r}"
@@ -444,7 +482,8 @@ class Manager:
                 raise Exists(f"pool {pool.name!r} already exists")
             await self._check_unique(pool)
             await trio.to_thread.run_sync(self.state.save, pool)
-            self.pools[pool.name] = PoolEntry(pool, cls(pool, self.services))
+            entry = self.pools[pool.name] = PoolEntry(pool, cls(pool, self.services))
+        self._pool_changed(entry, "defined")
         log.info("pool %s defined (%s)", pool.name, pool.type)
         return pool
 
@@ -490,19 +529,21 @@ class Manager:
             raise Invalid(f"pool {name!r} has UUID {entry.pool.uuid}, not {new.uuid}")
         cls = self._backend_class(new)
         async with entry.locked():
+            self._job_in_pool(entry, "redefined")
             if entry.state != PoolState.INACTIVE:
                 raise Busy(f"pool {name!r} is active; stop it before redefining it")
             await self._check_unique(new, replacing=name)
             await trio.to_thread.run_sync(self.state.save, new)
             entry.pool = new
             entry.backend = cls(new, self.services)
-        self._gone("pools", name, "target")
+        self._pool_changed(entry, "defined")
         log.info("pool %s redefined", name)
         return new
 
     async def undefine_pool(self, name: str) -> None:
         entry = self.entry(name)
         async with entry.locked():
+            self._job_in_pool(entry, "undefined")
             if entry.state != PoolState.INACTIVE:
                 raise Busy(f"pool {name!r} is active; stop it before undefining it")
             await trio.to_thread.run_sync(self.state.remove, name)
@@ -515,7 +556,7 @@ class Manager:
                             rec.name)
                 with contextlib.suppress(VsfsError):
                     await self._journal_io(self.journal.forget, rec)
-        self._gone("pools", name)
+        self._pool_changed(entry, "undefined")
         log.info("pool %s undefined", name)
 
     async def set_autostart(self, name: str, on: bool) -> None:
@@ -531,28 +572,22 @@ class Manager:
         cmd, args = words[0], words[1:]
         entry = self.entry(name)
         if cmd == "build":
-            overwrite = self._build_flags(args)
-            async with entry.locked():
-                if entry.state != PoolState.INACTIVE:
-                    raise Busy(f"pool {name!r} is active; stop it before building it")
-                entry.state = PoolState.BUILDING
-                try:
-                    await entry.backend.build(overwrite)
-                finally:
-                    entry.state = PoolState.INACTIVE
-            log.info("pool %s built", name)
+            await self._build(entry, self._build_flags(args))
             return
         if args:
             raise Invalid(f"{cmd!r} takes no arguments")
         if cmd == "start":
             async with entry.locked():
+                self._job_in_pool(entry, "started")
                 if entry.running:
                     raise Busy(f"pool {name!r} is already active")
                 await self._activate(entry, start=True)
+            self._pool_changed(entry, "started")
         elif cmd == "stop":
             async with entry.locked():
                 if not entry.running:
                     raise Invalid(f"pool {name!r} is not active")
+                self._job_in_pool(entry, "stopped")
                 busy = next((u for u in [*self.uploads.values(), *self.open_uploads.values()]
                              if u.pool == name), None)
                 if busy is not None:
@@ -575,15 +610,38 @@ class Manager:
                 if not entry.running:
                     raise Invalid(f"pool {name!r} is not active")
                 await self._refresh(entry)
+            self._pool_changed(entry, "refreshed")
         elif cmd == "delete":
             async with entry.locked():
+                self._job_in_pool(entry, "deleted")
                 if entry.state != PoolState.INACTIVE:
                     raise Busy(f"pool {name!r} is active; stop it before deleting its storage")
                 await entry.backend.delete()
+            self._pool_changed(entry, "deleted")
             log.info("pool %s: storage deleted", name)
         else:
             raise Invalid(f"unknown command {cmd!r}; expected start, stop, build, refresh "
                           "or delete")
+
+    async def _build(self, entry: PoolEntry, overwrite: bool) -> None:
+        """Build the pool's storage (mkfs, a label, a VG): a job, during which the pool
+        is ``building`` and every other action on it is EBUSY rather than a wait."""
+        name = entry.pool.name
+        async with entry.locked():
+            self._job_in_pool(entry, "built")
+            if entry.state != PoolState.INACTIVE:
+                raise Busy(f"pool {name!r} is active; stop it before building it")
+            job = self.jobs.begin(f"build {ref(name)}", "built", (), reserved={name: 0})
+            entry.state = PoolState.BUILDING
+            entry.building = job
+        try:
+            async with self.jobs.run(job):
+                await entry.backend.build(overwrite)
+        finally:
+            entry.state = PoolState.INACTIVE
+            entry.building = None
+        self._pool_changed(entry, "built")
+        log.info("pool %s built", name)
 
     @staticmethod
     def _build_flags(args: list[str]) -> bool:
@@ -654,15 +712,25 @@ class Manager:
         entry.status = PoolStatus()
         entry.live_perms = None
         entry.state = PoolState.INACTIVE
-        for vname in names:
-            self._gone("pools", entry.pool.name, "volumes", vname)
-            self._gone("pools", entry.pool.name, "volinfo", vname)
+        self._pool_changed(entry, "stopped", names)
 
     def _apply(self, entry: PoolEntry, snap: Snapshot) -> None:
-        new = VolumeTable(snap.volumes)
-        for vname in entry.volumes.keys() - new.keys():
-            self._gone("pools", entry.pool.name, "volumes", vname)
-            self._gone("pools", entry.pool.name, "volinfo", vname)
+        """Take what a refresh found. On a pool that was running, what changed outside
+        vsfs is published; volumes a job is still making are left out (their job lists
+        them when it ends well), as are uploads (listed from their start)."""
+        pool = entry.pool.name
+        making = self.jobs.creating(pool)
+        found = [v for v in snap.volumes if v.name not in making]
+        new = VolumeTable(found)
+        if entry.running:
+            uploading = {n for p, n in [*self.uploads, *self.open_uploads] if p == pool}
+            for vname in sorted(entry.volumes.keys() - new.keys() - uploading):
+                self._volume_changed(pool, vname, "deleted")
+            for vname in sorted(new.keys() - entry.volumes.keys() - uploading):
+                self._volume_changed(pool, vname, "created")
+            for vname in sorted(new.keys() & entry.volumes.keys()):
+                if new[vname].capacity != entry.volumes[vname].capacity:
+                    self._volume_changed(pool, vname, "resized", str(new[vname].capacity))
         entry.volumes = new
         entry.status = snap.status
         entry.live_perms = snap.live_perms
@@ -675,10 +743,9 @@ class Manager:
 
     async def watch_host(self) -> None:
         """Keep host/ current with the kernel's block device events."""
-        def gone(kname: str) -> None:
-            self._gone("host", "volumes", kname)
-            self._gone("host", "volinfo", kname)
-        await self.host.watch(gone)
+        def changed(kname: str, added: bool) -> None:
+            self.feed.publish(Change("host", (kname,), "added" if added else "removed"))
+        await self.host.watch(changed)
 
     async def poll(self) -> None:
         """Pick up changes made by other tools, as often as each backend asks."""
@@ -728,22 +795,49 @@ class Manager:
     # ---------------------------------------------------------------- volumes
 
     async def _check_space(self, entry: PoolEntry, needed: int) -> None:
+        """ENOSPC unless ``needed`` bytes fit in what the pool has free and running jobs
+        have not reserved."""
         status = await entry.backend.status()
         entry.status = status
+        reserved = self.jobs.reserved(entry.pool.name)
+        if reserved:
+            status = replace(status, available=max(0, status.available - reserved))
         check_space(entry.pool.name, status, needed)
 
+    def _not_held(self, pool: str, name: str) -> None:
+        """EBUSY, naming the job, if a job holds the volume."""
+        job = self.jobs.holder(pool, name)
+        if job is not None:
+            raise Busy(job.conflict(pool, name))
+
+    async def _commit(self, entry: PoolEntry, vol: Volume) -> None:
+        """List a volume a job made, before the job ends: under the pool's lock, so that
+        a refresh in flight (which left it out as still being made) cannot drop it, and
+        shielded, since once made whole it must not be lost to a cancel."""
+        with trio.CancelScope(shield=True):
+            async with entry.locked():
+                entry.volumes[vol.name] = vol
+        self._volume_changed(entry.pool.name, vol.name, "created")
+
     async def create_volume(self, pool: str, vdef: VolumeDef) -> Volume:
+        """Create a volume from a definition (XML, mkdir). A job: a preallocated image or
+        a volume a command makes may take long, and blocks no other volume meanwhile."""
         check_name(vdef.name, "volume name")
         entry = self.running_entry(pool)
         async with entry.locked():
             if not entry.running:
                 raise Invalid(f"pool {pool!r} is not active")
-            if vdef.name in entry.volumes:
-                raise Exists(f"volume {vdef.name!r} already exists in pool {pool!r}")
+            self._check_new_name(entry, vdef.name)
             entry.backend.require("create_volume", "create volumes")
-            await self._check_space(entry, entry.backend.space_needed(vdef))
+            needed = entry.backend.space_needed(vdef)
+            await self._check_space(entry, needed)
+            job = self.jobs.begin(f"create {ref(pool, vdef.name)}", "created",
+                                  [((pool, vdef.name), True)], creates=[(pool, vdef.name)],
+                                  reserved={pool: needed})
+        async with self.jobs.run(job):
+            report(0, vdef.capacity)
             vol = await entry.backend.create_volume(vdef)
-            entry.volumes[vol.name] = vol
+            await self._commit(entry, vol)
         log.info("volume %s/%s created (%s, %d bytes)", pool, vol.name, vol.format, vol.capacity)
         return vol
 
@@ -757,8 +851,7 @@ class Manager:
         async with entry.locked():
             if not entry.running:
                 raise Invalid(f"pool {pool!r} is not active")
-            if name in entry.volumes:
-                raise Exists(f"volume {name!r} already exists in pool {pool!r}")
+            self._check_new_name(entry, name)
             # In the journal before it is made, so that a daemon killed before it is
             # settled leaves no half-written volume (volumes made at their size are
             # recorded when truncate makes them).
@@ -784,10 +877,27 @@ class Manager:
                 rec = None
         upload = Upload(pool, name, fd, record=rec, in_flight=rec is not None)
         self.uploads[(pool, name)] = upload
+        # A job until its last close: progress is the bytes written so far (of a total
+        # nobody knows), and its cancel fails the writer's next write and removes it.
+        upload.job = self.jobs.begin(f"upload {ref(pool, name)}", "written",
+                                     [((pool, name), True)])
         log.info("volume %s/%s created for writing", pool, name)
         return upload
 
+    def _upload_cancelled(self, upload: Upload) -> None:
+        """Canceled (ECANCELED) once the upload's job was cancelled: it fails, and its
+        volume is removed at its next close."""
+        if upload.job is not None and upload.job.cancelled:
+            upload.failed = True
+            raise Canceled(f"job {upload.job.id} was cancelled: {upload.job.what}")
+
+    def upload_wrote(self, upload: Upload, count: int) -> None:
+        """Bytes went into an upload: its job's progress."""
+        if upload.job is not None:
+            upload.job.done += count
+
     async def upload_truncate(self, upload: Upload, size: int) -> None:
+        self._upload_cancelled(upload)
         entry = self.entry(upload.pool)
         try:
             if upload.fd < 0:
@@ -827,6 +937,7 @@ class Manager:
         still open: a shell's `> V` closes its first copy before writing): in flight again
         until the next close settles it, so that a daemon killed meanwhile leaves nothing
         half-written."""
+        self._upload_cancelled(upload)
         if upload.record is not None and not upload.in_flight and not upload.orphaned:
             await self._journal_io(self.journal.put, upload.record)
             upload.in_flight = True
@@ -884,7 +995,8 @@ class Manager:
                 self.open_uploads[key] = upload
         entry = self.pools.get(upload.pool)
         vol = entry.volumes.get(upload.name) if entry is not None else None
-        bad = upload.failed or upload.refused
+        bad = upload.failed or upload.refused or (upload.job is not None
+                                                   and upload.job.cancelled)
         removed = False
         kept = False  # a bad volume that could not be removed: left to the next start
         if entry is not None and vol is not None and (bad or upload.written):
@@ -900,6 +1012,8 @@ class Manager:
                     if removed:
                         log.info("volume %s/%s removed: its upload %s", upload.pool, upload.name,
                                  "failed" if upload.failed else "was refused its size")
+                        if not first:  # listed (and told as created) before
+                            self._volume_changed(upload.pool, upload.name, "deleted")
                 else:
                     upload.written = False
                     # Bytes came in: they may be an image (a qcow2 copied in).
@@ -912,16 +1026,10 @@ class Manager:
             # a crash from now on must not take it away.
             await self._journal_io(self.journal.end, upload.record)
             upload.in_flight = False
-        if removed and not first:
-            # Listed before: the kernel may hold its symlink for a while.
-            self._gone("pools", upload.pool, "volumes", upload.name)
-            self._gone("pools", upload.pool, "volinfo", upload.name)
-        elif first:
-            # The regular file's entry was handed out with a zero timeout, so the next
-            # lookup finds the symlink (or nothing); dropping the dentry too spares the
-            # kernel a GETATTR of the old inode when a listing replaces it. Being only
-            # that, it may come a moment later, with others, which is cheaper.
-            self._gone("pools", upload.pool, "volumes", upload.name, lazy=True)
+        if first and not removed and not upload.orphaned:
+            # Listed from now on, as a symlink: a volume to use (the adapter drops the
+            # regular file's entry). Its job goes on until the last close.
+            self._volume_changed(upload.pool, upload.name, "created")
 
     def _let_go(self, upload: Upload) -> None:
         """Settle nothing more for an upload: its volume is gone, or not its own."""
@@ -936,6 +1044,12 @@ class Manager:
         # At once, before any wait: a delete right after `cp` must not find it in use.
         if self.open_uploads.get(key) is upload:
             del self.open_uploads[key]
+        if upload.job is not None:
+            cancelled = upload.job.cancelled
+            why = (Canceled("cancelled") if cancelled else
+                   VsfsError("a write failed" if upload.failed else "its size was refused")
+                   if upload.failed or upload.refused else None)
+            self.jobs.finish(upload.job, why)
         try:
             await self.finish_upload(upload, last=True)
         finally:
@@ -972,7 +1086,7 @@ class Manager:
                 raise Busy(why)
             await entry.backend.delete_volume(vol)
             entry.volumes.pop(name, None)
-        self._gone("pools", pool, "volinfo", name)
+        self._volume_changed(pool, name, "deleted")
         log.info("volume %s/%s deleted", pool, name)
 
     async def rename_volume(self, pool: str, name: str, new_pool: str, new_name: str) -> None:
@@ -984,22 +1098,21 @@ class Manager:
             vol = self.volume(pool, name)
             if new_name == name:
                 return
-            if new_name in entry.volumes:
-                raise Exists(f"volume {new_name!r} already exists in pool {pool!r}")
+            self._check_new_name(entry, new_name)
             why = self.in_use(pool, vol)
             if why is not None:
                 raise Busy(why)
             new = await entry.backend.rename_volume(vol, new_name)
             del entry.volumes[name]
             entry.volumes[new_name] = new
-        self._gone("pools", pool, "volumes", name)
-        self._gone("pools", pool, "volinfo", name)
+        self._volume_changed(pool, name, "renamed", ref(pool, new_name))
         log.info("volume %s/%s renamed to %s", pool, name, new_name)
 
     async def resize_volume(self, pool: str, name: str, capacity: int) -> Volume:
         entry = self.running_entry(pool)
         async with entry.locked():
             self.volume(pool, name)
+            self._not_held(pool, name)
             entry.backend.require("resize_volume", "resize volumes")
             # Its size now, not as last read: grown behind vsfs's back (a guest's
             # block_resize), a smaller capacity is a shrink and must meet the in-use check.
@@ -1010,6 +1123,7 @@ class Manager:
                 await self._not_in_use(entry, vol, "shrunk")
             new = await entry.backend.resize_volume(vol, capacity)
             entry.volumes[name] = new
+        self._volume_changed(pool, name, "resized", str(new.capacity))
         log.info("volume %s/%s resized to %d bytes", pool, name, capacity)
         return new
 
@@ -1054,13 +1168,7 @@ class Manager:
         if cmd == "delete" and not args:
             await self.delete_volume(pool, name)
         elif cmd == "wipe" and (not args or args == ["zero"]):
-            entry = self.running_entry(pool)
-            async with entry.locked():
-                vol = await self._current(entry, name)  # an image made over it: a fresh one
-                await self._not_in_use(entry, vol, "wiped")
-                await entry.backend.wipe_volume(vol)
-                entry.volumes[name] = await entry.backend.volume(name)
-            log.info("volume %s/%s wiped", pool, name)
+            await self.wipe_volume(pool, name)
         elif cmd == "shrink" and len(args) == 1:
             size = parse_size(args[0])
             entry = self.running_entry(pool)
@@ -1068,6 +1176,7 @@ class Manager:
                 vol = await self._current(entry, name)
                 await self._not_in_use(entry, vol, "shrunk")
                 entry.volumes[name] = await entry.backend.shrink_volume(vol, size)
+            self._volume_changed(pool, name, "resized", str(entry.volumes[name].capacity))
             log.info("volume %s/%s shrunk to %d bytes", pool, name, size)
         elif cmd == "clone" and len(args) in (1, 2):
             await self.clone_volume(pool, name, args[1] if len(args) == 2 else pool, args[0])
@@ -1080,20 +1189,42 @@ class Manager:
             raise Invalid(f"unknown command {cmd!r}; expected wipe, clone NEW [POOL], "
                           "snapshot NEW, shrink SIZE or delete")
 
+    async def wipe_volume(self, pool: str, name: str) -> None:
+        """Zero a volume: a job holding it alone (a cancelled wipe leaves it partly
+        zeroed, which is what was asked of its data anyway)."""
+        entry = self.running_entry(pool)
+        async with entry.locked():
+            vol = await self._current(entry, name)  # an image made over it: a fresh one
+            await self._not_in_use(entry, vol, "wiped")
+            job = self.jobs.begin(f"wipe {ref(pool, name)}", "wiped", [((pool, name), True)])
+        async with self.jobs.run(job):
+            report(0, vol.capacity)
+            await entry.backend.wipe_volume(vol)
+            entry.volumes[name] = await entry.backend.volume(name)
+        log.info("volume %s/%s wiped", pool, name)
+
     async def clone_volume(self, pool: str, name: str, dest_pool: str, new_name: str) -> Volume:
+        """Copy a volume into a new one, in its pool or another: a job holding the source
+        (shared: others may copy it too, nothing may change it) and the new name."""
         check_name(new_name, "volume name")
         src = self.volume(pool, name)
         # The copy reads the source through its local path, which may come on demand.
         await self.prepare_volume(pool, name)
         dest = self.running_entry(dest_pool)
         async with dest.locked():
-            if new_name in dest.volumes:
-                raise Exists(f"volume {new_name!r} already exists in pool {dest_pool!r}")
+            self._check_new_name(dest, new_name)
             dest.backend.require("clone_volume", "hold copies of volumes")
             await self._check_space(dest, src.capacity)
+            src = self.volume(pool, name)  # still there, as it is now
             vdef = VolumeDef(name=new_name, capacity=src.capacity,
                              format=None if src.format == "dir" else data_format(src.format),
                              perms=Permissions(src.mode, src.owner, src.group))
+            job = self.jobs.begin(
+                f"clone {ref(pool, name)} -> {ref(dest_pool, new_name)}", "cloned",
+                [((pool, name), False), ((dest_pool, new_name), True)],
+                creates=[(dest_pool, new_name)], reserved={dest_pool: src.capacity})
+        async with self.jobs.run(job):
+            report(0, src.capacity)
             # A volume made at its size (an LV, a partition) has its name while the bytes
             # go in (file pools copy under a temporary name): in the journal of uploads
             # until the copy is done, so that a kill meanwhile leaves no half-copied volume.
@@ -1106,24 +1237,31 @@ class Manager:
                 if rec is not None:
                     with trio.CancelScope(shield=True):
                         await self._journal_io(self.journal.end, rec)
-            dest.volumes[new_name] = vol
+            await self._commit(dest, vol)
         log.info("volume %s/%s cloned to %s/%s", pool, name, dest_pool, new_name)
         return vol
 
     async def snapshot_volume(self, pool: str, name: str, new_name: str) -> Volume:
+        """A copy-on-write snapshot (or the backend's copy): a job, as a clone is."""
         check_name(new_name, "volume name")
         entry = self.running_entry(pool)
         async with entry.locked():
             # Its format now: an overlay that took a qcow2 for raw would show its header.
             vol = await self._current(entry, name)
-            if new_name in entry.volumes:
-                raise Exists(f"volume {new_name!r} already exists in pool {pool!r}")
+            self._check_new_name(entry, new_name)
+            needed = 0
             if entry.pool.type in ("dir", "fs", "netfs"):
                 # A qcow2 overlay of the volume's size: no overcommit, as for any new image.
-                await self._check_space(entry, vol.capacity)
+                needed = vol.capacity
+                await self._check_space(entry, needed)
+            job = self.jobs.begin(
+                f"snapshot {ref(pool, name)} -> {ref(pool, new_name)}", "snapshotted",
+                [((pool, name), False), ((pool, new_name), True)],
+                creates=[(pool, new_name)], reserved={pool: needed})
+        async with self.jobs.run(job):
             snap = await entry.backend.snapshot_volume(vol, new_name)
             # Named by the backend: RBD's are IMAGE@SNAP.
-            entry.volumes[snap.name] = snap
+            await self._commit(entry, snap)
         log.info("volume %s/%s: snapshot %s made", pool, name, new_name)
         return snap
 

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from .backends import SOURCE_FINDERS, SOURCES_NEED_HOST
 from .backends.host import HostDevice
 from .errors import Invalid, NotFound, Unsupported
-from .manager import Manager, PoolEntry, Upload, parse_bool
+from .feed import Feed
+from .jobs import Job
+from .manager import Manager, PoolEntry, Upload, command_words, parse_bool
 from .model import PoolSource, SourceHost, Volume, VolumeDef, check_name, normal_path
 from .units import parse_size
 from .xmlio import format_pool, format_sources, format_volume, parse_source_spec
@@ -37,6 +39,12 @@ FILES: tuple[tuple[str, str, str], ...] = (
     ("by-uuid/<uuid>", "link", "-> ../pools/<pool>: a pool by its UUID (any case, dashes or not)"),
     ("by-key/<key>", "link", "-> the volume's entry; '/' in a key is written '\\x2f'"),
     ("by-path/<local path>", "link", "-> the volume's entry, e.g. by-path/var/lib/images/a.img"),
+    ("events", "r", "changes as they happen, one line each: SEQ TIME KIND OBJECT EVENT [DETAIL]"),
+    ("jobs/<id>/what", "r", "a long operation (clone, wipe, upload, ...): what it does"),
+    ("jobs/<id>/state", "r", "running | done | failed | cancelled"),
+    ("jobs/<id>/progress", "r", "DONE TOTAL: bytes done and in all (TOTAL 0 where unknown)"),
+    ("jobs/<id>/error", "r", "why it failed (empty otherwise)"),
+    ("jobs/<id>/ctl", "w", "cancel: stop it and remove what it half made"),
     ("sources/logical", "r", "<sources> XML: the volume groups here and their devices"),
     ("sources/netfs", "rw", "the NFS exports of the host written into it (HOST)"),
     ("sources/iscsi", "rw", "the targets of the portal written into it (HOST[:PORT])"),
@@ -78,6 +86,8 @@ FILES: tuple[tuple[str, str, str], ...] = (
     ("pools/<pool>/volinfo/<vol>/key", "r", "the volume's unique key"),
     ("pools/<pool>/volinfo/<vol>/ctl", "w",
      "wipe | clone NEW [POOL] | snapshot NEW | shrink SIZE | delete"),
+    ("pools/<pool>/volinfo/<vol>/job", "link",
+     "-> ../../../../jobs/<id> while a long operation holds the volume"),
 )
 
 VERBS: tuple[tuple[str, str], ...] = (
@@ -96,6 +106,9 @@ VERBS: tuple[tuple[str, str], ...] = (
     ("echo 'clone NEW [POOL]' > pools/P/volinfo/V/ctl", "copy it"),
     ("echo 'snapshot NEW' > pools/P/volinfo/V/ctl", "a qcow2 overlay backed by it"),
     ("echo wipe > pools/P/volinfo/V/ctl", "zero it"),
+    ("cat jobs/N/progress", "how far a long operation is"),
+    ("echo cancel > jobs/N/ctl", "stop it: its writer gets ECANCELED, nothing half made stays"),
+    ("while read -r seq time kind obj ev rest; do ...; done < events", "follow every change"),
     ("cat 'sources/netfs?host=H'", "what pools could be made from that server"),
 )
 
@@ -157,6 +170,13 @@ class Link(Node):
     target: str = ""
     # Run before the target is handed out: makes a local path that exists on demand.
     prepare: Callable[[], Awaitable[None]] | None = None
+
+
+@dataclass
+class Stream(Node):
+    """A file whose reads wait for the next change (MNT/events)."""
+
+    feed: Feed | None = None
 
 
 @dataclass
@@ -244,10 +264,50 @@ class Tree:
                     return self._cached(("host",), self._host)
                 case "sources":
                     return self._cached(("sources",), self._sources)
+                case "events":
+                    return Stream(RO_MODE, feed=self.m.feed)
+                case "jobs":
+                    return self._cached(("jobs",), self._jobs)
             return None
 
-        return Dir(DIR_MODE, names=lambda: ("README", "error", "by-uuid", "by-key", "by-path",
-                                            "sources", "host", "pools"), child=child)
+        return Dir(DIR_MODE, names=lambda: ("README", "error", "events", "jobs", "by-uuid",
+                                            "by-key", "by-path", "sources", "host", "pools"),
+                   child=child)
+
+    # ---------------------------------------------------------------- jobs
+
+    def _jobs(self) -> Dir:
+        def child(name: str) -> Node | None:
+            if not name.isascii() or not name.isdigit():
+                return None
+            job = self.m.jobs.get(int(name))
+            return self._job(job) if job is not None else None
+
+        return Dir(DIR_MODE, names=lambda: [str(i) for i in self.m.jobs.ids()], child=child,
+                   volatile=True)
+
+    def _job(self, job: Job) -> Dir:
+        def value(fn: Callable[[], str]) -> File:
+            async def render() -> bytes:
+                text = fn()
+                return _value(text) if text else b""
+            return File(RO_MODE, read=render)
+
+        async def ctl(data: bytes) -> None:
+            words = command_words(_line(data))
+            if words != ["cancel"]:
+                raise Invalid("expected cancel")
+            if not job.cancel():
+                raise Invalid(f"job {job.id} has ended already ({job.state.value})")
+
+        files: dict[str, Node] = {
+            "what": value(lambda: job.what),
+            "state": value(lambda: job.state.value),
+            "progress": value(job.progress),
+            "error": value(lambda: job.error),
+            "ctl": File(WO_MODE, write=ctl),
+        }
+        return Dir(DIR_MODE, names=lambda: list(files), child=files.get)
 
     def _sources(self) -> Dir:
         def finder(stype: str, spec: Callable[[], PoolSource]) -> Render:
@@ -547,7 +607,7 @@ class Tree:
 
     def _volinfo_dir(self, pool: str, name: str) -> Dir:
         files = _VolumeFiles(self.m, pool, name)
-        return Dir(DIR_MODE, names=_VolumeFiles.names, child=files.child)
+        return Dir(DIR_MODE, names=files.names, child=files.child)
 
 
 class _VolumeFiles:
@@ -563,12 +623,17 @@ class _VolumeFiles:
         self.pool = pool
         self.name = name
 
-    @staticmethod
-    def names() -> list[str]:
+    def names(self) -> list[str]:
+        if self.m.jobs.on_volume(self.pool, self.name) is not None:
+            return [*_VolumeFiles.NAMES, "job"]
         return list(_VolumeFiles.NAMES)
 
     def child(self, cname: str) -> Node | None:
         match cname:
+            case "job":
+                job = self.m.jobs.on_volume(self.pool, self.name)
+                return (Link(0o777, target=f"../../../../jobs/{job.id}")
+                        if job is not None else None)
             case "xml":
                 return File(RO_MODE, read=self.xml)
             case "capacity":
