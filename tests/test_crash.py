@@ -92,14 +92,14 @@ def test_an_upload_cut_short_is_removed_when_its_pool_starts(tmp_path: Path,
 
     async def main() -> None:
         m = await _autostarted(state, img)
-        whole = await m.begin_upload("p", "whole")
-        await m.upload_truncate(whole, 3 * MiB)
-        await m.close_upload(whole)
+        whole = await m.uploads.begin("p", "whole")
+        await m.uploads.truncate(whole, 3 * MiB)
+        await m.uploads.close(whole)
         assert in_flight(state) == []
-        cut = await m.begin_upload("p", "cut")
-        await m.upload_truncate(cut, 96 * MiB)
+        cut = await m.uploads.begin("p", "cut")
+        await m.uploads.truncate(cut, 96 * MiB)
         os.pwrite(cut.fd, b"x" * 4096, 0)
-        empty = await m.begin_upload("p", "empty")  # truncate killed before its size
+        empty = await m.uploads.begin("p", "empty")  # truncate killed before its size
         assert sorted(in_flight(state)) == ["cut", "empty"]
         # killed here
         m2 = await _restarted(state)
@@ -124,8 +124,8 @@ def test_only_the_volume_that_was_being_made_is_removed(tmp_path: Path,
 
     async def main() -> None:
         m = await _autostarted(state, img)
-        up = await m.begin_upload("p", "v")
-        await m.upload_truncate(up, MiB)
+        up = await m.uploads.begin("p", "v")
+        await m.uploads.truncate(up, MiB)
         ino = os.fstat(up.fd).st_ino
         os.close(up.fd)
         # killed here; before the next start, someone makes their own v
@@ -172,10 +172,10 @@ def test_a_change_after_settling_is_in_flight_again(tmp_path: Path) -> None:
 
     async def main() -> None:
         m = await _autostarted(state, img)
-        up = await m.begin_upload("p", "v")
-        await m.finish_upload(up)  # the first close: listed, settled
+        up = await m.uploads.begin("p", "v")
+        await m.uploads.settle(up)  # the first close: listed, settled
         assert in_flight(state) == []
-        await m.upload_truncate(up, 8 * MiB)
+        await m.uploads.truncate(up, 8 * MiB)
         assert in_flight(state) == ["v"]
         # killed here
         m2 = await _restarted(state)

@@ -90,7 +90,7 @@ def test_volume_listing_matches_lookups(tmp_path: Path) -> None:
         m, tree = await running_pool(tmp_path)
         for name in ("a", "b"):
             await m.create_volume("p", VolumeDef(name, 1024))
-        upload = await m.begin_upload("p", "c")
+        upload = await m.uploads.begin("p", "c")
         vols = tree.resolve(("pools", "p", "volumes"))
         assert isinstance(vols, Dir) and vols.entries is not None
         listed = tree.children(vols)
@@ -100,7 +100,7 @@ def test_volume_listing_matches_lookups(tmp_path: Path) -> None:
             ("a", "Link"), ("b", "Link"), ("c", "UploadFile")]
         assert [node.target for _, node in listed if isinstance(node, Link)] == [
             str(tmp_path / "img" / "a"), str(tmp_path / "img" / "b")]
-        await m.close_upload(upload)
+        await m.uploads.close(upload)
         await m.pool_command("p", "stop")
         assert tree.children(vols) == []
 

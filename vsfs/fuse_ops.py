@@ -25,9 +25,9 @@ import trio
 
 from .errors import Invalid, VsfsError
 from .feed import Change, Feed
-from .manager import Upload
 from .tree import Dir, File, Link, Node, Stream, Tree, UploadFile
 from .units import shown
+from .uploads import Upload
 from .xmlio import DocumentFeeder
 
 log = logging.getLogger(__name__)
@@ -212,26 +212,6 @@ def _kind(node: Node) -> str:
     if isinstance(node, UploadFile):
         return f"upload:{node.upload.serial}" if node.upload is not None else "upload"
     return "file"
-
-
-def _set_owner(fd: int, mode: int | None, uid: int, gid: int) -> None:
-    """fchmod and fchown of an open file; None and -1 leave that part as it is."""
-    if uid != -1 or gid != -1:
-        os.fchown(fd, uid, gid)
-    if mode is not None:
-        os.fchmod(fd, mode)
-
-
-def _append(fd: int, data: bytes) -> int:
-    """Write at the file's end as it is now (the descriptor is not O_APPEND)."""
-    return os.pwrite(fd, data, os.fstat(fd).st_size)
-
-
-def _set_times(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
-    """utime() of an open file; None keeps that time as it is."""
-    st = os.fstat(fd)
-    os.utime(fd, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
-                     st.st_mtime_ns if mtime_ns is None else mtime_ns))
 
 
 def _shown(path: tuple[str, ...]) -> str:
@@ -537,21 +517,13 @@ class Operations(pyfuse3.Operations):
             mode = attr.st_mode & 0o777 if fields.update_mode else None
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            try:
-                await trio.to_thread.run_sync(_set_owner, node.upload.fd, mode, uid, gid)
-            except OSError as e:
-                self.tree.record_error(ctx.uid, f"setting the mode or owner of volume "
-                                       f"{node.upload.name}: {e.strerror}")
-                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            await self.tree.m.uploads.set_owner(node.upload, mode, uid, gid)
         elif fields.update_mode or fields.update_uid or fields.update_gid:
             self._refuse(ctx, errno.EPERM, f"{_shown(path)}: vsfs's files keep their modes and "
                          "owners (a volume's are its target's, or its <permissions>)")
         if fields.update_size:
             if isinstance(node, UploadFile) and node.upload is not None:
-                try:
-                    await self.tree.m.upload_truncate(node.upload, attr.st_size)
-                except Exception as e:
-                    raise self._fail(ctx.uid, e) from None
+                await self.tree.m.uploads.truncate(node.upload, attr.st_size)
             elif not (isinstance(node, File) and node.write is not None and attr.st_size == 0):
                 # Truncating a value file to 0 is what `echo x > file` does first.
                 self._refuse(ctx, errno.EACCES, f"{_shown(path)} cannot be resized: it is "
@@ -559,15 +531,9 @@ class Operations(pyfuse3.Operations):
         if ((fields.update_atime or fields.update_mtime) and isinstance(node, UploadFile)
                 and node.upload is not None and node.upload.fd >= 0):
             # touch -d, cp -p: the times go to the new volume's file.
-            fd = node.upload.fd
             atime = attr.st_atime_ns if fields.update_atime else None
             mtime = attr.st_mtime_ns if fields.update_mtime else None
-            try:
-                await trio.to_thread.run_sync(_set_times, fd, atime, mtime)
-            except OSError as e:
-                self.tree.record_error(ctx.uid, f"setting the times of volume "
-                                       f"{node.upload.name}: {e.strerror}")
-                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            await self.tree.m.uploads.set_times(node.upload, atime, mtime)
         return self._attrs(inode, node)
 
     @_guarded()
@@ -789,10 +755,7 @@ class Operations(pyfuse3.Operations):
         if handle.feed is not None:
             return await self._read_events(handle, size)
         if handle.upload is not None:
-            fd = handle.upload.fd
-            if fd < 0:
-                return b""
-            return await trio.to_thread.run_sync(os.pread, fd, size, off)
+            return await self.tree.m.uploads.read(handle.upload, off, size)
         return handle.content[off:off + size]
 
     async def _read_events(self, handle: Handle, size: int) -> bytes:
@@ -838,7 +801,8 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
         if handle.upload is not None:
-            return await self._write_upload(handle, handle.upload, off, buf)
+            return await self.tree.m.uploads.write(handle.upload, off, bytes(buf),
+                                                   handle.append)
         node = handle.node
         assert isinstance(node, File) and node.write is not None
         if handle.failed:
@@ -914,42 +878,11 @@ class Operations(pyfuse3.Operations):
             handle.applied = values[0] if values else b""
             await node.write(handle.applied + b"\n")
 
-    async def _write_upload(self, handle: Handle, upload: Upload, off: int, buf: bytes) -> int:
-        if upload.fd < 0:
-            upload.failed = True
-            self.tree.record_error(handle.uid, f"volume {upload.name} needs a size before "
-                                   "data: truncate -s SIZE first")
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        if upload.failed and upload.orphaned:
-            self.tree.record_error(handle.uid, f"volume {upload.name} was removed after a "
-                                   "failed write")
-            raise pyfuse3.FUSEError(errno.EIO)
-        # Written after it was settled (a shell's `> V` closed its first descriptor before
-        # any data came): in flight again, so a daemon killed now leaves no half volume.
-        await self.tree.m.changing_upload(upload)
-        upload.written = True
-        fd = upload.fd
-        try:
-            if handle.append:
-                n = await trio.to_thread.run_sync(_append, fd, buf)
-            else:
-                n = await trio.to_thread.run_sync(os.pwrite, fd, buf, off)
-            upload.refused = False  # the writer went on after a refused size
-            self.tree.m.upload_wrote(upload, n)
-            return n
-        except OSError as e:
-            upload.failed = True
-            self.tree.record_error(handle.uid, f"writing volume {upload.name}: {e.strerror}")
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-
     @_guarded(by_fh=True)
     async def flush(self, fh: int) -> None:
         handle = self._handles.get(fh)
         if handle is not None and handle.upload is not None:
-            try:
-                await self.tree.m.finish_upload(handle.upload)
-            except Exception as e:
-                raise self._fail(handle.uid, e) from None
+            await self.tree.m.uploads.settle(handle.upload)
             return
         if handle is None or handle.failed:
             return
@@ -996,13 +929,12 @@ class Operations(pyfuse3.Operations):
             return  # another open of the same new volume is still writing
         self._upload_inos.pop(handle.ino, None)
         try:
-            await self.tree.m.close_upload(handle.upload)
+            await self.tree.m.uploads.close(handle.upload)
         except Exception as e:  # release cannot report; the reason is kept for the user
             self._fail(handle.uid, e)
 
     @_guarded(by_fh=True)
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles.get(fh)
-        if handle is not None and handle.upload is not None and handle.upload.fd >= 0:
-            fd = handle.upload.fd
-            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        if handle is not None and handle.upload is not None:
+            await self.tree.m.uploads.sync(handle.upload, datasync)

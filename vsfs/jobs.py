@@ -120,6 +120,8 @@ class Jobs:
         self._clock = clock
         self._ids = itertools.count(1)
         self._jobs: dict[int, Job] = {}
+        # The running ones apart: every action on a volume asks about them.
+        self._running: dict[int, Job] = {}
 
     # ------------------------------------------------------------- lookups
 
@@ -132,13 +134,13 @@ class Jobs:
         return list(self._jobs)
 
     def running(self) -> Iterator[Job]:
-        return (j for j in list(self._jobs.values()) if j.running)
+        return iter(list(self._running.values()))
 
     def holder(self, pool: str, name: str, exclusive: bool = True) -> Job | None:
         """The running job an action on pool/name would conflict with: any job holding
         it, for an action that changes it (``exclusive``); one holding it exclusively,
         for one that only reads it."""
-        for job in self.running():
+        for job in self._running.values():
             held = job.holds.get((pool, name))
             if held is not None and (exclusive or held):
                 return job
@@ -174,7 +176,7 @@ class Jobs:
                 raise Busy(other.conflict(pool, name))
         self.prune()
         job = Job(next(self._ids), what, verb, wanted, frozenset(creates), dict(reserved or {}))
-        self._jobs[job.id] = job
+        self._jobs[job.id] = self._running[job.id] = job
         log.info("job %d started: %s", job.id, what)
         self._publish(Change("job", (str(job.id),), "started", what, tuple(wanted)))
         return job
@@ -198,6 +200,7 @@ class Jobs:
             else:
                 job.total = job.done
         job.ended_at = self._clock()
+        del self._running[job.id]
         job.ended.set()
         log.info("job %d %s: %s%s", job.id, job.state.value, job.what,
                  f" ({job.error})" if job.error else "")
@@ -227,6 +230,8 @@ class Jobs:
 
     def prune(self) -> None:
         """Forget ended jobs older than KEEP_ENDED, and all but the newest KEEP_ENDED_MAX."""
+        if len(self._jobs) == len(self._running):
+            return
         now = self._clock()
         ended = [j for j in self._jobs.values() if j.ended_at is not None]
         old = {j.id for j in ended if now - (j.ended_at or now) > KEEP_ENDED}

@@ -8,14 +8,11 @@ tree calls it and the FUSE adapter only translates.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
-import itertools
 import logging
 import os
 import shlex
 import stat
-import struct
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,11 +26,9 @@ from .backends.dir import LOCAL_FILESYSTEMS
 from .backends.host import HostDevices
 from .errors import (
     Busy,
-    Canceled,
     CrossDevice,
     Exists,
     Invalid,
-    NoSpace,
     NotFound,
     Unsupported,
     VsfsError,
@@ -56,6 +51,7 @@ from .model import (
 from .secrets import SecretStore
 from .state import JOURNAL_NAME, InFlight, StateDir, UploadJournal, remove_temporaries
 from .units import parse_size
+from .uploads import Uploads, identity
 from .xmlio import normalize_uuid, parse_pool, parse_volume
 
 log = logging.getLogger(__name__)
@@ -126,59 +122,6 @@ class PoolEntry:
         return _Held(self)
 
 
-_upload_serials = itertools.count(1)
-
-
-@dataclass
-class Upload:
-    """A volume being created through a file handle (``truncate``, ``cp``)."""
-
-    pool: str
-    name: str
-    fd: int
-    failed: bool = False
-    # Listed as a volume (a symlink) since its first close; descriptors may still be open.
-    listed: bool = False
-    # Bytes came in since it was last settled.
-    written: bool = False
-    # Its last resize was refused (no space) and nothing succeeded since.
-    refused: bool = False
-    # Its volume is not its own any more (replaced by another tool, or removed after a
-    # failed write): later closes settle nothing.
-    orphaned: bool = False
-    # Each upload is a file of its own: one deleted while still open and a new one of
-    # the same name must not share an inode.
-    serial: int = field(default_factory=lambda: next(_upload_serials))
-    # What the journal of uploads says of it (state.UploadJournal), and whether it says
-    # "in flight": from before its volume is made until it is settled, so that a daemon
-    # killed meanwhile leaves no half-written volume behind.
-    record: InFlight | None = None
-    in_flight: bool = False
-    # Its job (jobs/<id>/): from its creation to its last close.
-    job: Job | None = None
-
-    def size(self) -> int:
-        """The size of its file now; 0 once it is closed (or has no file yet)."""
-        if self.fd < 0:
-            return 0
-        try:
-            return os.fstat(self.fd).st_size
-        except OSError:  # closed meanwhile by a worker thread: it has no size any more
-            return 0
-
-
-def _same_file(fd: int, path: str) -> bool:
-    """Whether an open descriptor is (still) the file or device at path."""
-    st = os.fstat(fd)
-    try:
-        there = os.stat(path)
-    except OSError:
-        return False
-    if stat.S_ISBLK(st.st_mode):
-        return stat.S_ISBLK(there.st_mode) and st.st_rdev == there.st_rdev
-    return (st.st_dev, st.st_ino) == (there.st_dev, there.st_ino)
-
-
 # A volume being made when vsfs died, recorded before the backend could say what it made,
 # is taken for the volume found under its name only if that is as the backend would have
 # left it, and made no sooner than the record (the file's ctime, on a coarse clock) nor
@@ -187,24 +130,6 @@ _CLOCK_SLACK_NS = 1_000_000_000
 _MAKING_BOUND_NS = 60_000_000_000
 # LVM rounds a size up to whole extents.
 _ROUNDING = 64 << 20
-
-
-# FS_IOC_GETVERSION (linux/fs.h): the generation of an inode on ext2/3/4, xfs and btrfs.
-_FS_IOC_GETVERSION = 0x80087601
-
-
-def _identity(fd: int) -> tuple[os.stat_result, int]:
-    """An open file's stat and its inode's generation, which tells it from a later file
-    given the same inode number (ext4 gives a freed number to the next file at once); -1
-    where the filesystem keeps none (tmpfs, which does not give numbers again soon).
-    Blocking."""
-    buf = bytearray(8)
-    try:
-        fcntl.ioctl(fd, _FS_IOC_GETVERSION, buf)
-        gen: int = struct.unpack("=I", buf[:4])[0]  # the kernel writes an int
-    except OSError:
-        gen = -1
-    return os.fstat(fd), gen
 
 
 def _cut_short(rec: InFlight, vol: Volume) -> bool | None:
@@ -228,7 +153,7 @@ def _cut_short(rec: InFlight, vol: Volume) -> bool | None:
     except OSError:
         return False  # gone, or a link: not what vsfs made
     try:
-        st, gen = _identity(fd)
+        st, gen = identity(fd)
     finally:
         os.close(fd)
     if not stat.S_ISREG(st.st_mode):
@@ -275,12 +200,9 @@ class Manager:
     def __init__(self, state: StateDir) -> None:
         self.state = state
         self.pools: dict[str, PoolEntry] = {}
-        self.uploads: dict[tuple[str, str], Upload] = {}  # not closed yet
-        # Listed, but a descriptor is still open (a dup of a shell's redirection, dd's
-        # output): its volume is settled again when closed again.
-        self.open_uploads: dict[tuple[str, str], Upload] = {}
         self.feed = Feed()
         self.jobs = Jobs(self.feed.publish)
+        self.uploads = Uploads(self)
         self._forget_link: LinkForgetter | None = None
         self._define_lock = trio.Lock()
         self.host = HostDevices()
@@ -300,7 +222,7 @@ class Manager:
         self.feed.publish(Change("pool", (entry.pool.name,), event,
                                  touches=tuple((entry.pool.name, v) for v in gone)))
 
-    def _volume_changed(self, pool: str, name: str, event: str, detail: str = "") -> None:
+    def volume_changed(self, pool: str, name: str, event: str, detail: str = "") -> None:
         self.feed.publish(Change("volume", (pool, name), event, detail))
 
     def _job_in_pool(self, entry: PoolEntry, doing: str) -> None:
@@ -310,7 +232,7 @@ class Manager:
             raise Busy(f"pool {entry.pool.name!r} cannot be {doing} while job {job.id} "
                        f"runs: {job.what}")
 
-    def _check_new_name(self, entry: PoolEntry, name: str) -> None:
+    def check_new_name(self, entry: PoolEntry, name: str) -> None:
         """A new volume's name must be free: not listed, not being made by a job."""
         pool = entry.pool.name
         if name in entry.volumes:
@@ -435,7 +357,7 @@ class Manager:
 
     def in_use(self, pool: str, vol: Volume) -> str | None:
         """Why ``vol`` may not be deleted or renamed now, if anything."""
-        if (pool, vol.name) in self.uploads or (pool, vol.name) in self.open_uploads:
+        if self.uploads.writing(pool, vol.name) is not None:
             return f"volume {vol.name!r} is still being written"
         job = self.jobs.holder(pool, vol.name)
         if job is not None:
@@ -555,7 +477,7 @@ class Manager:
                             "may be incomplete; it stays, as the pool's storage does", name,
                             rec.name)
                 with contextlib.suppress(VsfsError):
-                    await self._journal_io(self.journal.forget, rec)
+                    await self.journal_io(self.journal.forget, rec)
         self._pool_changed(entry, "undefined")
         log.info("pool %s undefined", name)
 
@@ -587,11 +509,10 @@ class Manager:
             async with entry.locked():
                 if not entry.running:
                     raise Invalid(f"pool {name!r} is not active")
-                self._job_in_pool(entry, "stopped")
-                busy = next((u for u in [*self.uploads.values(), *self.open_uploads.values()]
-                             if u.pool == name), None)
+                busy = self.uploads.in_pool(name)
                 if busy is not None:
                     raise Busy(f"volume {busy.name!r} of pool {name!r} is still being written")
+                self._job_in_pool(entry, "stopped")
                 for vol in entry.volumes.values():
                     users = self.source_users(vol.path)
                     if users:
@@ -695,14 +616,14 @@ class Manager:
                 elif not ours:
                     log.info("pool %s: volume %s is not the one vsfs was writing when it "
                              "stopped: left alone", entry.pool.name, rec.name)
-                elif await self._discard(entry, vol):
+                elif await self.discard(entry, vol):
                     log.warning("pool %s: volume %s removed: vsfs stopped while it was being "
                                 "written through a file handle, so it is incomplete",
                                 entry.pool.name, rec.name)
                 else:
                     continue  # still recorded: tried again at the next start
             try:
-                await self._journal_io(self.journal.forget, rec)
+                await self.journal_io(self.journal.forget, rec)
             except VsfsError as e:
                 log.error("pool %s: %s", entry.pool.name, e)
 
@@ -723,14 +644,14 @@ class Manager:
         found = [v for v in snap.volumes if v.name not in making]
         new = VolumeTable(found)
         if entry.running:
-            uploading = {n for p, n in [*self.uploads, *self.open_uploads] if p == pool}
+            uploading = self.uploads.names_in(pool)
             for vname in sorted(entry.volumes.keys() - new.keys() - uploading):
-                self._volume_changed(pool, vname, "deleted")
+                self.volume_changed(pool, vname, "deleted")
             for vname in sorted(new.keys() - entry.volumes.keys() - uploading):
-                self._volume_changed(pool, vname, "created")
+                self.volume_changed(pool, vname, "created")
             for vname in sorted(new.keys() & entry.volumes.keys()):
                 if new[vname].capacity != entry.volumes[vname].capacity:
-                    self._volume_changed(pool, vname, "resized", str(new[vname].capacity))
+                    self.volume_changed(pool, vname, "resized", str(new[vname].capacity))
         entry.volumes = new
         entry.status = snap.status
         entry.live_perms = snap.live_perms
@@ -794,7 +715,7 @@ class Manager:
 
     # ---------------------------------------------------------------- volumes
 
-    async def _check_space(self, entry: PoolEntry, needed: int) -> None:
+    async def check_room(self, entry: PoolEntry, needed: int) -> None:
         """ENOSPC unless ``needed`` bytes fit in what the pool has free and running jobs
         have not reserved."""
         status = await entry.backend.status()
@@ -817,7 +738,7 @@ class Manager:
         with trio.CancelScope(shield=True):
             async with entry.locked():
                 entry.volumes[vol.name] = vol
-        self._volume_changed(entry.pool.name, vol.name, "created")
+        self.volume_changed(entry.pool.name, vol.name, "created")
 
     async def create_volume(self, pool: str, vdef: VolumeDef) -> Volume:
         """Create a volume from a definition (XML, mkdir). A job: a preallocated image or
@@ -827,10 +748,10 @@ class Manager:
         async with entry.locked():
             if not entry.running:
                 raise Invalid(f"pool {pool!r} is not active")
-            self._check_new_name(entry, vdef.name)
+            self.check_new_name(entry, vdef.name)
             entry.backend.require("create_volume", "create volumes")
             needed = entry.backend.space_needed(vdef)
-            await self._check_space(entry, needed)
+            await self.check_room(entry, needed)
             job = self.jobs.begin(f"create {ref(pool, vdef.name)}", "created",
                                   [((pool, vdef.name), True)], creates=[(pool, vdef.name)],
                                   reserved={pool: needed})
@@ -844,227 +765,14 @@ class Manager:
     async def create_volume_xml(self, pool: str, xml: bytes) -> Volume:
         return await self.create_volume(pool, parse_volume(xml))
 
-    async def begin_upload(self, pool: str, name: str) -> Upload:
-        """Create an empty raw volume and open it, for ``truncate`` and ``cp``."""
-        check_name(name, "volume name")
-        entry = self.running_entry(pool)
-        async with entry.locked():
-            if not entry.running:
-                raise Invalid(f"pool {pool!r} is not active")
-            self._check_new_name(entry, name)
-            # In the journal before it is made, so that a daemon killed before it is
-            # settled leaves no half-written volume (volumes made at their size are
-            # recorded when truncate makes them).
-            rec = (None if entry.backend.sized_at_creation
-                   else await self._journal_io(self.journal.begin, entry.pool.uuid, name))
-            try:
-                # Empty at first: its size is checked against free space when set.
-                made = await entry.backend.create_upload(VolumeDef(name=name, capacity=0,
-                                                                   format="raw"))
-            except BaseException:
-                if rec is not None:
-                    with trio.CancelScope(shield=True):
-                        await self._journal_io(self.journal.end, rec)
-                raise
-            fd = -1
-            if made is not None:
-                vol, fd = made
-                entry.volumes[name] = vol
-                if rec is not None:
-                    rec = await self._made(entry, rec, vol, fd)
-            elif rec is not None:
-                await self._journal_io(self.journal.end, rec)
-                rec = None
-        upload = Upload(pool, name, fd, record=rec, in_flight=rec is not None)
-        self.uploads[(pool, name)] = upload
-        # A job until its last close: progress is the bytes written so far (of a total
-        # nobody knows), and its cancel fails the writer's next write and removes it.
-        upload.job = self.jobs.begin(f"upload {ref(pool, name)}", "written",
-                                     [((pool, name), True)])
-        log.info("volume %s/%s created for writing", pool, name)
-        return upload
-
-    def _upload_cancelled(self, upload: Upload) -> None:
-        """Canceled (ECANCELED) once the upload's job was cancelled: it fails, and its
-        volume is removed at its next close."""
-        if upload.job is not None and upload.job.cancelled:
-            upload.failed = True
-            raise Canceled(f"job {upload.job.id} was cancelled: {upload.job.what}")
-
-    def upload_wrote(self, upload: Upload, count: int) -> None:
-        """Bytes went into an upload: its job's progress."""
-        if upload.job is not None:
-            upload.job.done += count
-
-    async def upload_truncate(self, upload: Upload, size: int) -> None:
-        self._upload_cancelled(upload)
-        entry = self.entry(upload.pool)
-        try:
-            if upload.fd < 0:
-                # Backends whose volumes need a size (partitions) make them now.
-                async with entry.locked():
-                    await self._check_space(entry, size)
-                    rec = await self._journal_io(self.journal.begin, entry.pool.uuid,
-                                                 upload.name, size)
-                    try:
-                        made, fd = await entry.backend.create_sized_upload(
-                            VolumeDef(name=upload.name, capacity=size, format="raw"))
-                    except BaseException:
-                        with trio.CancelScope(shield=True):
-                            await self._journal_io(self.journal.end, rec)
-                        raise
-                    entry.volumes[made.name] = made
-                    upload.record = await self._made(entry, rec, made, fd)
-                    upload.fd, upload.in_flight = fd, True
-                return
-            await self.changing_upload(upload)
-            await entry.backend.truncate_upload(upload.fd, size)
-        except (NoSpace, Invalid):
-            # Refused before anything changed: the writer may try another size. A volume
-            # left at a refused size when it is closed is removed, as after a failure.
-            upload.refused = True
-            raise
-        except BaseException:
-            upload.failed = True
-            raise
-        upload.refused = False
-        current = None if upload.orphaned else entry.volumes.get(upload.name)
-        if current is not None and current.format == "raw":
-            entry.volumes[upload.name] = replace(current, capacity=size, physical=size)
-
-    async def changing_upload(self, upload: Upload) -> None:
-        """Before an upload's volume changes after it was settled (through a descriptor
-        still open: a shell's `> V` closes its first copy before writing): in flight again
-        until the next close settles it, so that a daemon killed meanwhile leaves nothing
-        half-written."""
-        self._upload_cancelled(upload)
-        if upload.record is not None and not upload.in_flight and not upload.orphaned:
-            await self._journal_io(self.journal.put, upload.record)
-            upload.in_flight = True
-
-    async def _made(self, entry: PoolEntry, rec: InFlight, vol: Volume, fd: int) -> InFlight:
-        """Record in the journal what the backend made for an upload: its inode, or its
-        device, so that only that is ever removed after a crash, never a volume made later
-        under the same name. What cannot be recorded is undone."""
-        try:
-            st, gen = await entry.backend.quick_io(_identity, fd)
-            if stat.S_ISBLK(st.st_mode):
-                return await self._journal_io(self.journal.identify, rec, "block",
-                                              st.st_rdev, 0, -1, vol.key)
-            if stat.S_ISREG(st.st_mode) and not entry.backend.on_demand_paths:
-                return await self._journal_io(self.journal.identify, rec, "file",
-                                              st.st_dev, st.st_ino, gen, vol.key)
-            # A path served on demand (an export): its inode says nothing later.
-            return await self._journal_io(self.journal.identify, rec, "other", 0, 0, -1,
-                                          vol.key)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                with contextlib.suppress(OSError):
-                    await entry.backend.quick_io(os.close, fd)
-                await self._discard(entry, vol)
-                with contextlib.suppress(VsfsError):
-                    await self._journal_io(self.journal.end, rec)
-            raise
-
-    async def _journal_io(self, fn: Callable[..., T], *args: object) -> T:
+    async def journal_io(self, fn: Callable[..., T], *args: object) -> T:
         """A call on the journal of uploads: a few syscalls, inline when the state
         directory is local, else in a worker thread (a network filesystem may hang)."""
         if self._journal_inline:
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args)
 
-    async def finish_upload(self, upload: Upload, last: bool = False) -> None:
-        """Settle a volume made through a file handle, at each close of it.
-
-        Runs on every close (flush, which the writer waits for), so that when
-        ``truncate`` or ``cp`` returns the volume is either complete and listed as
-        a symlink, or gone. The first close lists it; a descriptor still open (a
-        shell's redirection and ``dd`` close their first copy at once) keeps working,
-        and a later close settles what it did: bytes written are probed again, and
-        a failed write removes the volume. The descriptor itself stays open until
-        the last release (*last*).
-        """
-        if upload.orphaned:
-            return
-        key = (upload.pool, upload.name)
-        first = not upload.listed
-        if first:
-            upload.listed = True
-            self.uploads.pop(key, None)
-            if not last:
-                self.open_uploads[key] = upload
-        entry = self.pools.get(upload.pool)
-        vol = entry.volumes.get(upload.name) if entry is not None else None
-        bad = upload.failed or upload.refused or (upload.job is not None
-                                                   and upload.job.cancelled)
-        removed = False
-        kept = False  # a bad volume that could not be removed: left to the next start
-        if entry is not None and vol is not None and (bad or upload.written):
-            async with entry.locked():
-                if upload.fd >= 0 and not await entry.backend.quick_io(
-                        _same_file, upload.fd, vol.path):
-                    # Replaced behind vsfs's back: that volume is not this upload's.
-                    self._let_go(upload)
-                elif bad:
-                    kept = not await self._discard(entry, vol)
-                    self._let_go(upload)
-                    removed = not kept
-                    if removed:
-                        log.info("volume %s/%s removed: its upload %s", upload.pool, upload.name,
-                                 "failed" if upload.failed else "was refused its size")
-                        if not first:  # listed (and told as created) before
-                            self._volume_changed(upload.pool, upload.name, "deleted")
-                else:
-                    upload.written = False
-                    # Bytes came in: they may be an image (a qcow2 copied in).
-                    try:
-                        entry.volumes[upload.name] = await entry.backend.volume(upload.name)
-                    except NotFound:
-                        entry.volumes.pop(upload.name, None)
-        if upload.in_flight and upload.record is not None and not kept:
-            # Settled (complete, gone, or not its own) before the writer's close returns:
-            # a crash from now on must not take it away.
-            await self._journal_io(self.journal.end, upload.record)
-            upload.in_flight = False
-        if first and not removed and not upload.orphaned:
-            # Listed from now on, as a symlink: a volume to use (the adapter drops the
-            # regular file's entry). Its job goes on until the last close.
-            self._volume_changed(upload.pool, upload.name, "created")
-
-    def _let_go(self, upload: Upload) -> None:
-        """Settle nothing more for an upload: its volume is gone, or not its own."""
-        upload.orphaned = True
-        key = (upload.pool, upload.name)
-        if self.open_uploads.get(key) is upload:
-            del self.open_uploads[key]
-
-    async def close_upload(self, upload: Upload) -> None:
-        """The last descriptor of an upload is closed."""
-        key = (upload.pool, upload.name)
-        # At once, before any wait: a delete right after `cp` must not find it in use.
-        if self.open_uploads.get(key) is upload:
-            del self.open_uploads[key]
-        if upload.job is not None:
-            cancelled = upload.job.cancelled
-            why = (Canceled("cancelled") if cancelled else
-                   VsfsError("a write failed" if upload.failed else "its size was refused")
-                   if upload.failed or upload.refused else None)
-            self.jobs.finish(upload.job, why)
-        try:
-            await self.finish_upload(upload, last=True)
-        finally:
-            # No longer this upload's before it is closed: a listing made meanwhile (a
-            # stale node of a directory snapshot) must not fstat a number that another
-            # open may be given next.
-            fd, upload.fd = upload.fd, -1
-            if fd >= 0:
-                entry = self.pools.get(upload.pool)
-                if entry is not None:
-                    await entry.backend.quick_io(os.close, fd)
-                else:
-                    await trio.to_thread.run_sync(os.close, fd)
-
-    async def _discard(self, entry: PoolEntry, vol: Volume) -> bool:
+    async def discard(self, entry: PoolEntry, vol: Volume) -> bool:
         """Remove a volume that must not stay (a failed upload); whether it is gone. One
         that stays (in use, say) stays listed: the journal has it removed at the next start."""
         try:
@@ -1086,7 +794,7 @@ class Manager:
                 raise Busy(why)
             await entry.backend.delete_volume(vol)
             entry.volumes.pop(name, None)
-        self._volume_changed(pool, name, "deleted")
+        self.volume_changed(pool, name, "deleted")
         log.info("volume %s/%s deleted", pool, name)
 
     async def rename_volume(self, pool: str, name: str, new_pool: str, new_name: str) -> None:
@@ -1098,14 +806,14 @@ class Manager:
             vol = self.volume(pool, name)
             if new_name == name:
                 return
-            self._check_new_name(entry, new_name)
+            self.check_new_name(entry, new_name)
             why = self.in_use(pool, vol)
             if why is not None:
                 raise Busy(why)
             new = await entry.backend.rename_volume(vol, new_name)
             del entry.volumes[name]
             entry.volumes[new_name] = new
-        self._volume_changed(pool, name, "renamed", ref(pool, new_name))
+        self.volume_changed(pool, name, "renamed", ref(pool, new_name))
         log.info("volume %s/%s renamed to %s", pool, name, new_name)
 
     async def resize_volume(self, pool: str, name: str, capacity: int) -> Volume:
@@ -1118,12 +826,12 @@ class Manager:
             # block_resize), a smaller capacity is a shrink and must meet the in-use check.
             vol = await self._current(entry, name)
             if capacity > vol.capacity:
-                await self._check_space(entry, capacity - vol.capacity)
+                await self.check_room(entry, capacity - vol.capacity)
             elif capacity < vol.capacity:
                 await self._not_in_use(entry, vol, "shrunk")
             new = await entry.backend.resize_volume(vol, capacity)
             entry.volumes[name] = new
-        self._volume_changed(pool, name, "resized", str(new.capacity))
+        self.volume_changed(pool, name, "resized", str(new.capacity))
         log.info("volume %s/%s resized to %d bytes", pool, name, capacity)
         return new
 
@@ -1176,7 +884,7 @@ class Manager:
                 vol = await self._current(entry, name)
                 await self._not_in_use(entry, vol, "shrunk")
                 entry.volumes[name] = await entry.backend.shrink_volume(vol, size)
-            self._volume_changed(pool, name, "resized", str(entry.volumes[name].capacity))
+            self.volume_changed(pool, name, "resized", str(entry.volumes[name].capacity))
             log.info("volume %s/%s shrunk to %d bytes", pool, name, size)
         elif cmd == "clone" and len(args) in (1, 2):
             await self.clone_volume(pool, name, args[1] if len(args) == 2 else pool, args[0])
@@ -1212,9 +920,9 @@ class Manager:
         await self.prepare_volume(pool, name)
         dest = self.running_entry(dest_pool)
         async with dest.locked():
-            self._check_new_name(dest, new_name)
+            self.check_new_name(dest, new_name)
             dest.backend.require("clone_volume", "hold copies of volumes")
-            await self._check_space(dest, src.capacity)
+            await self.check_room(dest, src.capacity)
             src = self.volume(pool, name)  # still there, as it is now
             vdef = VolumeDef(name=new_name, capacity=src.capacity,
                              format=None if src.format == "dir" else data_format(src.format),
@@ -1228,7 +936,7 @@ class Manager:
             # A volume made at its size (an LV, a partition) has its name while the bytes
             # go in (file pools copy under a temporary name): in the journal of uploads
             # until the copy is done, so that a kill meanwhile leaves no half-copied volume.
-            rec = (await self._journal_io(self.journal.begin, dest.pool.uuid, new_name,
+            rec = (await self.journal_io(self.journal.begin, dest.pool.uuid, new_name,
                                           src.capacity)
                    if dest.backend.sized_at_creation else None)
             try:
@@ -1236,7 +944,7 @@ class Manager:
             finally:
                 if rec is not None:
                     with trio.CancelScope(shield=True):
-                        await self._journal_io(self.journal.end, rec)
+                        await self.journal_io(self.journal.end, rec)
             await self._commit(dest, vol)
         log.info("volume %s/%s cloned to %s/%s", pool, name, dest_pool, new_name)
         return vol
@@ -1248,12 +956,12 @@ class Manager:
         async with entry.locked():
             # Its format now: an overlay that took a qcow2 for raw would show its header.
             vol = await self._current(entry, name)
-            self._check_new_name(entry, new_name)
+            self.check_new_name(entry, new_name)
             needed = 0
             if entry.pool.type in ("dir", "fs", "netfs"):
                 # A qcow2 overlay of the volume's size: no overcommit, as for any new image.
                 needed = vol.capacity
-                await self._check_space(entry, needed)
+                await self.check_room(entry, needed)
             job = self.jobs.begin(
                 f"snapshot {ref(pool, name)} -> {ref(pool, new_name)}", "snapshotted",
                 [((pool, name), False), ((pool, new_name), True)],

@@ -19,9 +19,10 @@ from .backends.host import HostDevice
 from .errors import Invalid, NotFound, Unsupported
 from .feed import Feed
 from .jobs import Job
-from .manager import Manager, PoolEntry, Upload, command_words, parse_bool
+from .manager import Manager, PoolEntry, command_words, parse_bool
 from .model import PoolSource, SourceHost, Volume, VolumeDef, check_name, normal_path
 from .units import parse_size
+from .uploads import Upload
 from .xmlio import format_pool, format_sources, format_volume, parse_source_spec
 
 Render = Callable[[], Awaitable[bytes]]
@@ -544,7 +545,7 @@ class Tree:
         m = self.m
 
         def node(entry: PoolEntry, name: str, vol: Volume | None) -> Node | None:
-            upload = m.uploads.get((pool, name))
+            upload = m.uploads.opening(pool, name)
             if upload is not None:
                 return UploadFile(0o600, upload=upload)
             if vol is None:
@@ -557,7 +558,7 @@ class Tree:
         def child(name: str) -> Node | None:
             entry = m.pools.get(pool)
             if entry is None or not entry.running:
-                upload = m.uploads.get((pool, name))
+                upload = m.uploads.opening(pool, name)
                 return UploadFile(0o600, upload=upload) if upload is not None else None
             return node(entry, name, entry.volumes.get(name))
 
@@ -574,7 +575,7 @@ class Tree:
             return out
 
         async def create(name: str) -> Upload:
-            return await m.begin_upload(pool, name)
+            return await m.uploads.begin(pool, name)
 
         async def mkdir(name: str) -> None:
             entry = m.entry(pool)
