@@ -234,10 +234,10 @@ class Jobs:
             return
         now = self._clock()
         ended = [j for j in self._jobs.values() if j.ended_at is not None]
-        old = {j.id for j in ended if now - (j.ended_at or now) > KEEP_ENDED}
+        old = {j.id for j in ended if j.ended_at is not None and now - j.ended_at > KEEP_ENDED}
         if len(ended) - len(old) > KEEP_ENDED_MAX:
             keep = sorted((j for j in ended if j.id not in old),
-                          key=lambda j: j.ended_at or 0.0)[-KEEP_ENDED_MAX:]
+                          key=lambda j: (j.ended_at, j.id))[-KEEP_ENDED_MAX:]
             old |= {j.id for j in ended} - {j.id for j in keep}
         for job_id in old:
             del self._jobs[job_id]
