@@ -260,9 +260,10 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
     clean = False
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_on_signals, ops.notifier)
+            nursery.start_soon(_on_signals, ops.notifier, manager)
             nursery.start_soon(keep_running, "the pool poll", manager.poll)
             nursery.start_soon(keep_running, "the host device watch", manager.watch_host)
+            nursery.start_soon(keep_running, "the watch of jobs' writers", ops.watch_writers)
             tell("ok")
             await pyfuse3.main(max_tasks=MAX_TASKS)
             clean = True
@@ -327,10 +328,11 @@ async def keep_running(name: str, task: Callable[[], Awaitable[None]]) -> None:
         await trio.sleep(1.0)
 
 
-async def _on_signals(notifier: Notifier) -> None:
+async def _on_signals(notifier: Notifier, manager: Manager) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %s: unmounting", signal.Signals(signum).name)
+            manager.shutdown()
             # The notifier's last call may wait in the kernel for a directory lock that
             # a request holds until it is answered: stopped while the loop still answers,
             # not after, when nothing would answer that request any more.

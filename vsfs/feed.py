@@ -71,6 +71,8 @@ class Feed:
         # Woken at each change: readers waiting in read(), and poll() handles.
         self._wake = trio.Event()
         self._pollers: dict[object, Callable[[], None]] = {}
+        # The daemon is going: waiting readers get the end of the file.
+        self.closed = False
 
     def subscribe(self, fn: Callable[[Change], None]) -> None:
         """Call ``fn`` with every change from now on, in the publisher's task: it must
@@ -131,9 +133,16 @@ class Feed:
         return bytes(out), cursor
 
     async def wait(self, cursor: int) -> None:
-        """Until there is a line after ``cursor``."""
-        while self.seq <= cursor:
+        """Until there is a line after ``cursor``, or the feed is closed."""
+        while self.seq <= cursor and not self.closed:
             await self._wake.wait()
+
+    def close(self) -> None:
+        """The daemon stops: wake every waiting reader (they read the end of the file),
+        so that no request keeps the main loop from ending."""
+        self.closed = True
+        self._wake.set()
+        self._wake = trio.Event()
 
     def on_next(self, key: object, notify: Callable[[], None]) -> None:
         """Call ``notify`` once, at the next change (a poll() handle); a later call with

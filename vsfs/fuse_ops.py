@@ -25,6 +25,7 @@ import trio
 
 from .errors import Invalid, VsfsError
 from .feed import Change, Feed
+from .jobs import REQUESTER
 from .tree import Dir, File, Link, Node, Stream, Tree, UploadFile
 from .units import shown
 from .uploads import Upload
@@ -260,12 +261,14 @@ class Handle:
     # the volume's own path meanwhile, so the end is taken from the file itself. A value
     # or XML file's writes follow each other whatever offset the kernel gives them.
     append: bool = False
+    # The process that opened it: its signals end a wait (events) or cancel the job its
+    # write started (Operations.watch_writers).
+    pid: int = 0
     # A reader of events: the feed, where it is in it, the bytes of a line it has
-    # only partly read, and the process that opened it (to see its signals).
+    # only partly read.
     feed: Feed | None = None
     cursor: int = 0
     unread: bytes = b""
-    pid: int = 0
 
 
 @dataclass
@@ -729,7 +732,7 @@ class Operations(pyfuse3.Operations):
             self._refuse(ctx, errno.EACCES, f"{_shown(path)} is read-only")
         # O_APPEND: the kernel puts each write at the end it keeps for the file, which a
         # write moments before (direct I/O) left where that one ended: no offset here.
-        handle = Handle(ctx.uid, node, append=bool(flags & os.O_APPEND))
+        handle = Handle(ctx.uid, node, append=bool(flags & os.O_APPEND), pid=ctx.pid)
         if reading:
             if path == ("error",):
                 handle.content = self.tree.error_text(ctx.uid)
@@ -771,6 +774,8 @@ class Operations(pyfuse3.Operations):
             self._waiting_reads += 1
             try:
                 while not feed.ready(handle.cursor):
+                    if feed.closed:
+                        return b""  # the daemon stops: the end of the stream
                     with trio.move_on_after(SIGNAL_CHECK):
                         await feed.wait(handle.cursor)
                     if (not feed.ready(handle.cursor) and handle.pid
@@ -797,8 +802,28 @@ class Operations(pyfuse3.Operations):
             handle.feed.on_next(fh, poll_handle.notify)
         return 0
 
+    async def watch_writers(self) -> None:
+        """Cancel a job whose writer has a signal pending (^C, a kill): it waits in the
+        kernel for its write to be answered, which pyfuse3 does not interrupt, and would
+        otherwise wait for the whole copy. Its write is answered ECANCELED, the signal is
+        delivered, and the job removes what it half made."""
+        while True:
+            await trio.sleep(SIGNAL_CHECK)
+            for job in self.tree.m.jobs.running():
+                if job.requester and not job.cancelled and _signal_pending(job.requester):
+                    log.info("job %d: its writer (process %d) was sent a signal: cancelled",
+                             job.id, job.requester)
+                    job.cancel()
+
     @_guarded(by_fh=True)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        token = REQUESTER.set(self._handles[fh].pid if fh in self._handles else 0)
+        try:
+            return await self._write(fh, off, buf)
+        finally:
+            REQUESTER.reset(token)
+
+    async def _write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
         if handle.upload is not None:
             return await self.tree.m.uploads.write(handle.upload, off, bytes(buf),
@@ -880,6 +905,13 @@ class Operations(pyfuse3.Operations):
 
     @_guarded(by_fh=True)
     async def flush(self, fh: int) -> None:
+        token = REQUESTER.set(self._handles[fh].pid if fh in self._handles else 0)
+        try:
+            await self._flush(fh)
+        finally:
+            REQUESTER.reset(token)
+
+    async def _flush(self, fh: int) -> None:
         handle = self._handles.get(fh)
         if handle is not None and handle.upload is not None:
             await self.tree.m.uploads.settle(handle.upload)

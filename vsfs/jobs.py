@@ -70,6 +70,9 @@ class Job:
     ended: trio.Event = field(default_factory=trio.Event)
     # Asked to stop: by its ctl (a job outside a scope of ours, an upload, looks here).
     cancelled: bool = False
+    # The process whose write started it and waits for it (0: none known): a signal
+    # sent to it (^C) cancels the job, as ^C stops a cp.
+    requester: int = 0
 
     @property
     def running(self) -> bool:
@@ -95,6 +98,8 @@ class Job:
 
 
 _current: contextvars.ContextVar[Job | None] = contextvars.ContextVar("vsfs_job", default=None)
+# Set by the adapter around a write that may start a job: the writing process.
+REQUESTER: contextvars.ContextVar[int] = contextvars.ContextVar("vsfs_requester", default=0)
 
 
 def report(done: int, total: int | None = None) -> None:
@@ -175,7 +180,8 @@ class Jobs:
             if other is not None:
                 raise Busy(other.conflict(pool, name))
         self.prune()
-        job = Job(next(self._ids), what, verb, wanted, frozenset(creates), dict(reserved or {}))
+        job = Job(next(self._ids), what, verb, wanted, frozenset(creates), dict(reserved or {}),
+                  requester=REQUESTER.get())
         self._jobs[job.id] = self._running[job.id] = job
         log.info("job %d started: %s", job.id, what)
         self._publish(Change("job", (str(job.id),), "started", what, tuple(wanted)))
@@ -217,6 +223,8 @@ class Jobs:
             with job.scope:
                 yield job
         except BaseException as e:
+            if isinstance(e, trio.Cancelled):
+                job.cancelled = True  # stopped from outside (the daemon stops)
             self.finish(job, e)
             if job.cancelled and isinstance(e, VsfsError | trio.Cancelled):
                 raise Canceled(f"job {job.id} was cancelled: {job.what}") from None

@@ -212,6 +212,14 @@ class Manager:
         # then run inline, as Backend.quick_io does (set by load).
         self._journal_inline = False
 
+    def shutdown(self) -> None:
+        """The daemon is asked to stop: cancel every running job (each removes what it
+        half made, and its writer gets ECANCELED) and end every wait for events, so that
+        no request keeps the main loop from ending."""
+        for job in self.jobs.running():
+            job.cancel()
+        self.feed.close()
+
     def set_link_forgetter(self, forget_link: LinkForgetter) -> None:
         """Who makes the kernel read a symlink's target again (reap: not a change of
         the storage, so not on the feed)."""
