@@ -657,7 +657,7 @@ class Manager:
                 self.volume_changed(pool, vname, "deleted")
             for vname in sorted(new.keys() - entry.volumes.keys() - uploading):
                 self.volume_changed(pool, vname, "created")
-            for vname in sorted(new.keys() & entry.volumes.keys()):
+            for vname in sorted(new.keys() & entry.volumes.keys() - uploading):
                 if new[vname].capacity != entry.volumes[vname].capacity:
                     self.volume_changed(pool, vname, "resized", str(new[vname].capacity))
         entry.volumes = new
@@ -866,13 +866,20 @@ class Manager:
         if cached is not None and now - max(entry.scanned_at,
                                             entry.read_at.get(name, -fresh)) < fresh:
             return cached
+        # Changed behind vsfs's back (a guest grew it, a tool removed it): told, unless
+        # it is being written or made here, which tells its own changes.
+        ours = self.uploads.writing(pool, name) is not None or self.jobs.holder(pool, name)
         try:
             vol = await entry.backend.volume(name)
         except NotFound:
-            entry.volumes.pop(name, None)
+            if entry.volumes.pop(name, None) is not None and not ours:
+                self.volume_changed(pool, name, "deleted")
             raise
+        before = entry.volumes.get(name)
         entry.volumes[name] = vol
         entry.read_at[name] = now
+        if before is not None and before.capacity != vol.capacity and not ours:
+            self.volume_changed(pool, name, "resized", str(vol.capacity))
         return vol
 
     async def volume_command(self, pool: str, name: str, line: str) -> None:
