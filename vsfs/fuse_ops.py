@@ -206,6 +206,8 @@ Key = tuple[tuple[str, ...], str]
 def _kind(node: Node) -> str:
     if isinstance(node, Dir):
         return "dir"
+    if _fresh(node):
+        return "cmd"
     if isinstance(node, Stream):
         return "stream"
     if isinstance(node, Link):
@@ -213,6 +215,16 @@ def _kind(node: Node) -> str:
     if isinstance(node, UploadFile):
         return f"upload:{node.upload.serial}" if node.upload is not None else "upload"
     return "file"
+
+
+def _fresh(node: Node) -> bool:
+    """A command file (ctl, define: written, never read). Each lookup of one gets an inode
+    of its own, never cached (entry timeout 0), so each open has its own: the kernel
+    holds a file's inode lock through a write (and an open with O_TRUNC takes it), and
+    a write that started a job waits for the job. On one shared inode, every other
+    `echo ... > ctl` of that volume would wait behind the job instead of getting its
+    own answer (EBUSY) at once."""
+    return isinstance(node, File) and node.write is not None and node.read is None
 
 
 def _shown(path: tuple[str, ...]) -> str:
@@ -249,6 +261,7 @@ class Handle:
     content: bytes = b""
     feeder: DocumentFeeder | None = None
     failed: bool = False
+    failed_errno: int = errno.EINVAL
     wrote: bool = False
     upload: Upload | None = None
     ino: int = 0
@@ -357,6 +370,9 @@ class Operations(pyfuse3.Operations):
             self.notifier.inode(ino)
 
     def _register(self, path: tuple[str, ...], node: Node, kind: str | None = None) -> int:
+        if kind is None and _fresh(node):
+            # Each lookup its own inode (see _fresh).
+            kind = f"cmd#{self._next_ino}"
         key = (path, kind or _kind(node))
         ino = self._ino_of.get(key)
         if ino is None:
@@ -378,7 +394,7 @@ class Operations(pyfuse3.Operations):
         if upload is not None:
             return key[0], upload
         node = self.tree.resolve(key[0])
-        if node is None or _kind(node) != key[1]:
+        if node is None or _kind(node) != key[1].partition("#")[0]:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return key[0], node
 
@@ -406,7 +422,8 @@ class Operations(pyfuse3.Operations):
         # be looked up again then (to find the symlink). Its attributes may be cached: the
         # kernel keeps the size current through our setattr and write replies, and the
         # inode is never reused for the volume that follows.
-        a.entry_timeout = 0 if volatile or isinstance(node, UploadFile) else TIMEOUT
+        a.entry_timeout = (0 if volatile or isinstance(node, UploadFile) or _fresh(node)
+                           else TIMEOUT)
         a.attr_timeout = TIMEOUT
         a.st_uid = self.uid
         a.st_gid = self.gid
@@ -831,7 +848,9 @@ class Operations(pyfuse3.Operations):
         node = handle.node
         assert isinstance(node, File) and node.write is not None
         if handle.failed:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            # A writer that tries again (Python's buffered files do, at close) gets the
+            # first answer again, not a new reason.
+            raise pyfuse3.FUSEError(handle.failed_errno)
         handle.wrote = True
         if (node.document and handle.feeder is None and handle.taken == 0
                 and bytes(buf).lstrip().startswith(b"<")):
@@ -855,7 +874,9 @@ class Operations(pyfuse3.Operations):
                 await self._write_lines(handle, node, off, bytes(buf))
         except Exception as e:
             handle.failed = True
-            raise self._fail(handle.uid, e) from None
+            err = self._fail(handle.uid, e)
+            handle.failed_errno = err.errno
+            raise err from None
         await self._caught_up()
         return len(buf)
 

@@ -73,6 +73,9 @@ class Job:
     # The process whose write started it and waits for it (0: none known): a signal
     # sent to it (^C) cancels the job, as ^C stops a cp.
     requester: int = 0
+    # Called at its cancel, for a job that runs in no scope of ours (an upload, whose
+    # writer may not write again for a while): it must stop it within a second.
+    on_cancel: Callable[[], object] | None = None
 
     @property
     def running(self) -> bool:
@@ -91,6 +94,8 @@ class Job:
             return False
         self.cancelled = True
         self.scope.cancel()
+        if self.on_cancel is not None:
+            self.on_cancel()
         return True
 
     def pools(self) -> set[str]:

@@ -226,8 +226,23 @@ class Uploads:
         # nobody knows), and its cancel fails the writer's next write and removes it.
         upload.job = m.jobs.begin(f"upload {ref(pool, name)}", "written",
                                   [((pool, name), True)])
+        upload.job.on_cancel = lambda: trio.lowlevel.spawn_system_task(self._cancelled, upload)
         log.info("volume %s/%s created for writing", pool, name)
         return upload
+
+    async def _cancelled(self, upload: Upload) -> None:
+        """Its job was cancelled: it ends now, and its volume is removed now where the
+        backend can while the writer still holds it open (a file), else at its close.
+        The writer's next write, truncate or close gets ECANCELED. A task of its own
+        (nothing waits for it): it must never raise."""
+        try:
+            if upload.job is not None:
+                self.m.jobs.finish(upload.job, Canceled("cancelled"))
+            if upload.phase is not Phase.CLOSED:
+                await self.settle(upload)
+        except Exception:
+            log.exception("volume %s/%s: stopping its cancelled upload failed", upload.pool,
+                          upload.name)
 
     def _check_cancelled(self, upload: Upload) -> None:
         """ECANCELED once the upload's job was cancelled: it fails, and its volume is
@@ -276,6 +291,7 @@ class Uploads:
 
     async def write(self, upload: Upload, off: int, data: bytes, append: bool) -> int:
         """Write bytes into the volume (at its end as it is now, for O_APPEND)."""
+        self._check_cancelled(upload)
         if upload.fd < 0:
             upload.failed = True
             raise Invalid(f"volume {upload.name} needs a size before data: truncate -s SIZE "
