@@ -26,7 +26,7 @@ from vsfs.model import (
     check_space,
     data_format,
 )
-from vsfs.proc import run
+from vsfs.proc import QemuImgProgress, run
 from vsfs.secrets import SecretStore
 
 from . import blockdev
@@ -96,16 +96,19 @@ class Backend(ABC):
 
     async def clone_by_copy(self, vdef: VolumeDef, source: Volume) -> Volume:
         """A new raw volume of the source's size, holding its data (any image format read):
-        for volumes made at a fixed size (partitions, LVs, images)."""
+        for volumes made at a fixed size (partitions, LVs, images). Progress: qemu-img's
+        own, of the source's capacity. Failed or cancelled (the copy is killed), the new
+        volume is deleted."""
         if source.type == "dir":
             raise Unsupported(f"a directory cannot be copied into a {self.pool_type} volume")
         vol = await self.create_volume(VolumeDef(name=vdef.name, capacity=source.capacity))
         try:
             # Killed with the daemon: the half-copied volume is removed at the next start
             # (the manager's journal), which a copy still writing would keep in use.
-            await run(["qemu-img", "convert", "-U", "-q", "-n", "-f",
+            await run(["qemu-img", "convert", "-U", "-p", "-n", "-f",
                        data_format(source.format), "-O", "raw", source.path, vol.path],
-                      timeout=3600, dies_with_daemon=True)
+                      timeout=3600, dies_with_daemon=True,
+                      progress=QemuImgProgress(source.capacity))
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.delete_volume(vol)
@@ -198,14 +201,19 @@ class Backend(ABC):
         return vdef.capacity
 
     async def create_volume(self, vdef: VolumeDef) -> Volume:
-        """Create a volume; on failure nothing of it may be left behind."""
+        """Create a volume; failed or cancelled (a job's cancel), nothing of it may be left
+        behind: clean-ups run shielded (trio.CancelScope(shield=True))."""
         raise Unsupported(f"{self.pool_type} pools cannot create volumes")
 
     async def clone_volume(self, vdef: VolumeDef, source: Volume) -> Volume:
-        """Create ``vdef`` holding a copy of ``source`` (which may be in another pool)."""
+        """Create ``vdef`` holding a copy of ``source`` (which may be in another pool).
+
+        A job: the copy reports its progress (vsfs.proc.run's ``progress``) and stops when
+        cancelled; failed or cancelled, nothing of the new volume is left."""
         raise Unsupported(f"{self.pool_type} pools cannot clone volumes")
 
     async def snapshot_volume(self, vol: Volume, name: str) -> Volume:
+        """A job, as clone_volume: failed or cancelled, no snapshot is left."""
         raise Unsupported(f"{self.pool_type} pools cannot snapshot volumes")
 
     async def delete_volume(self, vol: Volume) -> None:
@@ -222,6 +230,7 @@ class Backend(ABC):
         raise Unsupported(f"{self.pool_type} volumes are shrunk by writing capacity")
 
     async def wipe_volume(self, vol: Volume) -> None:
+        """Zero the volume's data. A job: cancelled, it stops (what was zeroed stays so)."""
         raise Unsupported(f"{self.pool_type} pools cannot wipe volumes")
 
     async def create_upload(self, vdef: VolumeDef) -> tuple[Volume, int] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
@@ -13,9 +14,10 @@ from collections.abc import Collection, Iterator
 
 import trio
 
-from vsfs.errors import Busy
+from vsfs import jobs
+from vsfs.errors import Busy, os_failure
 from vsfs.model import Volume
-from vsfs.proc import run
+from vsfs.proc import BlkdiscardProgress, run
 
 
 def _mount_table() -> list[tuple[str, str, str]]:
@@ -388,10 +390,81 @@ async def volume_users(vols: Collection[Volume]) -> dict[str, list[str]]:
     return {paths[p]: why for p, why in found.items()}
 
 
-async def zero_out(dev: str) -> None:
-    """Write zeros over a whole block device that nothing uses (discarding where it can)."""
+# What blkdiscard zeroes at a time: it says how far it got once a second between two, and
+# is killed between two (the kernel may finish one first), so that a cancelled wipe
+# stops within a second even at 20 MB/s.
+ZERO_STEP = 16 << 20
+
+
+async def zero_out(dev: str, size: int) -> None:
+    """Write zeros over a whole block device that nothing uses (discarding where it can).
+    Progress: blkdiscard's own, of ``size`` (the device's) bytes. Cancelled, it stops;
+    what was zeroed stays so."""
     await trio.to_thread.run_sync(check_unused, dev)
-    await run(["blkdiscard", "--zeroout", dev], timeout=3600)
+    await run(["blkdiscard", "--zeroout", "--step", str(ZERO_STEP), "--verbose", dev],
+              timeout=3600, progress=BlkdiscardProgress(size))
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (os.posix_fallocate has none); OSError on failure.
+    Blocking."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+# How long one step of zero_range should take: short enough that a cancelled wipe stops
+# within a second, long enough that the calls' own cost does not count.
+ZERO_RANGE_AIM = (0.2, 0.5)
+
+
+async def zero_range(path: str, size: int) -> None:
+    """Zero the first ``size`` bytes of a file in steps (FALLOC_FL_ZERO_RANGE): through
+    a network volume's export, QEMU turns each into the storage's own write-zeroes or
+    discard. One call for all would say nothing until its end, and could not be stopped:
+    the FUSE request it waits on is not interrupted once QEMU has it. Each step is
+    sized to take ZERO_RANGE_AIM seconds; the job is told after each, and a cancel stops
+    it after the step under way (what was zeroed stays so): never one still writing
+    zeros where the next action may write data."""
+    def open_() -> int:
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise os_failure(e, f"opening {path}") from None
+
+    def zero(fd: int, offset: int, length: int) -> None:
+        try:
+            fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length)
+        except OSError as e:
+            raise os_failure(e, f"zeroing {path}") from None
+
+    fd = await trio.to_thread.run_sync(open_)
+    try:
+        done, step = 0, 64 << 20
+        jobs.report(0, size)
+        while done < size:
+            length = min(step, size - done)
+            started = trio.current_time()
+            await trio.to_thread.run_sync(zero, fd, done, length)
+            done += length
+            jobs.report(done, size)
+            took = trio.current_time() - started
+            if took < ZERO_RANGE_AIM[0]:
+                step = min(step * 2, 16 << 30)
+            elif took > ZERO_RANGE_AIM[1]:
+                step = max(step // 2, 1 << 20)
+            await trio.lowlevel.checkpoint()
+    finally:
+        # The close waits for QEMU (a FUSE flush): not for long while being cancelled.
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            await trio.to_thread.run_sync(os.close, fd, abandon_on_cancel=True)
 
 
 async def signatures(dev: str) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import logging
@@ -37,7 +36,7 @@ from vsfs.model import (
     data_format,
     volume_name_ok,
 )
-from vsfs.proc import DEFAULT_TIMEOUT, run
+from vsfs.proc import DEFAULT_TIMEOUT, Growth, ProgressWatch, QemuImgProgress, run
 
 from . import blockdev
 from .base import Backend, Services, Snapshot, T
@@ -94,23 +93,19 @@ def _open_volume(vol: Volume, flags: int) -> int:
         raise os_failure(e, f"opening {vol.path}") from None
 
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
 def _punch_hole(fd: int, length: int) -> bool:
     """Deallocate the first ``length`` bytes of a file, keeping its size; False where
     the filesystem cannot (then nothing changed). Blocking."""
     if length <= 0:
         return True
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, length) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
-        return False
-    raise OSError(err, os.strerror(err))
+    try:
+        blockdev.fallocate(fd, blockdev.FALLOC_FL_PUNCH_HOLE | blockdev.FALLOC_FL_KEEP_SIZE,
+                           0, length)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+            return False
+        raise
+    return True
 
 
 async def _discard_file(path: str) -> None:
@@ -491,7 +486,23 @@ class DirBackend(Backend):
                               "encrypted volumes")
         else:
             raise Unsupported(f"cannot create volumes of format {fmt!r} in a {self.pool_type} pool")
-        return await self.volume(vdef.name)
+        return await self._made(vdef.name, is_dir=fmt == "dir")
+
+    async def _made(self, name: str, is_dir: bool = False) -> Volume:
+        """The volume just made under ``name``; removed again if vsfs cannot read it back
+        or is being cancelled meanwhile (a job's cancel), so that nothing is left."""
+        try:
+            return await self.volume(name)
+        except BaseException:
+            if is_dir:
+                def rmdir() -> None:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(self.path_of(name))
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(rmdir)
+            else:
+                await _discard_file(self.path_of(name))
+            raise
 
     def _claim(self, vdef: VolumeDef) -> tuple[str, int, int, int]:
         mode, uid, gid = self._owner_for(vdef)
@@ -607,18 +618,22 @@ class DirBackend(Backend):
         return fmt
 
     async def _made_by(self, argv: Callable[[str], list[str]], path: str, mode: int, uid: int,
-                       gid: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+                       gid: int, timeout: float = DEFAULT_TIMEOUT,
+                       progress: Callable[[str], ProgressWatch] | None = None) -> None:
         """Make a volume's file with a command: under a hidden name, private until its
         owner and mode are set, then put in place. If vsfs dies meanwhile, the command
         is killed and the hidden file removed at the pool's next start: no volume is
-        ever seen half-made, nor readable by others while it is."""
+        ever seen half-made, nor readable by others while it is. Failed or cancelled (the
+        command is killed), the hidden file is removed at once. ``progress``: what tells
+        how far the command got, given the hidden file's path."""
         tmp = self.path_of(f"{TEMP_PREFIX}{secrets.token_hex(8)}")
         try:
-            await run(argv(tmp), timeout=timeout, umask=0o077, dies_with_daemon=True)
+            await run(argv(tmp), timeout=timeout, umask=0o077, dies_with_daemon=True,
+                      progress=progress(tmp) if progress is not None else None)
             await trio.to_thread.run_sync(self._set_perms, tmp, mode, uid, gid)
             await trio.to_thread.run_sync(_put_in_place, tmp, path)
         except BaseException:
-            await _discard_file(tmp)
+            await _discard_file(tmp)  # shielded: it runs even while being cancelled
             raise
 
     @staticmethod
@@ -635,21 +650,29 @@ class DirBackend(Backend):
         src_fmt = data_format(source.format)
         fmt = vdef.format or src_fmt
         path, mode, uid, gid = await trio.to_thread.run_sync(self._claim, vdef)
+        total = source.capacity
         if fmt == "raw" and src_fmt == "raw":
             # Shares extents where the filesystem can (xfs, btrfs), else a sparse copy.
             argv = ["cp", "--reflink=auto", "--sparse=always", "--no-preserve=all", "-T",
                     source.path]
+
+            def progress(tmp: str) -> ProgressWatch:
+                return Growth(tmp, total)  # cp says nothing; it writes from start to end
         else:
-            argv = ["qemu-img", "convert", "-U", "-q", "-f", src_fmt, "-O", fmt, source.path]
-        await self._made_by(lambda tmp: [*argv, tmp], path, mode, uid, gid, timeout=3600)
+            argv = ["qemu-img", "convert", "-U", "-p", "-f", src_fmt, "-O", fmt, source.path]
+
+            def progress(tmp: str) -> ProgressWatch:
+                return QemuImgProgress(total)
+        await self._made_by(lambda tmp: [*argv, tmp], path, mode, uid, gid, timeout=3600,
+                            progress=progress)
         try:
+            vol = await self.volume(vdef.name)
             if vdef.capacity > source.capacity:
-                vol = await self.volume(vdef.name)
-                await self.resize_volume(vol, vdef.capacity)
+                vol = await self.resize_volume(vol, vdef.capacity)
         except BaseException:
-            await _discard_file(path)
+            await _discard_file(path)  # shielded: a cancelled clone leaves nothing
             raise
-        return await self.volume(vdef.name)
+        return vol
 
     async def snapshot_volume(self, vol: Volume, name: str) -> Volume:
         if vol.type != "file":

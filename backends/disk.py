@@ -15,7 +15,16 @@ from typing import ClassVar
 
 import trio
 
-from vsfs.errors import BackendFailed, Busy, Exists, Invalid, NoSpace, NotFound, Unsupported
+from vsfs.errors import (
+    BackendFailed,
+    Busy,
+    Exists,
+    Invalid,
+    NoSpace,
+    NotFound,
+    Unsupported,
+    VsfsError,
+)
 from vsfs.model import PoolDef, PoolStatus, Volume, VolumeDef
 from vsfs.proc import run
 
@@ -230,20 +239,37 @@ class DiskBackend(BlockBackend):
             raise NoSpace(f"no free extent of {size} bytes on {self.source}")
         kind = name if table.label == "gpt" else "primary"
         before = {p.number for p in table.partitions}
-        await run(["parted", "-s", "-a", "none", self.dev, "unit", "B", "mkpart", kind,
-                   str(start), str(start + size - 1)])
-        table = await self._table_now()
-        new = [p for p in table.partitions if p.number not in before]
-        if not new:
-            raise BackendFailed("parted made no partition")
-        part = new[0]
         try:
+            await run(["parted", "-s", "-a", "none", self.dev, "unit", "B", "mkpart", kind,
+                       str(start), str(start + size - 1)])
+            table = await self._table_now()
+            part = self._made_at(table, before, start, size)
+            if part is None:
+                raise BackendFailed("parted made no partition")
             await self._wait_node(partition_node(self.dev, part.number), present=True)
         except BaseException:
+            # Failed or cancelled (parted killed): the partition it made, if it did, goes.
             with trio.CancelScope(shield=True):
-                await run(["parted", "-s", self.dev, "rm", str(part.number)])
+                await self._drop_made(before, start, size)
             raise
         return self._volume(part, table)
+
+    @staticmethod
+    def _made_at(table: Table, before: set[int], start: int, size: int) -> Partition | None:
+        """The partition made in the ``size`` bytes at ``start``: one not in the table
+        before (numbers ``before``) there (another made meanwhile would be elsewhere)."""
+        return next((p for p in table.partitions if p.number not in before
+                     and p.start < start + size and p.end >= start), None)
+
+    async def _drop_made(self, before: set[int], start: int, size: int) -> None:
+        try:
+            part = self._made_at(await self._table_now(), before, start, size)
+            if part is not None:
+                await run(["parted", "-s", self.dev, "rm", str(part.number)])
+                await self._wait_node(partition_node(self.dev, part.number), present=False)
+        except VsfsError as e:
+            log.warning("pool %s: a partition at %d may be left: %s", self.pool.name, start,
+                        e.message)
 
     @staticmethod
     def _next_number(table: Table) -> int:
@@ -301,5 +327,5 @@ class DiskBackend(BlockBackend):
         raise NotFound(f"no volume {name!r} in pool {self.pool.name!r}")
 
     async def wipe_volume(self, vol: Volume) -> None:
-        await blockdev.zero_out(vol.path)
+        await blockdev.zero_out(vol.path, vol.capacity)
 

@@ -20,7 +20,6 @@ import trio
 
 from vsfs.errors import Busy, NotFound, Unsupported
 from vsfs.model import PoolDef, Volume
-from vsfs.proc import run
 
 from . import blockdev
 from .base import Backend, Services
@@ -134,11 +133,10 @@ class ExportingBackend(Backend):
     async def wipe_volume(self, vol: Volume) -> None:
         if not self.writable(vol.name):
             raise Unsupported(f"volume {vol.name!r} is read-only")
-        # Zeros through the export: QEMU turns them into the storage's own write-zeroes
-        # (or discard) where it has one.
+        # Zeros through the export, step by step (progress, cancel): QEMU turns them into
+        # the storage's own write-zeroes (or discard) where it has one.
         path = await self._export(vol.name)
-        await run(["fallocate", "--zero-range", "--offset", "0", "--length",
-                   str(vol.capacity), path], timeout=3600)
+        await blockdev.zero_range(path, vol.capacity)
 
     async def prepare_volume(self, vol: Volume) -> None:
         await self._export(vol.name)

@@ -443,7 +443,7 @@ class IscsiBackend(Backend):
         return await blockdev.volume_users(vols)
 
     async def wipe_volume(self, vol: Volume) -> None:
-        await blockdev.zero_out(vol.path)
+        await blockdev.zero_out(vol.path, vol.capacity)
 
 
 async def find_sources(spec: PoolSource) -> list[PoolSource]:

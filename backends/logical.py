@@ -126,13 +126,30 @@ class LogicalBackend(BlockBackend):
                 await run(["pvcreate", "-y", *(["-ff"] if overwrite else []), dev])
                 made.append(dev)
             await run(["vgcreate", self.vg, *devices])
-        except BackendFailed as e:
+        except BaseException as e:
+            # Failed or cancelled (the command killed): the PVs made go again, and a group
+            # a killed vgcreate left on them (on them alone: never one that was there).
             with trio.CancelScope(shield=True):
+                if not isinstance(e, BackendFailed) and made == devices:
+                    await self._drop_group_on(devices)
                 for dev in made:
                     with contextlib.suppress(BackendFailed):
                         await run(["pvremove", "-y", dev])
-            raise _lvm_error(e, f"building {self.vg}") from None
+            if isinstance(e, BackendFailed):
+                raise _lvm_error(e, f"building {self.vg}") from None
+            raise
         log.info("pool %s: volume group %s made on %s", self.pool.name, self.vg, devices)
+
+    async def _drop_group_on(self, devices: list[str]) -> None:
+        """Remove the group if its PVs are all among ``devices``."""
+        try:
+            out = await run(["pvs", "--reportformat", "json", "-o", "pv_name",
+                             "-S", f"vg_name={self.vg}"])
+            pvs = {pv["pv_name"] for pv in json.loads(out)["report"][0]["pv"]}
+            if pvs and pvs <= set(devices):
+                await run(["vgremove", "-f", self.vg])
+        except (BackendFailed, ValueError, LookupError) as e:
+            log.warning("pool %s: %s may be left half made: %s", self.pool.name, self.vg, e)
 
     async def start(self) -> None:
         await self._vg()  # says clearly when the group is not there
@@ -212,13 +229,31 @@ class LogicalBackend(BlockBackend):
                         "-V", size, "-L", _size(alloc), self.vg]
         else:
             argv = ["lvcreate", "-y", "-W", "y", "-n", vdef.name, "-L", size, self.vg]
+        return await self._make(argv, vdef.name, f"creating {vdef.name}")
+
+    async def _make(self, argv: list[str], name: str, what: str) -> Volume:
+        """Make the LV ``name`` with ``argv`` (lvcreate) and return it with its device node.
+        Failed or cancelled (a job's cancel kills lvcreate), nothing of it is left: an LV
+        lvcreate made, or may have made before it was killed, is removed again (not one
+        that was there: lvcreate refuses that at once)."""
         try:
             await run(argv)
         except BackendFailed as e:
-            raise _lvm_error(e, f"creating {vdef.name}") from None
-        vol = await self.volume(vdef.name)
-        await self._wait_node(vol.path)
+            raise _lvm_error(e, what) from None
+        except BaseException:
+            await self._discard(name)
+            raise
+        try:
+            vol = await self.volume(name)
+            await self._wait_node(vol.path)
+        except BaseException:
+            await self._discard(name)
+            raise
         return vol
+
+    async def _discard(self, name: str) -> None:
+        with trio.CancelScope(shield=True), contextlib.suppress(BackendFailed):
+            await run(["lvremove", "-f", f"{self.vg}/{name}"])
 
     async def _wait_node(self, path: str) -> None:
         if not os.path.exists(path):
@@ -263,15 +298,11 @@ class LogicalBackend(BlockBackend):
     async def snapshot_volume(self, vol: Volume, name: str) -> Volume:
         # Room for 20% of the origin to change, at least 4 MiB.
         cow = max(vol.capacity // 5, 4 << 20)
-        try:
-            await run(["lvcreate", "-y", "-s", "-n", name, "-L", _size(cow),
-                       f"{self.vg}/{vol.name}"])
-        except BackendFailed as e:
-            raise _lvm_error(e, f"snapshot of {vol.name}") from None
-        return await self.volume(name)
+        return await self._make(["lvcreate", "-y", "-s", "-n", name, "-L", _size(cow),
+                                 f"{self.vg}/{vol.name}"], name, f"snapshot of {vol.name}")
 
     async def wipe_volume(self, vol: Volume) -> None:
-        await blockdev.zero_out(vol.path)
+        await blockdev.zero_out(vol.path, vol.capacity)
 
 
 async def find_sources(spec: PoolSource) -> list[PoolSource]:

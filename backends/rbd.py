@@ -34,7 +34,7 @@ from vsfs.errors import (
     VsfsError,
 )
 from vsfs.model import PoolDef, PoolStatus, Volume, VolumeDef
-from vsfs.proc import run
+from vsfs.proc import ProgressWatch, RbdProgress, run
 from vsfs.state import atomic_write
 
 from .base import Services, Snapshot
@@ -130,10 +130,11 @@ class RbdBackend(ExportingBackend):
                      "--keyfile", str(self._key_path())]
         return argv
 
-    async def _rbd(self, *args: str, what: str, timeout: float = 120) -> str:
+    async def _rbd(self, *args: str, what: str, timeout: float = 120,
+                   progress: ProgressWatch | None = None) -> str:
         try:
             return await run(["rbd", *self._cli(), "--pool", self.rados_pool, *args],
-                             timeout=timeout)
+                             timeout=timeout, progress=progress)
         except BackendFailed as e:
             raise _rbd_error(e, what) from None
 
@@ -398,15 +399,46 @@ class RbdBackend(ExportingBackend):
             raise Invalid(f"bad snapshot name {name!r}")
         full = f"{vol.name}@{name}"
         await self._rbd("snap", "create", "--no-progress", full, what=f"snapshot of {vol.name}")
-        return await self.volume(full)
+        return await self._made(full)
+
+    async def _made(self, name: str) -> Volume:
+        """The image (or snapshot) just made under ``name``, or, if vsfs cannot read it back
+        or is being cancelled meanwhile, nothing: it is removed again."""
+        try:
+            return await self.volume(name)
+        except BaseException:
+            await self._discard(name)
+            raise
+
+    async def _discard(self, name: str) -> None:
+        """Remove what a failed or cancelled action made (or half made), even while being
+        cancelled; what cannot be removed is logged."""
+        with trio.CancelScope(shield=True):
+            try:
+                await self._remove(name)
+            except NotFound:
+                pass
+            except VsfsError as e:
+                log.warning("pool %s: %s is left half made: %s", self.pool.name, name,
+                            e.message)
 
     async def clone_volume(self, vdef: VolumeDef, source: Volume) -> Volume:
-        """A full, independent copy: ``rbd cp`` inside the pool, else QEMU copies the bytes."""
+        """A full, independent copy: ``rbd cp`` inside the pool, else QEMU copies the bytes.
+
+        Progress: rbd's own (each whole percent) or qemu-img's. Failed or cancelled (the
+        copy is killed), the new image is removed, unless it was there before (EEXIST)."""
         if source.key == f"{self.rados_pool}/{source.name}":
-            await self._rbd("cp", "--no-progress", f"{self.rados_pool}/{source.name}",
-                            f"{self.rados_pool}/{vdef.name}",
-                            what=f"copying {source.name}", timeout=3600)
-            return await self.volume(vdef.name)
+            try:
+                await self._rbd("cp", f"{self.rados_pool}/{source.name}",
+                                f"{self.rados_pool}/{vdef.name}",
+                                what=f"copying {source.name}", timeout=3600,
+                                progress=RbdProgress(source.capacity))
+            except Exists:
+                raise  # another's: not ours to remove
+            except BaseException:
+                await self._discard(vdef.name)  # the copy made it, or part of it
+                raise
+            return await self._made(vdef.name)
         return await self.clone_by_copy(vdef, source)
 
     def open_volume(self, vol: Volume, flags: int) -> int:
