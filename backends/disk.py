@@ -85,6 +85,11 @@ class DiskBackend(BlockBackend):
         super().__init__(pool, services)
         self.loop: str | None = None
         self._table: Table | None = None
+        # Held while the partition table changes. The manager's pool lock no longer
+        # covers every change: a job (a clone into the pool, a volume made from XML)
+        # makes its partition outside it, and two parted runs at once would pick the
+        # same free extent, or the clean-up of one would take the other's partition.
+        self._changing = trio.Lock()
 
     @classmethod
     def validate(cls, pool: PoolDef) -> None:
@@ -223,6 +228,10 @@ class DiskBackend(BlockBackend):
     async def create_volume(self, vdef: VolumeDef) -> Volume:
         if vdef.capacity <= 0:
             raise Invalid("a partition needs a size")
+        async with self._changing:
+            return await self._create(vdef)
+
+    async def _create(self, vdef: VolumeDef) -> Volume:
         table = await self._table_now()
         name = vdef.name
         if table.label != "gpt":
@@ -295,6 +304,10 @@ class DiskBackend(BlockBackend):
         raise NotFound(f"no partition {vol.name!r}")
 
     async def delete_volume(self, vol: Volume) -> None:
+        async with self._changing:
+            await self._delete(vol)
+
+    async def _delete(self, vol: Volume) -> None:
         await self._table_now()
         part = self._find(vol)
         await trio.to_thread.run_sync(blockdev.check_unused, vol.path)
@@ -302,6 +315,10 @@ class DiskBackend(BlockBackend):
         await self._wait_node(vol.path, present=False)
 
     async def resize_volume(self, vol: Volume, capacity: int) -> Volume:
+        async with self._changing:
+            return await self._resize(vol, capacity)
+
+    async def _resize(self, vol: Volume, capacity: int) -> Volume:
         table = await self._table_now()
         part = self._find(vol)
         size = -(-capacity // 512) * 512

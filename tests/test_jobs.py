@@ -200,6 +200,12 @@ def test_a_job_runs_to_done_failed_or_cancelled() -> None:
         assert [c.event for c in changes] == ["started", "done", "started", "failed",
                                               "started", "cancelled"]
         report(5)  # outside any job: nothing to report to, and no error
+
+        # A cancel that comes once the work is done stops nothing: the job is done.
+        late = jobs.begin("clone p/e -> p/f", "cloned", [(("p", "e"), False)])
+        async with jobs.run(late):
+            late.cancel()
+        assert late.state is JobState.DONE
     trio.run(main)
 
 

@@ -180,6 +180,27 @@ def test_a_time_out_kills_the_command(tmp_path: Path, held: bool) -> None:
 
 
 @HOW
+def test_a_watched_command_times_out_only_when_it_stalls(held: bool) -> None:
+    """A watched copy may take longer than its time-out, as long as it moves (terabytes
+    take hours); one that stops moving for the time-out is killed."""
+    moving = "for p in 10 20 30 40 50 60; do printf '    (%s.00/100%%)\\r' $p; sleep 0.3; done"
+    stuck = "printf '    (10.00/100%%)\\r'; exec sleep 30"
+
+    async def main() -> None:
+        t0 = trio.current_time()
+        await run(["sh", "-c", moving], timeout=1.0, dies_with_daemon=held,
+                  progress=QemuImgProgress(100 * MiB))
+        assert trio.current_time() - t0 > 1.5  # longer than the time-out: it moved
+        t0 = trio.current_time()
+        with pytest.raises(BackendFailed, match=r"sh: no progress for 1 s"):
+            await run(["sh", "-c", stuck], timeout=1.0, dies_with_daemon=held,
+                      progress=QemuImgProgress(100 * MiB))
+        assert trio.current_time() - t0 < 2.5
+
+    trio.run(main)
+
+
+@HOW
 def test_failures_come_through_as_before(held: bool) -> None:
     async def main() -> None:
         with pytest.raises(CommandNoSpace):

@@ -236,9 +236,12 @@ class Jobs:
             raise
         finally:
             _current.reset(token)
-        if job.scope.cancelled_caught or job.cancelled:
+        if job.scope.cancelled_caught:
             self.finish(job, Canceled("cancelled"))
             raise Canceled(f"job {job.id} was cancelled: {job.what}")
+        # Done, even if a cancel came as it ended (too late to stop anything): what it
+        # made is there and listed, and its writer is told so.
+        job.cancelled = False
         self.finish(job)
 
     def prune(self) -> None:

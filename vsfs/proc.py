@@ -220,8 +220,22 @@ class Growth(ProgressWatch):
             self.advance(os.stat(self.path).st_size)
 
 
+# The deadline of the command ``_report`` runs for, if it is watched: pushed back at
+# each step forward (run: for a watched command, ``timeout`` is how long it may make
+# no progress, not how long it may take).
+_stall: trio.lowlevel.RunVar[dict[int, tuple[trio.CancelScope, float, list[int]]]] = \
+    trio.lowlevel.RunVar("vsfs_stall")
+
+
 def _report(watch: ProgressWatch) -> None:
     jobs.report(watch.done, watch.total)
+    try:
+        scope, timeout, seen = _stall.get()[id(watch)]
+    except (LookupError, KeyError):
+        return
+    if watch.done > seen[0]:
+        seen[0] = watch.done
+        scope.deadline = trio.current_time() + timeout
 
 
 class _Capture:
@@ -324,7 +338,9 @@ async def run(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
     ``dies_with_daemon``: killed if the daemon dies first (a copy into a temporary
     file that nobody would finish). ``progress``: what tells how far it got, passed on
     to the job it runs for at least once a second; of the stream it reads, only the
-    last KEEP_TAIL bytes are kept (and returned, for stdout).
+    last KEEP_TAIL bytes are kept (and returned, for stdout). A watched command's
+    ``timeout`` is how long it may go without progress, not how long it may take: a
+    copy of terabytes takes hours, and a job can be cancelled.
 
     Cancelling the awaiting task kills the command (SIGKILL) and waits until it is
     gone before trio.Cancelled goes on.
@@ -336,10 +352,16 @@ async def run(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
     name = argv[0]
     out = _Capture(progress if progress is not None and progress.stream == "stdout" else None)
     err = _Capture(progress if progress is not None and progress.stream == "stderr" else None)
-    if progress is not None:
-        _report(progress)  # its total, from the start
     try:
-        with trio.fail_after(timeout), _ungrouped():
+        stalls = _stall.get()
+    except LookupError:
+        stalls = {}
+        _stall.set(stalls)
+    try:
+        with trio.fail_after(timeout) as deadline, _ungrouped():
+            if progress is not None:
+                stalls[id(progress)] = (deadline, timeout, [progress.done])
+                _report(progress)  # its total, from the start
             if dies_with_daemon:
                 returncode = await _run_held(["setpriv", "--pdeathsig", "KILL", "--", *argv],
                                              command_env(env), umask, out, err, progress)
@@ -347,9 +369,13 @@ async def run(argv: Sequence[str], timeout: float = DEFAULT_TIMEOUT,
                 returncode = await _run_here(list(argv), command_env(env), umask, out, err,
                                              progress)
     except trio.TooSlowError:
-        raise BackendFailed(f"{name}: no answer after {timeout:g} s") from None
+        what = "no progress for" if progress is not None else "no answer after"
+        raise BackendFailed(f"{name}: {what} {timeout:g} s") from None
     except OSError as e:
         raise BackendFailed(f"{name}: {e.strerror}") from None
+    finally:
+        if progress is not None:
+            stalls.pop(id(progress), None)
     if returncode != 0:
         stderr = masked(err.value().decode(errors="replace").strip())
         error = stderr or f"exit status {returncode}"
