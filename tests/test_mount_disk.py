@@ -254,3 +254,31 @@ def test_partitions_opened_are_in_use(vsfs: Mount, loopdev: str) -> None:
         assert "gpt" in sh(f"blkid -p -o value -s PTTYPE {loopdev}", check=True).stdout
     sh(f"echo delete > {d}/ctl", check=True)
     assert sh(f"blkid -p -o value -s PTTYPE {loopdev}").stdout.strip() == ""
+
+
+def test_partitions_made_at_once_by_jobs_and_writers(vsfs: Mount, loopdev: str) -> None:
+    """Jobs make their partitions outside the pool's lock (a volume from XML, a clone into
+    the pool): made at the same moment as others, each gets its own extent and nothing
+    another made is taken away."""
+    d = vsfs.path / "pools" / "d"
+    define(vsfs, disk_xml("d", loopdev), "d")
+    sh(f"echo build > {d}/ctl && echo start > {d}/ctl", check=True)
+    sh(f"truncate -s 8M {d}/volumes/src", check=True)
+    for i in range(4):
+        (vsfs.base / f"x{i}.xml").write_text(
+            f"<volume><name>x{i}</name><capacity unit='M'>8</capacity></volume>")
+    cmds = [f"cat {vsfs.base}/x{i}.xml > {d}/define" for i in range(4)]
+    cmds += [f"truncate -s 8M {d}/volumes/t{i}" for i in range(4)]
+    cmds += [f"echo 'clone c{i}' > {d}/volinfo/src/ctl" for i in range(4)]
+    procs = [subprocess.Popen(["sh", "-c", c], stderr=subprocess.PIPE, text=True)
+             for c in cmds]
+    for cmd, p in zip(cmds, procs, strict=True):
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, f"{cmd}: {err} ({vsfs.error()})"
+    names = {*(f"x{i}" for i in range(4)), *(f"t{i}" for i in range(4)),
+             *(f"c{i}" for i in range(4)), "src"}
+    assert set(os.listdir(d / "volumes")) == names
+    nodes = {os.readlink(d / "volumes" / n) for n in names}
+    assert len(nodes) == len(names), "two volumes share a partition"
+    table = sh(f"parted -s -m {loopdev} unit B print", check=True).stdout
+    assert len([line for line in table.splitlines() if line[:1].isdigit()]) == len(names)
