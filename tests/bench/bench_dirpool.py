@@ -5,6 +5,7 @@ Run from the repository root (root, /dev/fuse and fusermount3 needed)::
 
     python tests/bench/bench_dirpool.py [--count N] [--repeat R] [--json FILE]
                                         [--workdir DIR] [--fresh-fs SIZE]
+                                        [--clone-size SIZE]
 
 One run mounts vsfs in a temporary directory, defines and starts a dir pool, and
 times real tools (truncate, ls -l, find -L, cat, rm) on N volumes through the
@@ -13,6 +14,9 @@ Every timing includes the start of the tool's process, on both sides, so the
 ratio is what a user sees. With virsh and libvirtd installed (Debian:
 libvirt-clients, libvirt-daemon) it also times virsh vol-list --details and
 vol-create-as on the same files, through a libvirtd of its own when none answers.
+Last, it creates and removes volumes while a clone of a large volume of random
+data runs in the same pool, against the same with no clone (a long operation
+holds only its volumes: nothing else in the pool should wait for it).
 Only the standard library is used; the name does not start with ``test_`` so that
 pytest never collects it.
 """
@@ -32,9 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 SIZE = 1 << 20  # truncate -s 1M
 MOUNT_WAIT = 30.0  # seconds for the mount to appear
@@ -47,6 +52,12 @@ TARGET_LS_MS = 60.0
 TARGET_LS_RATIO = 5.0
 TARGET_VIRSH_FACTOR = 5.0
 TARGET_CREATE_RATE = 500.0
+TARGET_DURING_CLONE = 2.0  # a create while a clone runs: at most this many times one alone
+
+CLONE_PAUSE = 0.1  # seconds between the samples taken while the clone runs
+CLONE_WAIT = 900.0  # seconds the clone may take
+CLONE_SLACK = 256 << 20  # free space wanted beyond the source and its copy
+CLONE_ALONE = 15  # samples with no copy running (at least; R if more)
 
 
 class BenchError(Exception):
@@ -98,6 +109,15 @@ class Results:
     virsh_note: str = "n/a"
     virsh_via: str = ""
     virsh_create_ms: float | None = None
+    # Creating and removing a volume while a clone of clone_size bytes of random data
+    # runs in the same pool ("vsfs" of each row), against the same with no clone
+    # ("baseline" of each row).
+    clone_size: int = 0
+    clone_rows: list[Row] = field(default_factory=list)
+    clone_ms: float | None = None
+    clone_progress: list[str] = field(default_factory=list)
+    clone_after: int = 0
+    clone_note: str = ""
     daemon_rc: int | None = None
     daemon_traceback: bool = False
     targets: dict[str, bool] = field(default_factory=dict)
@@ -207,6 +227,65 @@ def revision() -> str:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``N``, ``NK``, ``NM``, ``NG`` or ``NT`` (powers of 1024, an ``iB`` after
+    the letter allowed)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = 1
+    if t[-1:] in ("K", "M", "G", "T"):
+        scale = 1 << (10 * ("KMGT".index(t[-1]) + 1))
+        t = t[:-1]
+    if not t.isdigit():
+        raise ValueError(f"not a size: {text!r}")
+    return int(t) * scale
+
+
+def write_random(path: Path, size: int) -> None:
+    """``size`` bytes of random data into ``path``, on disk and out of the page cache
+    (so that a copy of it reads the disk, as a copy of a real template would); written
+    under a hidden name first, which no pool lists."""
+    tmp = path.with_name(f".{path.name}.bench-tmp")
+    chunk = 4 << 20
+    with open(tmp, "wb") as f:
+        left = size
+        while left:
+            n = min(chunk, left)
+            f.write(os.urandom(n))
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    tmp.rename(path)
+
+
+PopenT = TypeVar("PopenT", bound="subprocess.Popen[Any]")
+
+
+@contextlib.contextmanager
+def reaped(proc: PopenT) -> Iterator[PopenT]:
+    """The process, killed and waited for if it still runs when the block is left."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def drop_cache(path: Path) -> None:
+    """Take a file's pages out of the page cache (its data is on disk)."""
+    with open(path, "rb") as f:
+        os.fdatasync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def shown_size(size: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift and size % (1 << shift) == 0:
+            return f"{size >> shift} {unit}"
+    return f"{size} bytes"
 
 
 # ---------------------------------------------------------------- the mount
@@ -350,11 +429,13 @@ class PrivateLibvirtd:
 
 
 class Bench:
-    def __init__(self, root: Path, count: int, repeat: int, res: Results) -> None:
+    def __init__(self, root: Path, count: int, repeat: int, res: Results,
+                 clone_size: int = 0) -> None:
         self.root = root
         self.n = count
         self.repeat = repeat
         self.res = res
+        self.clone_size = clone_size
         self.base = root / "base"
         self.files = self.base / "files"  # what truncate makes (the images)
         self.links = self.base / "links"  # symlinks to them, like volumes/
@@ -495,6 +576,148 @@ class Bench:
                   flush=True)
             self.first_listings(m, t)
         self.collect(t["vsfs"], t["base"])
+        if self.clone_size:
+            print(f"creating and removing volumes with and without a "
+                  f"{shown_size(self.clone_size)} clone running ...", flush=True)
+            self.during_clone(m)
+
+    def create_remove(self, path: Path) -> tuple[float, float]:
+        """Milliseconds a ``truncate -s 1M`` of a new file or volume took, and an ``rm``
+        of it."""
+        made, _ = timed(["truncate", "-s", "1M", str(path)])
+        if not os.path.lexists(path):
+            raise BenchError(f"{path} is not there after truncate")
+        gone, _ = timed(["rm", str(path)])
+        if os.path.lexists(path):
+            raise BenchError(f"{path} is still there after rm")
+        return made, gone
+
+    def samples(self, directory: Path, prefix: str, count: int | None = None,
+                running: Callable[[], bool] | None = None) -> tuple[list[float], list[float]]:
+        """create_remove() of new names in ``directory``, CLONE_PAUSE apart: ``count``
+        times, or for as long as ``running()`` says so after the sample (a sample that
+        ended after the copy it was to overlap is counted in ``clone_after``)."""
+        made: list[float] = []
+        gone: list[float] = []
+        i = 0
+        while count is None or i < count:
+            time.sleep(CLONE_PAUSE)
+            a, b = self.create_remove(directory / f"{prefix}{i}")
+            i += 1
+            if running is not None and not running():
+                self.res.clone_after += 1
+                break
+            made.append(a)
+            gone.append(b)
+        return made, gone
+
+    def during_clone(self, m: Mount) -> None:
+        """A volume created and removed (``truncate -s 1M``, then ``rm``) while a clone of
+        a large volume of random data runs in the same pool, sample after sample
+        CLONE_PAUSE apart for as long as it runs, against CLONE_ALONE samples (or R) of the
+        same with no copy running; only samples that ended while the clone's job was still
+        running count. Two controls tell what the copy itself costs the machine, whoever
+        runs it: the same volumes made while ``cp`` copies the same file outside vsfs (what
+        vsfs runs for the clone of a raw file), and plain files made in a plain directory
+        meanwhile. The source leaves the page cache before each copy, so every copy reads
+        the disk, as a copy of a real template would."""
+        size = self.clone_size
+        free = shutil.disk_usage(m.images).free
+        if free < 2 * size + CLONE_SLACK:
+            self.res.clone_note = (f"n/a (the clone needs {(2 * size + CLONE_SLACK) >> 20} "
+                                   f"MiB free, {free >> 20} MiB here; see --fresh-fs)")
+            return
+        self.res.clone_size = size
+        vols, info = m.pool / "volumes", m.pool / "volinfo"
+        big = m.images / "big"
+        write_random(big, size)
+        (m.pool / "ctl").write_text("refresh\n")
+        capacity = int((info / "big" / "capacity").read_text())
+        if capacity != size:
+            raise BenchError(f"volume big has capacity {capacity} after refresh, not {size}")
+        plain = self.root / "plain"
+        plain.mkdir()
+        count = max(self.repeat, CLONE_ALONE)
+        alone = self.samples(vols, "alone", count)
+        plain_alone = self.samples(plain, "alone", count)
+
+        def outside_copy(directory: Path) -> tuple[list[float], list[float]]:
+            """Samples in ``directory`` while cp copies ``big`` outside vsfs."""
+            drop_cache(big)
+            with reaped(subprocess.Popen(["cp", "--reflink=auto", "--sparse=always", str(big),
+                                          str(plain / "copy")], env=ENV,
+                                         stdin=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)) as cp:
+                got = self.samples(directory, "cp", running=lambda: cp.poll() is None)
+                cp.wait(timeout=CLONE_WAIT)
+            if cp.returncode != 0:
+                raise BenchError(f"cp of {big} failed (exit {cp.returncode})")
+            (plain / "copy").unlink()
+            run(["sync", "-f", str(m.images)])
+            return got
+
+        plain_cp = outside_copy(plain)
+        vsfs_cp = outside_copy(vols)
+        shutil.rmtree(plain)
+
+        drop_cache(big)
+        # bash's EPOCHREALTIME around the write: the clone's own duration.
+        script = 's=$EPOCHREALTIME; echo "clone big2" > "$1" || exit 1; echo "$s $EPOCHREALTIME"'
+        with reaped(subprocess.Popen(bash(script, str(info / "big" / "ctl")), env=ENV,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)) as writer:
+            job = self.clone_job(m, writer)
+
+            def running() -> bool:
+                state = (job / "state").read_text().strip()
+                self.res.clone_progress.append((job / "progress").read_text().strip())
+                return state == "running" and writer.poll() is None
+
+            during = self.samples(vols, "during", running=running)
+            out, err = writer.communicate(timeout=CLONE_WAIT)
+        if writer.returncode != 0:
+            raise BenchError(f"the clone failed: {err.strip()}")
+        start, end = (float(x) for x in out.split())
+        self.res.clone_ms = (end - start) * 1e3
+        state = (job / "state").read_text().strip()
+        progress = (job / "progress").read_text().strip()
+        if state != "done" or progress != f"{size} {size}":
+            raise BenchError(f"the clone's job ended {state!r} with progress {progress!r}")
+        self.res.clone_progress.append(progress)
+        if int((info / "big2" / "capacity").read_text()) != size:
+            raise BenchError("the clone big2 does not have the source's capacity")
+        run(["rm", str(vols / "big"), str(vols / "big2")])
+        if os.listdir(m.images):
+            raise BenchError(f"vsfs: volumes left behind in {m.images}")
+
+        gib = shown_size(size)
+        for op, (during_ms, alone_ms) in (
+                (f"vsfs: create a volume (truncate -s 1M) while a {gib} clone runs in the pool",
+                 (during[0], alone[0])),
+                ("vsfs: remove it (rm), the same", (during[1], alone[1])),
+                (f"vsfs: create a volume while cp copies {gib} outside vsfs",
+                 (vsfs_cp[0], alone[0])),
+                ("vsfs: remove it (rm), the same", (vsfs_cp[1], alone[1])),
+                (f"plain directory: truncate -s 1M while cp copies {gib}",
+                 (plain_cp[0], plain_alone[0])),
+                ("plain directory: rm, the same", (plain_cp[1], plain_alone[1]))):
+            self.res.clone_rows.append(Row(op, median(during_ms) if during_ms else None,
+                                           median(alone_ms), len(during_ms), "", during_ms,
+                                           alone_ms))
+
+    def clone_job(self, m: Mount, writer: subprocess.Popen[str]) -> Path:
+        """The directory of the clone's job, once volinfo/big/job leads to it."""
+        link = m.pool / "volinfo" / "big" / "job"
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(FileNotFoundError):
+                return m.mnt / "jobs" / os.readlink(link).rsplit("/", 1)[-1]
+            if writer.poll() is not None:
+                raise BenchError("the clone ended before volinfo/big/job was seen "
+                                 f"(exit {writer.returncode}): make --clone-size larger")
+            if time.monotonic() > deadline:
+                raise BenchError("volinfo/big/job did not appear within 30 s of the clone")
+            time.sleep(0.002)
 
     def first_listings(self, m: Mount, t: dict[str, dict[str, list[float]]]) -> None:
         """More samples of the first ``ls -l`` after creating N (the noisiest figure):
@@ -611,6 +834,46 @@ def judge(res: Results) -> None:
         res.targets[f"ls -l >= {TARGET_VIRSH_FACTOR:g}x faster than virsh vol-list --details "
                     f"(every regime; virsh here: {res.virsh_ms:.0f} ms)"] = (
             res.virsh_ms >= TARGET_VIRSH_FACTOR * worst)
+    if res.clone_rows:
+        create = res.clone_rows[0]
+        res.targets[f"a create while a {shown_size(res.clone_size)} clone runs <= "
+                    f"{TARGET_DURING_CLONE:g}x a create alone (medians)"] = (
+            create.ratio is not None and create.ratio <= TARGET_DURING_CLONE)
+
+
+def grid(head: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table, columns padded."""
+    widths = [max(len(row[i]) for row in (head, *body)) for i in range(len(head))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+            *(line(row) for row in body)]
+
+
+def clone_table(res: Results) -> list[str]:
+    """The rows measured with and without a clone running (during_clone)."""
+    if not res.clone_rows:
+        return [f"while a clone runs: {res.clone_note or 'not measured (--clone-size 0)'}"]
+    head = ("operation", "during the copy", "alone", "ratio")
+    body = [(f"{r.op} [median of {len(r.vsfs_all_ms)} / {len(r.base_all_ms)}]",
+             fmt_ms(r.vsfs_ms), fmt_ms(r.base_ms),
+             "n/a" if r.ratio is None else f"{r.ratio:.2f}x") for r in res.clone_rows]
+    during = res.clone_rows[0].vsfs_all_ms
+    seen = [p for p in res.clone_progress if p]
+    dones = sorted({int(p.split()[0]) for p in seen if p.split()[0].isdigit()})
+    return [
+        *grid(head, body),
+        "",
+        f"the clone (echo 'clone big2' > volinfo/big/ctl) took {fmt_ms(res.clone_ms)}; "
+        f"{len(during)} samples ended while its job ran"
+        + (f"; slowest create during it {fmt_ms(max(during))}" if during else "")
+        + (f"; {res.clone_after} samples that ended after their copy left out"
+           if res.clone_after else ""),
+        f"its progress, read after each sample: {len(dones)} different DONE values, "
+        f"last {seen[-1] if seen else 'n/a'}",
+    ]
 
 
 def table(res: Results) -> str:
@@ -624,13 +887,7 @@ def table(res: Results) -> str:
         listing = [r.vsfs_ms for r in res.rows if r.op.startswith("ls -l") and r.vsfs_ms]
         body.append(("  vsfs's ls -l, how many times faster (slowest regime)", "", "",
                      f"{res.virsh_ms / max(listing):.1f}x" if listing else "n/a"))
-    widths = [max(len(row[i]) for row in (head, *body)) for i in range(4)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    out += [line(row) for row in body]
+    out = grid(head, body)
     out += [
         "",
         f"creation rate: vsfs {res.create_rate_vsfs:.0f}/s, baseline "
@@ -645,6 +902,8 @@ def table(res: Results) -> str:
         f"{res.first_ls_no_steal_runs} runs without steal: {fmt_ms(res.first_ls_no_steal_ms)}",
         "PIDs used by others during a run (fewest over the runs; 0 = vsfs started no "
         "process or thread): " + ", ".join(f"{k} {v}" for k, v in res.pids_during.items()),
+        "",
+        *clone_table(res),
         "",
         "targets:",
     ]
@@ -710,9 +969,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--fresh-fs", metavar="SIZE", default=None,
                    help="run on a new ext4 of this size (truncate's units, e.g. 4G) made in "
                         "the workdir on a loop device, and removed afterwards (root only)")
+    p.add_argument("--clone-size", metavar="SIZE", default="2G",
+                   help="the volume of random data cloned while volumes are created and "
+                        "removed (K/M/G/T; default 2G; needs twice that free; 0: skip)")
     args = p.parse_args(argv)
     if args.count < 1 or args.repeat < 1:
         p.error("--count and --repeat must be at least 1")
+    try:
+        args.clone_size = parse_size(args.clone_size)
+    except ValueError as e:
+        p.error(f"--clone-size: {e}")
     if args.fresh_fs is not None and os.geteuid() != 0:
         p.error("--fresh-fs needs root (losetup, mount)")
     return args
@@ -752,7 +1018,7 @@ def bench_in(args: argparse.Namespace, workdir: Path) -> int:
     status = 0
     try:
         mount.start()
-        bench = Bench(root, args.count, args.repeat, res)
+        bench = Bench(root, args.count, args.repeat, res, args.clone_size)
         bench.run(mount)
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
@@ -781,8 +1047,9 @@ def bench_in(args: argparse.Namespace, workdir: Path) -> int:
     print(table(res))
     if args.json is not None:
         data = asdict(res)
-        for row, out in zip(res.rows, data["rows"], strict=True):
-            out["ratio"] = row.ratio
+        for key, rows in (("rows", res.rows), ("clone_rows", res.clone_rows)):
+            for row, out in zip(rows, data[key], strict=True):
+                out["ratio"] = row.ratio
         args.json.write_text(json.dumps(data, indent=2) + "\n")
         print(f"\nfigures written to {args.json}")
     if mount.rc not in (0, None) or res.daemon_traceback:
