@@ -402,10 +402,8 @@ class CtlWriter(threading.Thread):
     """Writes a command to a ctl file with plain Python file I/O, in a thread; the
     OSError it got from the write or the close, if any.
 
-    Unbuffered, so that the error is the write's own: a buffered writer whose write
-    failed writes the same bytes again at close(), and the daemon refuses that second
-    write of one open with EINVAL ("one value per open"), which Python then raises
-    with the first error only as its __context__."""
+    Unbuffered, so that the error is the write's own (a buffered writer whose write
+    failed writes the same bytes again at close(), and gets the first errno again)."""
 
     def __init__(self, ctl: Path, line: str) -> None:
         super().__init__(daemon=True)
@@ -606,10 +604,58 @@ def test_cancel_stops_a_clone_and_leaves_nothing(jp: Pools, dest: str) -> None:
         assert not copy.alive(), "the copy still runs after the cancel"
         assert holders_of([jp.target / "big"], [dest_dir]) == [], "the copy still runs"
         assert os.stat(jp.target / "big").st_size == BIG
+        assert (job / "error").read_text() == "", "a cancelled job did not fail: no error"
 
         ev.wait_for(f"job {jid} cancelled {what}")
         ev.drain()
         assert ev.find(f"volume {dest}/big2 created") == []
+    jp.m.assert_clean_log()
+
+
+def test_a_stopping_signal_to_the_writer_cancels_its_job(jp: Pools) -> None:
+    """^C (or a kill) to the shell that waits for its clone cancels the job at once, as ^C
+    stops a cp; a signal that stops nothing (SIGCHLD of a child in the background) does
+    not."""
+    m = jp.m.path
+    before = sorted(os.listdir(jp.target))
+    shell = subprocess.Popen(["bash", "-c", f"sleep 0.2 & echo 'clone big2' > {jp.vi()}/ctl"],
+                             stderr=subprocess.PIPE, text=True)
+    job = find_job(m, "clone p/big -> p/big2")
+    copy = jp.catch()
+    copy.run_for(0.4)  # the background sleep ends meanwhile: SIGCHLD to the shell
+    assert state(job) == "running", "SIGCHLD to the writer cancelled its job"
+    copy.resume()
+    t0 = time.monotonic()
+    shell.send_signal(signal.SIGINT)
+    _, err = shell.communicate(timeout=5)
+    assert time.monotonic() - t0 < 1.0, "the interrupted writer waited"
+    assert shell.returncode != 0
+    assert wait_ended(job, 1.0) == "cancelled"
+    assert sorted(os.listdir(jp.target)) == before, "the interrupted clone left something"
+    jp.m.assert_clean_log()
+
+
+def test_free_space_a_clone_reserved_is_not_given_to_a_truncate(jp: Pools) -> None:
+    """While a clone copies, the space it will still take counts as used for new volumes,
+    made by XML and by truncate alike."""
+    m, vols = jp.m.path, jp.p / "volumes"
+    writer = jp.background(f"echo 'clone big2' > {jp.vi()}/ctl")
+    job = find_job(m, "clone p/big -> p/big2")
+    copy = jp.catch()
+    try:
+        free = int(value(jp.p / "free"))
+        done, total = progress(job)
+        fits = free - (total - done)  # what is left once the copy is whole
+        assert fits > 0
+        res = copy.guarded(f"truncate -s {fits + total // 2} {vols}/greedy")
+        assert "No space left on device" in res.stderr, res.stderr
+        assert "greedy" not in os.listdir(vols)
+        res = copy.guarded(f"truncate -s {max(fits // 2, 1)} {vols}/modest")
+        assert res.returncode == 0, res.stderr
+    finally:
+        copy.resume()
+    assert writer.wait(timeout=60) == 0
+    assert state(job) == "done"
     jp.m.assert_clean_log()
 
 
@@ -730,6 +776,10 @@ def test_upload_cancelled(vsfs: Mount) -> None:
         with pytest.raises(OSError) as e:
             f.write(os.urandom(MiB))
         assert e.value.errno == errno.ECANCELED, e.value
+        # The close tells it too: a writer that writes nothing more learns it there.
+        with pytest.raises(OSError) as e:
+            f.close()
+        assert e.value.errno == errno.ECANCELED, e.value
     finally:
         with contextlib.suppress(OSError):
             f.close()
@@ -828,6 +878,20 @@ def test_events_select_poll_and_epoll_sleep_until_a_change(vsfs: Mount) -> None:
         ep.close()
         os.close(fd)
     vsfs.assert_clean_log()
+
+
+def test_events_opened_nonblocking_never_wait(vsfs: Mount) -> None:
+    vsfs.dir_pool()
+    fd = os.open(vsfs.path / "events", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(BlockingIOError):
+            os.read(fd, 4096)
+        assert time.monotonic() - t0 < 0.5
+        sh(f"truncate -s 1M {vsfs.path}/pools/p/volumes/nb", check=True)
+        assert b"volume p/nb created" in _read_lines_until_quiet(fd, b"volume p/nb created")
+    finally:
+        os.close(fd)
 
 
 def test_events_read_waits_for_the_next_line(vsfs: Mount) -> None:

@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import select
+import signal
 import stat
 import threading
 import time
@@ -236,8 +237,16 @@ def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
-def _signal_pending(pid: int) -> bool:
-    """Whether process ``pid`` has a signal pending that it neither blocks nor ignores.
+# Signals that mean "stop what you are doing" (^C, kill, a closed pipe, a lost
+# terminal): to a job's writer they cancel its job. Others (SIGCHLD to a shell with a
+# child in the background, SIGUSR1 asking dd for its progress) do not.
+STOPPING = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
+                      signal.SIGKILL, signal.SIGPIPE})
+
+
+def _signal_pending(pid: int, only: frozenset[int] | None = None) -> bool:
+    """Whether process ``pid`` has a signal pending (of ``only``, if given) that it
+    neither blocks nor ignores.
 
     pyfuse3 does not pass on the kernel's INTERRUPT requests: a reader of events killed
     by ^C or SIGTERM while its read waits here would wait with it, in the kernel, until
@@ -251,7 +260,10 @@ def _signal_pending(pid: int) -> bool:
         quiet = int(fields[b"SigBlk"], 16) | int(fields[b"SigIgn"], 16)
     except (OSError, KeyError, ValueError):
         return False
-    return bool(pending & ~quiet)
+    pending &= ~quiet
+    if only is not None:
+        pending &= sum(1 << (s - 1) for s in only)
+    return bool(pending)
 
 
 @dataclass
@@ -282,6 +294,9 @@ class Handle:
     feed: Feed | None = None
     cursor: int = 0
     unread: bytes = b""
+    # Opened with O_NONBLOCK: a read with no line ready is EAGAIN (the kernel does not
+    # tell of a later fcntl(F_SETFL)).
+    nonblocking: bool = False
 
 
 @dataclass
@@ -742,7 +757,8 @@ class Operations(pyfuse3.Operations):
             assert node.feed is not None
             # Its own cursor, from the moment it opened.
             self._handles[fh] = Handle(ctx.uid, node, feed=node.feed,
-                                       cursor=node.feed.cursor(), pid=ctx.pid)
+                                       cursor=node.feed.cursor(), pid=ctx.pid,
+                                       nonblocking=bool(flags & os.O_NONBLOCK))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
         assert isinstance(node, File)
         if writing and node.write is None:
@@ -784,6 +800,8 @@ class Operations(pyfuse3.Operations):
         feed = handle.feed
         assert feed is not None
         if not handle.unread and not feed.ready(handle.cursor):
+            if handle.nonblocking:
+                raise pyfuse3.FUSEError(errno.EAGAIN)  # opened O_NONBLOCK: do not wait
             if self._waiting_reads >= WAITING_READS:
                 self.tree.record_error(handle.uid, f"{WAITING_READS} reads of events wait "
                                        "already; try again later")
@@ -827,7 +845,8 @@ class Operations(pyfuse3.Operations):
         while True:
             await trio.sleep(SIGNAL_CHECK)
             for job in self.tree.m.jobs.running():
-                if job.requester and not job.cancelled and _signal_pending(job.requester):
+                if (job.requester and not job.cancelled
+                        and _signal_pending(job.requester, STOPPING)):
                     log.info("job %d: its writer (process %d) was sent a signal: cancelled",
                              job.id, job.requester)
                     job.cancel()
@@ -935,7 +954,7 @@ class Operations(pyfuse3.Operations):
     async def _flush(self, fh: int) -> None:
         handle = self._handles.get(fh)
         if handle is not None and handle.upload is not None:
-            await self.tree.m.uploads.settle(handle.upload)
+            await self.tree.m.uploads.flush(handle.upload)
             return
         if handle is None or handle.failed:
             return

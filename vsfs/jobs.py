@@ -198,8 +198,7 @@ class Jobs:
         if not job.running:
             return
         if job.cancelled and error is not None:
-            job.state = JobState.CANCELLED
-            job.error = "cancelled"
+            job.state = JobState.CANCELLED  # not a failure: its error file stays empty
         elif error is not None:
             job.state = JobState.FAILED
             job.error = (error.message if isinstance(error, VsfsError)

@@ -930,7 +930,10 @@ class Manager:
         """Copy a volume into a new one, in its pool or another: a job holding the source
         (shared: others may copy it too, nothing may change it) and the new name."""
         check_name(new_name, "volume name")
-        src = self.volume(pool, name)
+        self.volume(pool, name)
+        # Its size and format now, not as last read (a file still being written, an
+        # image made over it): what the copy takes, and the space it reserves.
+        src = await self.running_entry(pool).backend.volume(name)
         # The copy reads the source through its local path, which may come on demand.
         await self.prepare_volume(pool, name)
         dest = self.running_entry(dest_pool)
@@ -938,7 +941,7 @@ class Manager:
             self.check_new_name(dest, new_name)
             dest.backend.require("clone_volume", "hold copies of volumes")
             await self.check_room(dest, src.capacity)
-            src = self.volume(pool, name)  # still there, as it is now
+            self.volume(pool, name)  # still there
             vdef = VolumeDef(name=new_name, capacity=src.capacity,
                              format=None if src.format == "dir" else data_format(src.format),
                              perms=Permissions(src.mode, src.owner, src.group))

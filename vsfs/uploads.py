@@ -78,6 +78,8 @@ class Upload:
     written: bool = False
     # Its last resize was refused (no space) and nothing succeeded since.
     refused: bool = False
+    # Why it failed or was refused (its job's error).
+    reason: str = ""
     # Its volume is not its own any more: later closes settle nothing.
     orphaned: bool = False
     # Each upload is a file of its own: one deleted while still open and a new one of
@@ -147,6 +149,10 @@ def _set_owner(fd: int, mode: int | None, uid: int, gid: int) -> None:
         os.fchown(fd, uid, gid)
     if mode is not None:
         os.fchmod(fd, mode)
+
+
+def _size_of(fd: int) -> int:
+    return os.fstat(fd).st_size
 
 
 def _append(fd: int, data: bytes) -> int:
@@ -275,14 +281,20 @@ class Uploads:
                     upload.fd, upload.in_flight = fd, True
                 return
             await self._changing(upload)
+            if m.jobs.reserved(upload.pool):
+                # Running jobs will take some of the free space the backend sees.
+                grow = size - await entry.backend.quick_io(_size_of, upload.fd)
+                if grow > 0:
+                    await m.check_room(entry, grow)
             await entry.backend.truncate_upload(upload.fd, size)
-        except (NoSpace, Invalid):
+        except (NoSpace, Invalid) as e:
             # Refused before anything changed: the writer may try another size. A volume
             # left at a refused size when it is closed is removed, as after a failure.
-            upload.refused = True
+            upload.refused, upload.reason = True, e.message
             raise
-        except BaseException:
+        except BaseException as e:
             upload.failed = True
+            upload.reason = e.message if isinstance(e, VsfsError) else "setting its size failed"
             raise
         upload.refused = False
         current = None if upload.orphaned else entry.volumes.get(upload.name)
@@ -294,8 +306,9 @@ class Uploads:
         self._check_cancelled(upload)
         if upload.fd < 0:
             upload.failed = True
-            raise Invalid(f"volume {upload.name} needs a size before data: truncate -s SIZE "
-                          "first")
+            upload.reason = (f"volume {upload.name} needs a size before data: truncate -s "
+                             "SIZE first")
+            raise Invalid(upload.reason)
         if upload.failed and upload.orphaned:
             raise WriteFailed(f"volume {upload.name} was removed after a failed write",
                               errno.EIO)
@@ -311,8 +324,8 @@ class Uploads:
                 n = await trio.to_thread.run_sync(os.pwrite, fd, data, off)
         except OSError as e:
             upload.failed = True
-            raise WriteFailed(f"writing volume {upload.name}: {e.strerror}",
-                              e.errno or errno.EIO) from None
+            upload.reason = f"writing volume {upload.name}: {e.strerror}"
+            raise WriteFailed(upload.reason, e.errno or errno.EIO) from None
         upload.refused = False  # the writer went on after a refused size
         if upload.job is not None:
             upload.job.done += n
@@ -344,6 +357,12 @@ class Uploads:
     async def sync(self, upload: Upload, datasync: bool) -> None:
         if upload.fd >= 0:
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, upload.fd)
+
+    async def flush(self, upload: Upload) -> None:
+        """A close of one of its descriptors (the writer waits for it): settle it; a
+        cancelled upload's writer learns it here if not before (ECANCELED)."""
+        await self.settle(upload)
+        self._check_cancelled(upload)
 
     async def _changing(self, upload: Upload) -> None:
         """Before an upload's volume changes after it was settled (through a descriptor
@@ -450,7 +469,7 @@ class Uploads:
             del self._live[key]
         if upload.job is not None:
             why = (Canceled("cancelled") if upload.cancelled else
-                   VsfsError("a write failed" if upload.failed else "its size was refused")
+                   VsfsError(upload.reason or "a write failed")
                    if upload.failed or upload.refused else None)
             m.jobs.finish(upload.job, why)
         try:
