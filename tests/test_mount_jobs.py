@@ -627,7 +627,7 @@ def test_a_stopping_signal_to_the_writer_cancels_its_job(jp: Pools) -> None:
     copy.resume()
     t0 = time.monotonic()
     shell.send_signal(signal.SIGINT)
-    _, err = shell.communicate(timeout=5)
+    shell.communicate(timeout=5)
     assert time.monotonic() - t0 < 1.0, "the interrupted writer waited"
     assert shell.returncode != 0
     assert wait_ended(job, 1.0) == "cancelled"
