@@ -410,6 +410,30 @@ class RbdBackend(ExportingBackend):
             await self._discard(name)
             raise
 
+    async def _fence_watchers(self, image: str) -> None:
+        """Blocklist the clients that still watch an image only vsfs's own killed command
+        had open (the copy it was making), so that it can be removed at once rather than
+        after Ceph's watch time-out. As Ceph's documentation says to for a client that is
+        gone; an rbd user's `profile rbd` may do it. Each address names one process."""
+        try:
+            out = await self._rbd("status", "--format", "json", image, what=f"image {image}",
+                                  timeout=30)
+            watchers = json.loads(out or "{}").get("watchers", [])
+        except (VsfsError, ValueError, AttributeError):
+            return
+        for watcher in watchers:
+            addr = watcher.get("address") if isinstance(watcher, dict) else None
+            if not isinstance(addr, str) or not addr:
+                continue
+            try:
+                await run(["ceph", *self._cli(), "osd", "blocklist", "add", addr],
+                          timeout=30)
+                log.info("pool %s: %s was still watched by %s (a killed copy): blocklisted",
+                         self.pool.name, image, addr)
+            except VsfsError as e:
+                log.warning("pool %s: could not blocklist %s, which still watches %s: %s",
+                            self.pool.name, addr, image, e.message)
+
     async def _discard(self, name: str) -> None:
         """Remove what a failed or cancelled action made (or half made), even while being
         cancelled; what cannot be removed is logged."""
@@ -436,7 +460,11 @@ class RbdBackend(ExportingBackend):
             except Exists:
                 raise  # another's: not ours to remove
             except BaseException:
-                await self._discard(vdef.name)  # the copy made it, or part of it
+                # The copy made it, or part of it. A killed `rbd cp` (a cancel) still
+                # watches it until the OSDs time the watch out (30 s): fenced first.
+                with trio.CancelScope(shield=True):
+                    await self._fence_watchers(vdef.name)
+                await self._discard(vdef.name)
                 raise
             return await self._made(vdef.name)
         return await self.clone_by_copy(vdef, source)

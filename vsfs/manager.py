@@ -733,6 +733,15 @@ class Manager:
             status = replace(status, available=max(0, status.available - reserved))
         check_space(entry.pool.name, status, needed)
 
+    @staticmethod
+    def _reserve(entry: PoolEntry, needed: int) -> int:
+        """What a job making a volume of ``needed`` bytes reserves in the pool until it
+        ends: all of it where the volume fills as the job writes (files, thin images);
+        nothing where the backend takes it all at once when it makes the volume (an LV,
+        a partition), which the pool then counts as used, and where two made at once
+        cannot both get it (the second is ENOSPC from the backend)."""
+        return 0 if entry.backend.sized_at_creation else needed
+
     def _not_held(self, pool: str, name: str) -> None:
         """EBUSY, naming the job, if a job holds the volume."""
         job = self.jobs.holder(pool, name)
@@ -762,7 +771,7 @@ class Manager:
             await self.check_room(entry, needed)
             job = self.jobs.begin(f"create {ref(pool, vdef.name)}", "created",
                                   [((pool, vdef.name), True)], creates=[(pool, vdef.name)],
-                                  reserved={pool: needed})
+                                  reserved={pool: self._reserve(entry, needed)})
         async with self.jobs.run(job):
             report(0, vdef.capacity)
             vol = await entry.backend.create_volume(vdef)
@@ -948,7 +957,8 @@ class Manager:
             job = self.jobs.begin(
                 f"clone {ref(pool, name)} -> {ref(dest_pool, new_name)}", "cloned",
                 [((pool, name), False), ((dest_pool, new_name), True)],
-                creates=[(dest_pool, new_name)], reserved={dest_pool: src.capacity})
+                creates=[(dest_pool, new_name)],
+                reserved={dest_pool: self._reserve(dest, src.capacity)})
         async with self.jobs.run(job):
             report(0, src.capacity)
             # A volume made at its size (an LV, a partition) has its name while the bytes
