@@ -23,9 +23,6 @@ log = logging.getLogger(__name__)
 # daemon's memory stays bounded whatever its readers do.
 BACKLOG = 10_000
 
-KINDS = ("pool", "volume", "job", "host")
-
-
 def escape(name: str) -> str:
     r"""A name as an event line shows it: space, ``\``, ``/`` and control characters as
     ``\xNN``, so that a line splits into its fields at spaces (``read -r``)."""

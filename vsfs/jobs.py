@@ -117,10 +117,6 @@ def report(done: int, total: int | None = None) -> None:
             job.total = max(0, total)
 
 
-def current() -> Job | None:
-    return _current.get()
-
-
 class Jobs:
     """Every job, running or recently ended, by id."""
 
@@ -155,10 +151,6 @@ class Jobs:
             if held is not None and (exclusive or held):
                 return job
         return None
-
-    def on_volume(self, pool: str, name: str) -> Job | None:
-        """The running job that holds pool/name, however (its volinfo/V/job)."""
-        return self.holder(pool, name, exclusive=True)
 
     def in_pool(self, pool: str) -> Job | None:
         """A running job that holds a volume of the pool, or space in it."""

@@ -625,14 +625,14 @@ class _VolumeFiles:
         self.name = name
 
     def names(self) -> list[str]:
-        if self.m.jobs.on_volume(self.pool, self.name) is not None:
+        if self.m.jobs.holder(self.pool, self.name) is not None:
             return [*_VolumeFiles.NAMES, "job"]
         return list(_VolumeFiles.NAMES)
 
     def child(self, cname: str) -> Node | None:
         match cname:
             case "job":
-                job = self.m.jobs.on_volume(self.pool, self.name)
+                job = self.m.jobs.holder(self.pool, self.name)
                 return (Link(0o777, target=f"../../../../jobs/{job.id}")
                         if job is not None else None)
             case "xml":
