@@ -21,9 +21,9 @@ from vsfs.model import (
     Permissions,
     PoolDef,
     PoolStatus,
+    Room,
     Volume,
     VolumeDef,
-    check_space,
     data_format,
 )
 from vsfs.proc import QemuImgProgress, run
@@ -54,7 +54,20 @@ class Snapshot:
 
 
 class Backend(ABC):
+    # ---- What the pool type is and can do, asked for by name. The manager and the tree
+    # test these, never a type's name: a new pool type is its module, one line in
+    # BACKENDS (backends/__init__.py) and its tests.
+
+    # libvirt's name of the type (<pool type='...'>), as BACKENDS registers it.
     pool_type: ClassVar[str]
+    # Its volumes are the files in the pool's target directory (dir, fs, netfs): no two
+    # pools of the type may name one directory, however the path is spelled.
+    volumes_in_target: ClassVar[bool] = False
+    # Directories in the target are volumes too, and `mkdir volumes/D` makes one.
+    directory_volumes: ClassVar[bool] = False
+    # It takes its source devices whole (mkfs, a partition table, a PV): a device one
+    # pool of such a type names may be no other's.
+    owns_source_devices: ClassVar[bool] = False
     # How often (s) the manager asks ``changed`` whether a refresh is due;
     # 0 means only explicit refreshes see outside changes.
     poll_interval: ClassVar[float] = 0.0
@@ -200,6 +213,11 @@ class Backend(ABC):
         """Bytes of free space a new volume must find (vsfs does not overcommit)."""
         return vdef.capacity
 
+    def snapshot_space(self, vol: Volume) -> int:
+        """Bytes of free space a snapshot of ``vol`` must find: none where the storage
+        shares the volume's blocks and grows only as they are written (LVM, Ceph)."""
+        return 0
+
     async def create_volume(self, vdef: VolumeDef) -> Volume:
         """Create a volume; failed or cancelled (a job's cancel), nothing of it may be left
         behind: clean-ups run shielded (trio.CancelScope(shield=True))."""
@@ -254,8 +272,10 @@ class Backend(ABC):
             raise
         return vol, fd
 
-    async def truncate_upload(self, fd: int, size: int) -> None:
-        """Set the size of a volume being uploaded; growth must fit the pool (ENOSPC)."""
+    async def truncate_upload(self, fd: int, size: int, room: Room) -> None:
+        """Set the size of a volume being uploaded. Growth must pass ``room`` (the
+        manager's rule, given the pool's status and the growth: ENOSPC) before the file
+        grows; refused, the size stays as it was."""
         if self.sized_at_creation:
             cur = await trio.to_thread.run_sync(lambda: os.lseek(fd, 0, os.SEEK_END))
             if size != cur:
@@ -264,7 +284,7 @@ class Backend(ABC):
             return
         cur = (await trio.to_thread.run_sync(os.fstat, fd)).st_size
         if size > cur:
-            check_space(self.pool.name, await self.status(), size - cur)
+            room(await self.status(), size - cur)
         await trio.to_thread.run_sync(os.ftruncate, fd, size)
 
     def open_volume(self, vol: Volume, flags: int) -> int:

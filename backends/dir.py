@@ -30,9 +30,9 @@ from vsfs.model import (
     Permissions,
     PoolDef,
     PoolStatus,
+    Room,
     Volume,
     VolumeDef,
-    check_space,
     data_format,
     volume_name_ok,
 )
@@ -201,6 +201,8 @@ LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", 
 
 class DirBackend(Backend):
     pool_type: ClassVar[str] = "dir"
+    volumes_in_target: ClassVar[bool] = True
+    directory_volumes: ClassVar[bool] = True
     poll_interval: ClassVar[float] = 1.0
 
     def __init__(self, pool: PoolDef, services: Services | None = None) -> None:
@@ -573,11 +575,11 @@ class DirBackend(Backend):
             return fn(*args)
         return await super().quick_io(fn, *args)
 
-    async def truncate_upload(self, fd: int, size: int) -> None:
+    async def truncate_upload(self, fd: int, size: int, room: Room) -> None:
         def work() -> None:
             cur = os.fstat(fd).st_size
             if size > cur:
-                check_space(self.pool.name, self._status_sync(), size - cur)
+                room(self._status_sync(), size - cur)
             os.ftruncate(fd, size)
         await self.quick_io(work)
 
@@ -673,6 +675,10 @@ class DirBackend(Backend):
             await _discard_file(path)  # shielded: a cancelled clone leaves nothing
             raise
         return vol
+
+    def snapshot_space(self, vol: Volume) -> int:
+        # A qcow2 overlay of the volume's size: no overcommit, as for any new image.
+        return vol.capacity
 
     async def snapshot_volume(self, vol: Volume, name: str) -> Volume:
         if vol.type != "file":

@@ -80,6 +80,7 @@ def partition_node(dev: str, number: int) -> str:
 
 class DiskBackend(BlockBackend):
     pool_type: ClassVar[str] = "disk"
+    owns_source_devices: ClassVar[bool] = True
 
     def __init__(self, pool: PoolDef, services: Services | None = None) -> None:
         super().__init__(pool, services)

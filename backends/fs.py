@@ -34,6 +34,7 @@ FS_FORMATS = frozenset({"auto", "ext2", "ext3", "ext4", "ufs", "iso9660", "udf",
 
 class FsBackend(DirBackend):
     pool_type: ClassVar[str] = "fs"
+    owns_source_devices: ClassVar[bool] = True
 
     def __init__(self, pool: PoolDef, services: Services | None = None) -> None:
         super().__init__(pool, services)

@@ -64,6 +64,7 @@ def _size(n: int) -> str:
 
 class LogicalBackend(BlockBackend):
     pool_type: ClassVar[str] = "logical"
+    owns_source_devices: ClassVar[bool] = True
 
     @classmethod
     def validate(cls, pool: PoolDef) -> None:

@@ -33,7 +33,7 @@ from vsfs.errors import (
     Unsupported,
     VsfsError,
 )
-from vsfs.model import PoolDef, PoolStatus, Volume, VolumeDef
+from vsfs.model import PoolDef, PoolStatus, Room, Volume, VolumeDef
 from vsfs.proc import ProgressWatch, RbdProgress, run
 from vsfs.state import atomic_write
 
@@ -474,6 +474,6 @@ class RbdBackend(ExportingBackend):
             raise Unsupported("snapshots are read-only")
         return os.open(vol.path, flags | os.O_CLOEXEC)  # the export: QEMU serves the bytes
 
-    async def truncate_upload(self, fd: int, size: int) -> None:
-        # Thin, as at creation: the export passes the new size on to the image.
+    async def truncate_upload(self, fd: int, size: int, room: Room) -> None:
+        # Thin, as at creation (room is not asked): the export passes the new size on.
         await trio.to_thread.run_sync(os.ftruncate, fd, size)

@@ -35,7 +35,8 @@ import trio
 from conftest import Mount, abort_connection, sh
 from crash_load import MiB, Model, Vol, replay, resolve, sha256
 
-from vsfs.manager import Manager, runtime_dir
+from vsfs.manager import Manager
+from vsfs.paths import runtime_dir
 from vsfs.state import JOURNAL_NAME, InFlight, StateDir, read_in_flight
 
 CRASH_LOAD = Path(__file__).with_name("crash_load.py")

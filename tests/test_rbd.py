@@ -20,7 +20,7 @@ from conftest import Mount, sh
 from holders import holding, still_works
 from rng import assert_valid
 
-from vsfs.manager import runtime_dir
+from vsfs.paths import runtime_dir
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.ceph]
 

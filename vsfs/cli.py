@@ -19,7 +19,8 @@ import trio
 
 from .errors import VsfsError
 from .fuse_ops import MAX_TASKS, READ_SPIN_US, Notifier, Operations, set_read_spin
-from .manager import Manager, default_state_dir
+from .manager import Manager
+from .paths import default_state_dir
 from .state import StateDir
 from .tree import Tree
 from .watchdog import mount_device

@@ -8,14 +8,12 @@ tree calls it and the FUSE adapter only translates.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shlex
 import stat
 from collections.abc import Awaitable, Callable, Collection, Iterator
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import trio
 
@@ -40,6 +38,7 @@ from .model import (
     PoolDef,
     PoolState,
     PoolStatus,
+    Room,
     Volume,
     VolumeDef,
     VolumeTable,
@@ -48,19 +47,14 @@ from .model import (
     check_space,
     data_format,
 )
+from .paths import runtime_dir
 from .secrets import SecretStore
 from .state import JOURNAL_NAME, InFlight, StateDir, UploadJournal, remove_temporaries
 from .units import parse_size
 from .uploads import Uploads, identity
-from .xmlio import normalize_uuid, parse_pool, parse_volume
+from .xmlio import LIBVIRT_POOL_TYPES, normalize_uuid, parse_pool, parse_volume
 
 log = logging.getLogger(__name__)
-
-# Pool types libvirt knows; the ones without a backend yet are EOPNOTSUPP, others EINVAL.
-LIBVIRT_POOL_TYPES = frozenset({
-    "dir", "fs", "netfs", "logical", "disk", "iscsi", "iscsi-direct", "scsi", "mpath",
-    "rbd", "sheepdog", "gluster", "zfs", "vstorage",
-})
 
 # Called with the path of a symlink and its target, whose target the kernel must read again.
 LinkForgetter = Callable[[tuple[str, ...], str], Awaitable[None]]
@@ -410,7 +404,7 @@ class Manager:
         async with self._define_lock:
             if pool.name in self.pools:
                 raise Exists(f"pool {pool.name!r} already exists")
-            await self._check_unique(pool)
+            await self._check_unique(pool, cls)
             await trio.to_thread.run_sync(self.state.save, pool)
             entry = self.pools[pool.name] = PoolEntry(pool, cls(pool, self.services))
         self._pool_changed(entry, "defined")
@@ -426,11 +420,12 @@ class Manager:
         cls.validate(pool)
         return cls
 
-    async def _check_unique(self, pool: PoolDef, replacing: str | None = None) -> None:
+    async def _check_unique(self, pool: PoolDef, cls: type[Backend],
+                            replacing: str | None = None) -> None:
         others = [(name, entry.pool) for name, entry in self.pools.items() if name != replacing]
         # A target spelled another way (/a/./b, /a/c/../b, a symlink to it) is the same
         # directory: compare where each leads. realpath may touch a slow mount: a thread.
-        mounted = pool.type in ("dir", "fs", "netfs") and pool.target_path is not None
+        mounted = cls.volumes_in_target and pool.target_path is not None
         same_type = [p.target_path for _, p in others
                      if mounted and p.type == pool.type and p.target_path is not None]
         real = await trio.to_thread.run_sync(
@@ -446,7 +441,7 @@ class Manager:
                                 else f" (the same directory as {pool.target_path})"))
             shared = {d.path for d in pool.source.devices} & {
                 d.path for d in other.source.devices}
-            if shared and pool.type in ("fs", "disk", "logical"):
+            if shared and cls.owns_source_devices:
                 raise Exists(f"pool {name!r} already uses source device {shared.pop()}")
 
     async def redefine_pool(self, name: str, xml: bytes) -> PoolDef:
@@ -462,7 +457,7 @@ class Manager:
             self._job_in_pool(entry, "redefined")
             if entry.state != PoolState.INACTIVE:
                 raise Busy(f"pool {name!r} is active; stop it before redefining it")
-            await self._check_unique(new, replacing=name)
+            await self._check_unique(new, cls, replacing=name)
             await trio.to_thread.run_sync(self.state.save, new)
             entry.pool = new
             entry.backend = cls(new, self.services)
@@ -723,15 +718,20 @@ class Manager:
 
     # ---------------------------------------------------------------- volumes
 
+    def room(self, entry: PoolEntry) -> Room:
+        """The pool's room rule as of now (vsfs.model.check_space): what the pool has
+        free, less what running jobs have reserved there."""
+        name, reserved = entry.pool.name, self.jobs.reserved(entry.pool.name)
+
+        def check(status: PoolStatus, needed: int) -> None:
+            check_space(name, status, needed, reserved)
+        return check
+
     async def check_room(self, entry: PoolEntry, needed: int) -> None:
         """ENOSPC unless ``needed`` bytes fit in what the pool has free and running jobs
         have not reserved."""
-        status = await entry.backend.status()
-        entry.status = status
-        reserved = self.jobs.reserved(entry.pool.name)
-        if reserved:
-            status = replace(status, available=max(0, status.available - reserved))
-        check_space(entry.pool.name, status, needed)
+        entry.status = await entry.backend.status()
+        self.room(entry)(entry.status, needed)
 
     @staticmethod
     def _reserve(entry: PoolEntry, needed: int) -> int:
@@ -985,10 +985,8 @@ class Manager:
             # Its format now: an overlay that took a qcow2 for raw would show its header.
             vol = await self._current(entry, name)
             self.check_new_name(entry, new_name)
-            needed = 0
-            if entry.pool.type in ("dir", "fs", "netfs"):
-                # A qcow2 overlay of the volume's size: no overcommit, as for any new image.
-                needed = vol.capacity
+            needed = entry.backend.snapshot_space(vol)
+            if needed:
                 await self.check_room(entry, needed)
             job = self.jobs.begin(
                 f"snapshot {ref(pool, name)} -> {ref(pool, new_name)}", "snapshotted",
@@ -1001,18 +999,3 @@ class Manager:
         log.info("volume %s/%s: snapshot %s made", pool, name, new_name)
         return snap
 
-
-def runtime_dir(state_dir: Path) -> Path:
-    """Where a mount keeps runtime files: one directory per state directory."""
-    tag = hashlib.sha256(os.fsencode(os.path.abspath(state_dir))).hexdigest()[:12]
-    if os.geteuid() == 0:
-        return Path("/run/vsfs") / tag
-    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/vsfs-{os.geteuid()}"
-    return Path(base) / "vsfs" / tag
-
-
-def default_state_dir() -> Path:
-    if os.geteuid() == 0:
-        return Path("/var/lib/vsfs/storage")
-    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(data) / "vsfs" / "storage"

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import enum
 import posixpath
-from collections.abc import ItemsView, Iterable, Iterator, KeysView, MutableMapping, ValuesView
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    KeysView,
+    MutableMapping,
+    ValuesView,
+)
 from dataclasses import dataclass, field
 from typing import TypeVar, overload
 
@@ -142,10 +150,20 @@ class PoolStatus:
     extents: tuple[tuple[int, int], ...] = ()
 
 
-def check_space(pool: str, status: PoolStatus, needed: int) -> None:
-    """The one rule for room in a pool: ``needed`` bytes must fit in what is available."""
-    if needed > status.available:
-        raise NoSpace(f"pool {pool!r} has {status.available} bytes free, {needed} needed")
+def check_space(pool: str, status: PoolStatus, needed: int, reserved: int = 0) -> None:
+    """The one rule for room in a pool: ``needed`` bytes must fit in what is available
+    and not ``reserved`` by running jobs (vsfs does not overcommit). Everything that
+    makes or grows a volume comes here: the manager (``Manager.room``) with the jobs'
+    reservations, a backend's ``truncate_upload`` through the ``Room`` it is given."""
+    free = max(0, status.available - reserved)
+    if needed > free:
+        held = f" ({reserved} more reserved by running jobs)" if reserved else ""
+        raise NoSpace(f"pool {pool!r} has {free} bytes free{held}, {needed} needed")
+
+
+# A pool's room rule, bound to its pool and the reservations of the moment:
+# room(status, needed) raises NoSpace when ``needed`` bytes do not fit (check_space).
+Room = Callable[[PoolStatus, int], None]
 
 
 # Formats of volumes that are plain block devices: their bytes are raw data.

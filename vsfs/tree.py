@@ -579,7 +579,7 @@ class Tree:
 
         async def mkdir(name: str) -> None:
             entry = m.entry(pool)
-            if entry.pool.type not in ("dir", "fs", "netfs"):
+            if not entry.backend.directory_volumes:
                 raise Unsupported(f"{entry.pool.type} pools have no directory volumes")
             await m.create_volume(pool, VolumeDef(name=name, capacity=0, format="dir",
                                                   type="dir"))

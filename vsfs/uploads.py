@@ -151,10 +151,6 @@ def _set_owner(fd: int, mode: int | None, uid: int, gid: int) -> None:
         os.fchmod(fd, mode)
 
 
-def _size_of(fd: int) -> int:
-    return os.fstat(fd).st_size
-
-
 def _append(fd: int, data: bytes) -> int:
     """Write at the file's end as it is now (the descriptor is not O_APPEND)."""
     return os.pwrite(fd, data, os.fstat(fd).st_size)
@@ -281,12 +277,7 @@ class Uploads:
                     upload.fd, upload.in_flight = fd, True
                 return
             await self._changing(upload)
-            if m.jobs.reserved(upload.pool):
-                # Running jobs will take some of the free space the backend sees.
-                grow = size - await entry.backend.quick_io(_size_of, upload.fd)
-                if grow > 0:
-                    await m.check_room(entry, grow)
-            await entry.backend.truncate_upload(upload.fd, size)
+            await entry.backend.truncate_upload(upload.fd, size, m.room(entry))
         except (NoSpace, Invalid) as e:
             # Refused before anything changed: the writer may try another size. A volume
             # left at a refused size when it is closed is removed, as after a failure.

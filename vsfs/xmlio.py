@@ -356,6 +356,8 @@ SOURCE_FIELDS: dict[str, frozenset[str]] = {
     "zfs": frozenset({"name", "devices"}),
     "vstorage": frozenset({"name"}),
 }
+# Pool types libvirt knows: one without a backend here is EOPNOTSUPP, any other EINVAL.
+LIBVIRT_POOL_TYPES = frozenset(SOURCE_FIELDS)
 
 
 def _for_type(src: PoolSource, ptype: str) -> PoolSource:
