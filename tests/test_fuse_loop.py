@@ -7,7 +7,8 @@ wait on each other, and read it with readlink and ls: if a waiting handler held
 up the loop, or a lock could not pass between handlers, they would time out or
 the filesystem would die. Each test runs twice: without and with the read spin
 (.ci/patches/pyfuse3-read-spin.patch), which keeps a reader polling the descriptor
-for a moment after each request before it waits through trio.
+for a moment after each request before it waits through trio. On the stock
+pyfuse3 (.venv-stock) they check the same properties of pyfuse3's own loop.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-pytestmark = pytest.mark.fuse
+from vsfs import fuse_ops
 
 LOOPFS = Path(__file__).with_name("loopfs.py")
 TIMEOUT = 60  # seconds for any one command; loopfs's handlers give up after 20
@@ -80,6 +81,7 @@ def loopfs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LoopMount
     assert rc == 0, log
 
 
+@pytest.mark.fuse
 def test_waiting_handler_does_not_hold_up_others(loopfs: LoopMount) -> None:
     slow = loopfs.readlink("slow")
     time.sleep(0.2)  # so that "slow" is waiting in its handler before "fast" comes
@@ -87,12 +89,14 @@ def test_waiting_handler_does_not_hold_up_others(loopfs: LoopMount) -> None:
     assert answer(slow) == "slow"
 
 
+@pytest.mark.fuse
 def test_handlers_wait_together(loopfs: LoopMount) -> None:
     # Each of the five waits until all five are in: one task per waiting handler.
     readers = [loopfs.readlink("gate") for _ in range(5)]
     assert [answer(r) for r in readers] == ["open"] * 5
 
 
+@pytest.mark.fuse
 def test_lock_passes_between_handlers(loopfs: LoopMount) -> None:
     hold = loopfs.readlink("hold")
     time.sleep(0.2)
@@ -101,6 +105,7 @@ def test_lock_passes_between_handlers(loopfs: LoopMount) -> None:
     assert answer(hold) == "held"
 
 
+@pytest.mark.fuse
 def test_requests_in_a_row(loopfs: LoopMount) -> None:
     # Served back to back by one task without waiting for the descriptor.
     for _ in range(3):
@@ -112,8 +117,36 @@ def test_requests_in_a_row(loopfs: LoopMount) -> None:
         assert numbered == {f"n{i:03d}": f"/t/n{i:03d}" for i in range(200)}
 
 
+@pytest.mark.fuse
 def test_parallel_readers(loopfs: LoopMount) -> None:
     script = 'for i in $(seq -w 0 199); do readlink "${1}n$i" & done; wait'
     res = subprocess.run(["bash", "-c", script, "x", f"{loopfs.path}/"], capture_output=True,
                          text=True, timeout=TIMEOUT, check=True)
     assert sorted(res.stdout.split()) == [f"/t/n{i:03d}" for i in range(200)]
+
+
+def test_read_spin_is_set_on_either_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vsfs's set_read_spin hands pyfuse3 the spin in nanoseconds, and none when the
+    daemon may use only one CPU (polling there would keep the client from running).
+    On a stock pyfuse3, which has no set_read_spin, it does nothing and does not fail."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    setter = getattr(pyfuse3, "set_read_spin", None)
+    if setter is None:
+        fuse_ops.set_read_spin(50)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+        fuse_ops.set_read_spin(50)
+        assert not hasattr(pyfuse3, "set_read_spin")
+        return
+    set_to: list[int] = []
+
+    def record(nanoseconds: int) -> None:
+        set_to.append(nanoseconds)
+        setter(nanoseconds)  # the patched build's own setter: it must take the value
+
+    monkeypatch.setattr(pyfuse3, "set_read_spin", record)
+    fuse_ops.set_read_spin(50)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
+    fuse_ops.set_read_spin(50)
+    assert set_to == [50_000, 0]
+    with pytest.raises(ValueError):
+        setter(-1)

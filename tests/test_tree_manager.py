@@ -13,7 +13,6 @@ import pytest
 import trio
 import trio.testing
 
-from vsfs import fuse_ops
 from vsfs.errors import Busy, Exists, Invalid, NoSpace, NotFound
 from vsfs.fuse_ops import Operations
 from vsfs.manager import Manager
@@ -226,19 +225,6 @@ def test_readme_lists_verbs() -> None:
     text = readme_text()
     assert re.search(r"truncate -s 10G pools/P/volumes/V", text)
     assert text.endswith("\n")
-
-
-def test_read_spin_needs_two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The adapter hands pyfuse3 the spin in nanoseconds, and none when the daemon may
-    use only one CPU (polling there would keep the client from running)."""
-    assert hasattr(pyfuse3, "set_read_spin"), "pyfuse3 built without the read-spin patch"
-    set_to: list[int] = []
-    monkeypatch.setattr(pyfuse3, "set_read_spin", set_to.append)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    fuse_ops.set_read_spin(50)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1})
-    fuse_ops.set_read_spin(50)
-    assert set_to == [50_000, 0]
 
 
 def test_duplicate_uuid_in_the_state_directory_is_left_out(tmp_path: Path,
