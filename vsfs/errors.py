@@ -1,8 +1,9 @@
 """The one exception family of vsfs.
 
-Each error carries the errno that the contract (INTERFACE.md, "Errors") gives
-it. Only the FUSE adapter turns these into ``FUSEError``; everything below it
-raises these and nothing else on purpose.
+Each error carries the errno that the table of docs/reference.md, "Errors" (the
+user's reference, which follows the contract) gives it. Only the FUSE adapter turns
+these into ``FUSEError``; everything below it raises these and nothing else on
+purpose.
 """
 
 from __future__ import annotations

@@ -26,11 +26,11 @@ import trio
 
 from .errors import Invalid, VsfsError
 from .feed import Change, Feed
+from .feeder import DocumentFeeder
 from .jobs import REQUESTER
 from .tree import Dir, File, Link, Node, Stream, Tree, UploadFile
 from .units import shown
 from .uploads import Upload
-from .xmlio import DocumentFeeder
 
 log = logging.getLogger(__name__)
 
