@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shlex
 import stat
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field
@@ -50,7 +49,6 @@ from .model import (
 from .paths import runtime_dir
 from .secrets import SecretStore
 from .state import JOURNAL_NAME, InFlight, StateDir, UploadJournal, remove_temporaries
-from .units import parse_size
 from .uploads import Uploads, identity
 from .xmlio import LIBVIRT_POOL_TYPES, normalize_uuid, parse_pool, parse_volume
 
@@ -160,23 +158,6 @@ def _cut_short(rec: InFlight, vol: Volume) -> bool | None:
     # Killed while the backend made it: an empty file, made since the record.
     return (st.st_size == 0 and rec.since_ns - _CLOCK_SLACK_NS <= st.st_ctime_ns
             <= rec.since_ns + _MAKING_BOUND_NS)
-
-
-def command_words(line: str) -> list[str]:
-    """A ctl line's words, quoted as in a shell: clone 'my disk' 'other pool'."""
-    try:
-        return shlex.split(line)
-    except ValueError as e:
-        raise Invalid(f"cannot split {line.strip()!r} into words: {e}") from None
-
-
-def parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("yes", "1", "true", "on"):
-        return True
-    if value in ("no", "0", "false", "off"):
-        return False
-    raise Invalid(f"expected yes or no, not {text.strip()!r}")
 
 
 class Manager:
@@ -289,18 +270,21 @@ class Manager:
     # ---------------------------------------------------------------- lookups
 
     def entry(self, name: str) -> PoolEntry:
+        """A defined pool; ENOENT for a name never defined (or undefined)."""
         try:
             return self.pools[name]
         except KeyError:
             raise NotFound(f"no pool named {name!r}") from None
 
     def running_entry(self, name: str) -> PoolEntry:
+        """A running pool; EINVAL (with the command that starts it) for an inactive one."""
         entry = self.entry(name)
         if not entry.running:
             raise Invalid(f"pool {name!r} is not active (echo start > pools/{name}/ctl)")
         return entry
 
     def volume(self, pool: str, name: str) -> Volume:
+        """A listed volume of a running pool, as last read (no backend call)."""
         entry = self.running_entry(pool)
         try:
             return entry.volumes[name]
@@ -308,6 +292,7 @@ class Manager:
             raise NotFound(f"no volume {name!r} in pool {pool!r}") from None
 
     def all_volumes(self) -> Iterator[tuple[str, Volume]]:
+        """Every listed volume of every running pool, with its pool's name."""
         for name, entry in self.pools.items():
             if entry.running:
                 for vol in entry.volumes.values():
@@ -334,9 +319,11 @@ class Manager:
         return None
 
     def by_key(self, key: str) -> tuple[str, Volume] | None:
+        """A running pool's volume with this key (libvirt's virStorageVolLookupByKey)."""
         return self._first_running(lambda vols: vols.with_key(key))
 
     def by_path(self, path: str) -> tuple[str, Volume] | None:
+        """A running pool's volume with this path, as listed (virStorageVolLookupByPath)."""
         return self._first_running(lambda vols: vols.with_path(path))
 
     def by_normal_path(self, path: str) -> tuple[str, Volume] | None:
@@ -399,6 +386,10 @@ class Manager:
     # ---------------------------------------------------------------- pools
 
     async def define_pool(self, xml: bytes) -> PoolDef:
+        """Define a pool from libvirt XML (``pools/define``), saved atomically in the
+        state directory; inactive. EINVAL for XML that does not parse or cannot work for
+        its type, EOPNOTSUPP for a libvirt type without a backend, EEXIST for a name,
+        UUID, target directory or source device another pool has."""
         pool = parse_pool(xml)
         cls = self._backend_class(pool)
         async with self._define_lock:
@@ -445,6 +436,9 @@ class Manager:
                 raise Exists(f"pool {name!r} already uses source device {shared.pop()}")
 
     async def redefine_pool(self, name: str, xml: bytes) -> PoolDef:
+        """Replace an inactive pool's definition (``pools/P/xml``): same name, same
+        UUID (kept when the XML has none). EBUSY while the pool is active or a job works
+        in it; refused, the old definition stays."""
         entry = self.entry(name)
         new = parse_pool(xml, default_uuid=entry.pool.uuid)
         if new.name != name:
@@ -466,6 +460,8 @@ class Manager:
         return new
 
     async def undefine_pool(self, name: str) -> None:
+        """Forget an inactive pool's definition (``rmdir pools/P``); its storage
+        stays. EBUSY while it is active or a job works in it."""
         entry = self.entry(name)
         async with entry.locked():
             self._job_in_pool(entry, "undefined")
@@ -485,72 +481,78 @@ class Manager:
         log.info("pool %s undefined", name)
 
     async def set_autostart(self, name: str, on: bool) -> None:
+        """Whether the pool starts when vsfs mounts (``pools/P/autostart``), kept as
+        libvirt keeps it (a link in ``autostart/``)."""
         entry = self.entry(name)
         async with entry.locked():
             await trio.to_thread.run_sync(self.state.set_autostart, name, on)
             entry.autostart = on
 
-    async def pool_command(self, name: str, line: str) -> None:
-        words = command_words(line)
-        if not words:
-            raise Invalid("empty command; expected start, stop, build, refresh or delete")
-        cmd, args = words[0], words[1:]
+    async def start_pool(self, name: str) -> None:
+        """Activate an inactive pool (``start``): the backend's start, then its leftovers
+        removed and its volumes read. EBUSY if it is active or a job builds it; failed,
+        the backend's stop undoes the start."""
         entry = self.entry(name)
-        if cmd == "build":
-            await self._build(entry, self._build_flags(args))
-            return
-        if args:
-            raise Invalid(f"{cmd!r} takes no arguments")
-        if cmd == "start":
-            async with entry.locked():
-                self._job_in_pool(entry, "started")
-                if entry.running:
-                    raise Busy(f"pool {name!r} is already active")
-                await self._activate(entry, start=True)
-            self._pool_changed(entry, "started")
-        elif cmd == "stop":
-            async with entry.locked():
-                if not entry.running:
-                    raise Invalid(f"pool {name!r} is not active")
-                busy = self.uploads.in_pool(name)
-                if busy is not None:
-                    raise Busy(f"volume {busy.name!r} of pool {name!r} is still being written")
-                self._job_in_pool(entry, "stopped")
-                for vol in entry.volumes.values():
-                    users = self.source_users(vol.path)
-                    if users:
-                        raise Busy(f"volume {vol.name!r} of pool {name!r} is the source of "
-                                   f"running pool {users[0]!r}; stop that first")
-                # Stopping takes every local path away (an export, a LUN, a loop): not
-                # from under a process that holds one.
-                why = await self.held(entry, entry.volumes.values())
-                if why is not None:
-                    raise Busy(f"{why}; pool {name!r} cannot be stopped")
-                await entry.backend.stop()
-                self._deactivate(entry)
-            log.info("pool %s stopped", name)
-        elif cmd == "refresh":
-            async with entry.locked():
-                if not entry.running:
-                    raise Invalid(f"pool {name!r} is not active")
-                await self._refresh(entry)
-            self._pool_changed(entry, "refreshed")
-        elif cmd == "delete":
-            async with entry.locked():
-                self._job_in_pool(entry, "deleted")
-                if entry.state != PoolState.INACTIVE:
-                    raise Busy(f"pool {name!r} is active; stop it before deleting its storage")
-                await entry.backend.delete()
-            self._pool_changed(entry, "deleted")
-            log.info("pool %s: storage deleted", name)
-        else:
-            raise Invalid(f"unknown command {cmd!r}; expected start, stop, build, refresh "
-                          "or delete")
+        async with entry.locked():
+            self._job_in_pool(entry, "started")
+            if entry.running:
+                raise Busy(f"pool {name!r} is already active")
+            await self._activate(entry, start=True)
+        self._pool_changed(entry, "started")
 
-    async def _build(self, entry: PoolEntry, overwrite: bool) -> None:
-        """Build the pool's storage (mkfs, a label, a VG): a job, during which the pool
-        is ``building`` and every other action on it is EBUSY rather than a wait."""
-        name = entry.pool.name
+    async def stop_pool(self, name: str) -> None:
+        """Deactivate a running pool (``stop``). EBUSY, changing nothing, while a volume
+        is being written, a job works in the pool, a volume is the source of a running
+        pool or anything on the host holds one (``Backend.volume_users``)."""
+        entry = self.entry(name)
+        async with entry.locked():
+            if not entry.running:
+                raise Invalid(f"pool {name!r} is not active")
+            busy = self.uploads.in_pool(name)
+            if busy is not None:
+                raise Busy(f"volume {busy.name!r} of pool {name!r} is still being written")
+            self._job_in_pool(entry, "stopped")
+            for vol in entry.volumes.values():
+                users = self.source_users(vol.path)
+                if users:
+                    raise Busy(f"volume {vol.name!r} of pool {name!r} is the source of "
+                               f"running pool {users[0]!r}; stop that first")
+            # Stopping takes every local path away (an export, a LUN, a loop): not
+            # from under a process that holds one.
+            why = await self.held(entry, entry.volumes.values())
+            if why is not None:
+                raise Busy(f"{why}; pool {name!r} cannot be stopped")
+            await entry.backend.stop()
+            self._deactivate(entry)
+        log.info("pool %s stopped", name)
+
+    async def refresh_pool(self, name: str) -> None:
+        """Read a running pool's volumes and sizes again (``refresh``); what changed
+        outside vsfs is published as the pool poll would."""
+        entry = self.entry(name)
+        async with entry.locked():
+            if not entry.running:
+                raise Invalid(f"pool {name!r} is not active")
+            await self._refresh(entry)
+        self._pool_changed(entry, "refreshed")
+
+    async def delete_pool(self, name: str) -> None:
+        """Delete an inactive pool's storage (``delete``: the directory, the VG, the
+        label); its definition stays (``rmdir`` undefines it)."""
+        entry = self.entry(name)
+        async with entry.locked():
+            self._job_in_pool(entry, "deleted")
+            if entry.state != PoolState.INACTIVE:
+                raise Busy(f"pool {name!r} is active; stop it before deleting its storage")
+            await entry.backend.delete()
+        self._pool_changed(entry, "deleted")
+        log.info("pool %s: storage deleted", name)
+
+    async def build_pool(self, name: str, overwrite: bool = False) -> None:
+        """Build an inactive pool's storage (``build``: mkfs, a label, a VG); with
+        ``overwrite``, even over what a device holds. A job: the pool is ``building``
+        meanwhile and every other action on it is EBUSY rather than a wait."""
+        entry = self.entry(name)
         async with entry.locked():
             self._job_in_pool(entry, "built")
             if entry.state != PoolState.INACTIVE:
@@ -566,19 +568,6 @@ class Manager:
             entry.building = None
         self._pool_changed(entry, "built")
         log.info("pool %s built", name)
-
-    @staticmethod
-    def _build_flags(args: list[str]) -> bool:
-        overwrite = False
-        for arg in args:
-            if arg == "--overwrite":
-                overwrite = True
-            elif arg == "--no-overwrite":
-                overwrite = False
-            else:
-                raise Invalid(f"unknown build option {arg!r}; expected --overwrite or "
-                              "--no-overwrite")
-        return overwrite
 
     async def _activate(self, entry: PoolEntry, start: bool) -> None:
         if start:
@@ -780,6 +769,8 @@ class Manager:
         return vol
 
     async def create_volume_xml(self, pool: str, xml: bytes) -> Volume:
+        """A volume from libvirt XML (``pools/P/volumes/define``): as
+        ``create_volume``."""
         return await self.create_volume(pool, parse_volume(xml))
 
     async def journal_io(self, fn: Callable[..., T], *args: object) -> T:
@@ -803,6 +794,9 @@ class Manager:
         return True
 
     async def delete_volume(self, pool: str, name: str) -> None:
+        """Remove a volume and its data (``rm``, ``delete``). EBUSY, changing
+        nothing, while it is written, held by a job, the source of a pool or of an
+        overlay, or in use on the host (the holder named in MNT/error)."""
         entry = self.running_entry(pool)
         async with entry.locked():
             vol = self.volume(pool, name)
@@ -815,6 +809,8 @@ class Manager:
         log.info("volume %s/%s deleted", pool, name)
 
     async def rename_volume(self, pool: str, name: str, new_pool: str, new_name: str) -> None:
+        """Rename a volume within its pool (``mv``). EXDEV across pools (``clone
+        NEW POOL`` copies), EEXIST for a taken name, EBUSY while it is in use."""
         check_name(new_name, "volume name")
         if new_pool != pool:
             raise CrossDevice("volumes move between pools with 'clone NEW POOL', not mv")
@@ -834,6 +830,8 @@ class Manager:
         log.info("volume %s/%s renamed to %s", pool, name, new_name)
 
     async def resize_volume(self, pool: str, name: str, capacity: int) -> Volume:
+        """Give a volume ``capacity`` bytes (``volinfo/V/capacity``): growth must
+        fit (ENOSPC), a smaller size only when nothing uses the volume (EBUSY)."""
         entry = self.running_entry(pool)
         async with entry.locked():
             self.volume(pool, name)
@@ -891,35 +889,27 @@ class Manager:
             self.volume_changed(pool, name, "resized", str(vol.capacity))
         return vol
 
+    async def shrink_volume(self, pool: str, name: str, capacity: int) -> Volume:
+        """Shrink a volume (``shrink SIZE``), cutting off what lies past ``capacity``:
+        only on this explicit command, never through ``capacity`` (which only grows).
+        EBUSY while anything uses the volume."""
+        entry = self.running_entry(pool)
+        async with entry.locked():
+            vol = await self._current(entry, name)
+            await self._not_in_use(entry, vol, "shrunk")
+            vol = entry.volumes[name] = await entry.backend.shrink_volume(vol, capacity)
+        self.volume_changed(pool, name, "resized", str(vol.capacity))
+        log.info("volume %s/%s shrunk to %d bytes", pool, name, capacity)
+        return vol
+
+    # Kept while tests still speak the ctl languages to the manager (vsfs.commands).
+    async def pool_command(self, name: str, line: str) -> None:
+        from .commands import pool_command  # noqa: PLC0415 (temporary, circular)
+        await pool_command(self, name, line)
+
     async def volume_command(self, pool: str, name: str, line: str) -> None:
-        words = command_words(line)
-        if not words:
-            raise Invalid("empty command; expected wipe, clone NEW [POOL], snapshot NEW, "
-                          "shrink SIZE or delete")
-        cmd, args = words[0], words[1:]
-        if cmd == "delete" and not args:
-            await self.delete_volume(pool, name)
-        elif cmd == "wipe" and (not args or args == ["zero"]):
-            await self.wipe_volume(pool, name)
-        elif cmd == "shrink" and len(args) == 1:
-            size = parse_size(args[0])
-            entry = self.running_entry(pool)
-            async with entry.locked():
-                vol = await self._current(entry, name)
-                await self._not_in_use(entry, vol, "shrunk")
-                entry.volumes[name] = await entry.backend.shrink_volume(vol, size)
-            self.volume_changed(pool, name, "resized", str(entry.volumes[name].capacity))
-            log.info("volume %s/%s shrunk to %d bytes", pool, name, size)
-        elif cmd == "clone" and len(args) in (1, 2):
-            await self.clone_volume(pool, name, args[1] if len(args) == 2 else pool, args[0])
-        elif cmd == "snapshot" and len(args) == 1:
-            await self.snapshot_volume(pool, name, args[0])
-        elif cmd in ("delete", "wipe", "clone", "snapshot", "shrink"):
-            raise Invalid(f"bad arguments for {cmd!r}; expected wipe, clone NEW [POOL], "
-                          "snapshot NEW, shrink SIZE or delete")
-        else:
-            raise Invalid(f"unknown command {cmd!r}; expected wipe, clone NEW [POOL], "
-                          "snapshot NEW, shrink SIZE or delete")
+        from .commands import volume_command  # noqa: PLC0415 (temporary, circular)
+        await volume_command(self, pool, name, line)
 
     async def wipe_volume(self, pool: str, name: str) -> None:
         """Zero a volume: a job holding it alone (a cancelled wipe leaves it partly

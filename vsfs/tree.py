@@ -14,12 +14,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from . import commands
 from .backends import SOURCE_FINDERS, SOURCES_NEED_HOST
 from .backends.host import HostDevice
 from .errors import Invalid, NotFound, Unsupported
 from .feed import Feed
 from .jobs import Job
-from .manager import Manager, PoolEntry, command_words, parse_bool
+from .manager import Manager, PoolEntry
 from .model import PoolSource, SourceHost, Volume, VolumeDef, check_name, normal_path
 from .units import parse_size
 from .uploads import Upload
@@ -295,11 +296,7 @@ class Tree:
             return File(RO_MODE, read=render)
 
         async def ctl(data: bytes) -> None:
-            words = command_words(_line(data))
-            if words != ["cancel"]:
-                raise Invalid("expected cancel")
-            if not job.cancel():
-                raise Invalid(f"job {job.id} has ended already ({job.state.value})")
+            commands.job_command(job, _line(data))
 
         files: dict[str, Node] = {
             "what": value(lambda: job.what),
@@ -476,10 +473,10 @@ class Tree:
             await m.create_volume_xml(name, data)
 
         async def ctl(data: bytes) -> None:
-            await m.pool_command(name, _line(data))
+            await commands.pool_command(m, name, _line(data))
 
         async def autostart(data: bytes) -> None:
-            await m.set_autostart(name, parse_bool(_line(data)))
+            await m.set_autostart(name, commands.parse_bool(_line(data)))
 
         def size(attr: str) -> Render:
             async def render() -> bytes:
@@ -678,7 +675,7 @@ class _VolumeFiles:
         await self.m.resize_volume(self.pool, self.name, parse_size(_line(data)))
 
     async def ctl(self, data: bytes) -> None:
-        await self.m.volume_command(self.pool, self.name, _line(data))
+        await commands.volume_command(self.m, self.pool, self.name, _line(data))
 
 
 def _host_port(text: str) -> SourceHost:
