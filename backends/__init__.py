@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from vsfs.model import PoolSource
 
@@ -20,6 +21,7 @@ from .netfs import NetfsBackend
 from .netfs import find_sources as find_netfs_sources
 from .rbd import RbdBackend
 
+# The one registry of pool types: a new type is its module and one line here.
 BACKENDS: dict[str, type[Backend]] = {
     "dir": DirBackend,
     "fs": FsBackend,
@@ -31,15 +33,31 @@ BACKENDS: dict[str, type[Backend]] = {
     "rbd": RbdBackend,
 }
 
-# virConnectFindStoragePoolSources: what pools of a type could be made here, given
-# what the user said of the source (a host to ask, an initiator).
-SOURCE_FINDERS: dict[str, Callable[[PoolSource], Awaitable[list[PoolSource]]]] = {
-    "logical": find_logical_sources,
-    "netfs": find_netfs_sources,
-    "iscsi": find_iscsi_sources,
-    "iscsi-direct": find_iscsi_direct_sources,
-}
-# The finders that cannot work without a host to ask.
-SOURCES_NEED_HOST = frozenset({"netfs", "iscsi", "iscsi-direct"})
 
-__all__ = ["BACKENDS", "SOURCES_NEED_HOST", "SOURCE_FINDERS", "Backend", "Snapshot"]
+
+@dataclass(frozen=True)
+class SourceFinder:
+    """virConnectFindStoragePoolSources for one pool type: what pools of the type could
+    be made here, given what the user said of the source (a host to ask, an initiator);
+    ``sources/TYPE`` in the mount."""
+
+    find: Callable[[PoolSource], Awaitable[list[PoolSource]]]
+    # It cannot work without a host to ask: ``sources/TYPE`` is written to first.
+    needs_host: bool
+    # What ``cat sources/TYPE`` shows, for the mount's README (vsfs.tree.FILES).
+    about: str
+
+
+SOURCE_FINDERS: dict[str, SourceFinder] = {
+    "logical": SourceFinder(find_logical_sources, False,
+                            "<sources> XML: the volume groups here and their devices"),
+    "netfs": SourceFinder(find_netfs_sources, True,
+                          "the NFS exports of the host written into it (HOST)"),
+    "iscsi": SourceFinder(find_iscsi_sources, True,
+                          "the targets of the portal written into it (HOST[:PORT])"),
+    "iscsi-direct": SourceFinder(find_iscsi_direct_sources, True,
+                                 "the same without a kernel initiator: write a <source> "
+                                 "with host and initiator"),
+}
+
+__all__ = ["BACKENDS", "SOURCE_FINDERS", "Backend", "Snapshot", "SourceFinder"]

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from . import commands
-from .backends import SOURCE_FINDERS, SOURCES_NEED_HOST
+from .backends import SOURCE_FINDERS
 from .backends.host import HostDevice
 from .errors import Invalid, NotFound, Unsupported
 from .feed import Feed
@@ -47,11 +47,8 @@ FILES: tuple[tuple[str, str, str], ...] = (
     ("jobs/<id>/progress", "r", "DONE TOTAL: bytes done and in all (TOTAL 0 where unknown)"),
     ("jobs/<id>/error", "r", "why it failed (empty otherwise)"),
     ("jobs/<id>/ctl", "w", "cancel: stop it and remove what it half made"),
-    ("sources/logical", "r", "<sources> XML: the volume groups here and their devices"),
-    ("sources/netfs", "rw", "the NFS exports of the host written into it (HOST)"),
-    ("sources/iscsi", "rw", "the targets of the portal written into it (HOST[:PORT])"),
-    ("sources/iscsi-direct", "rw",
-     "the same without a kernel initiator: write a <source> with host and initiator"),
+    *((f"sources/{stype}", "rw" if finder.needs_host else "r", finder.about)
+      for stype, finder in SOURCE_FINDERS.items()),
     ("sources/<type>?host=<host>", "r",
      "the same for that host, without writing: ?host=H[&port=P][&initiator=IQN]"),
     ("host/volumes/<dev>", "link", "-> /dev/<dev>: every block device of the host"),
@@ -310,7 +307,7 @@ class Tree:
     def _sources(self) -> Dir:
         def finder(stype: str, spec: Callable[[], PoolSource]) -> Render:
             async def render() -> bytes:
-                return format_sources(await SOURCE_FINDERS[stype](spec()))
+                return format_sources(await SOURCE_FINDERS[stype].find(spec()))
             return render
 
         def child(name: str) -> Node | None:
@@ -320,7 +317,7 @@ class Tree:
             if query_mark:
                 # sources/TYPE?host=H[&port=P][&initiator=IQN]: one query, nothing kept
                 return File(RO_MODE, read=finder(stype, lambda: source_query(query)))
-            if stype not in SOURCES_NEED_HOST:
+            if not SOURCE_FINDERS[stype].needs_host:
                 return File(RO_MODE, read=finder(stype, PoolSource))
 
             async def remember(data: bytes) -> None:
