@@ -280,52 +280,45 @@ def dir_pool(tmp_path: Path) -> tuple[DirBackend, Path]:
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_a_dir_clone_reports_progress(dir_pool: tuple[DirBackend, Path], fmt: str) -> None:
+async def test_a_dir_clone_reports_progress(dir_pool: tuple[DirBackend, Path],
+                                            fmt: str) -> None:
     """cp (raw to raw) by its file's growth, qemu-img convert by its own lines: the job
     sees the copy's bytes, of the source's size, as they go."""
     backend, _ = dir_pool
-
-    async def main() -> None:
-        await backend.refresh()
-        source = await backend.volume("src.raw")
-        job, vol, seen = await as_job(lambda: backend.clone_volume(
-            VolumeDef(name="copy", capacity=0, format=fmt), source))
-        assert vol.format == fmt and vol.capacity == 768 * MiB
-        assert {total for _, total in seen} <= {0, 768 * MiB}  # 0 before the copy starts
-        if fmt == "qcow2":  # cp may be done before the first look
-            assert any(0 < done < 768 * MiB for done, _ in seen), seen
-        assert job.progress() == f"{768 * MiB} {768 * MiB}"
-
-    trio.run(main)
+    await backend.refresh()
+    source = await backend.volume("src.raw")
+    job, vol, seen = await as_job(lambda: backend.clone_volume(
+        VolumeDef(name="copy", capacity=0, format=fmt), source))
+    assert vol.format == fmt and vol.capacity == 768 * MiB
+    assert {total for _, total in seen} <= {0, 768 * MiB}  # 0 before the copy starts
+    if fmt == "qcow2":  # cp may be done before the first look
+        assert any(0 < done < 768 * MiB for done, _ in seen), seen
+    assert job.progress() == f"{768 * MiB} {768 * MiB}"
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_a_cancelled_dir_clone_leaves_nothing(dir_pool: tuple[DirBackend, Path],
-                                              fmt: str) -> None:
+async def test_a_cancelled_dir_clone_leaves_nothing(dir_pool: tuple[DirBackend, Path],
+                                                    fmt: str) -> None:
     """A job's cancel: the copy is killed at once and its hidden file removed."""
     backend, pool = dir_pool
+    await backend.refresh()
+    source = await backend.volume("src.raw")
+    board = Jobs(lambda change: None)
+    job = board.begin("clone", "cloned", [])
 
-    async def main() -> None:
-        await backend.refresh()
-        source = await backend.volume("src.raw")
-        board = Jobs(lambda change: None)
-        job = board.begin("clone", "cloned", [])
+    async def canceller() -> None:
+        # Once the copy runs: its hidden file is there.
+        while len(os.listdir(pool)) < 2:
+            await trio.sleep(0.005)
+        job.cancel()
 
-        async def canceller() -> None:
-            # Once the copy runs: its hidden file is there.
-            while len(os.listdir(pool)) < 2:
-                await trio.sleep(0.005)
-            job.cancel()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(canceller)
-            t0 = trio.current_time()
-            with pytest.raises(Canceled):
-                async with board.run(job):
-                    await backend.clone_volume(VolumeDef(name="copy", capacity=0, format=fmt),
-                                               source)
-            assert trio.current_time() - t0 < 1.0
-        assert job.state is JobState.CANCELLED
-        assert os.listdir(pool) == ["src.raw"]
-
-    trio.run(main)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(canceller)
+        t0 = trio.current_time()
+        with pytest.raises(Canceled):
+            async with board.run(job):
+                await backend.clone_volume(VolumeDef(name="copy", capacity=0, format=fmt),
+                                           source)
+        assert trio.current_time() - t0 < 1.0
+    assert job.state is JobState.CANCELLED
+    assert os.listdir(pool) == ["src.raw"]
