@@ -309,6 +309,8 @@ class Uploads:
         upload.written = True
         fd = upload.fd
         try:
+            # Data always in a worker thread, even on a local disk (not quick_io): a
+            # write may wait for writeback (dirty-page throttling) for a long time.
             if append:
                 n = await trio.to_thread.run_sync(_append, fd, data)
             else:
@@ -331,7 +333,8 @@ class Uploads:
     async def set_owner(self, upload: Upload, mode: int | None, uid: int, gid: int) -> None:
         """``cp -p``, ``install -m``: a volume being written is the writer's file."""
         try:
-            await trio.to_thread.run_sync(_set_owner, upload.fd, mode, uid, gid)
+            await self.m.entry(upload.pool).backend.quick_io(
+                _set_owner, upload.fd, mode, uid, gid)
         except OSError as e:
             raise WriteFailed(f"setting the mode or owner of volume {upload.name}: "
                               f"{e.strerror}", e.errno or errno.EIO) from None
@@ -340,7 +343,8 @@ class Uploads:
                         mtime_ns: int | None) -> None:
         """``touch -d``, ``cp -p``: the times go to the new volume's file."""
         try:
-            await trio.to_thread.run_sync(_set_times, upload.fd, atime_ns, mtime_ns)
+            await self.m.entry(upload.pool).backend.quick_io(
+                _set_times, upload.fd, atime_ns, mtime_ns)
         except OSError as e:
             raise WriteFailed(f"setting the times of volume {upload.name}: {e.strerror}",
                               e.errno or errno.EIO) from None
