@@ -19,11 +19,10 @@ from vsfs.fuse_ops import Notifier, Operations
 from vsfs.tree import Tree
 
 
-def test_unexpected_errors_answer_one_request(tmp_path: Path,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+async def test_unexpected_errors_answer_one_request(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     ctx = Ctx(uid=1234, gid=1234, pid=1, umask=0o22)
-
-    async def main() -> None:
+    with caplog.at_level(logging.ERROR):
         tree, ops, pools = await adapter_with_pool(tmp_path, ctx)
         resolve = Tree.resolve
 
@@ -46,33 +45,27 @@ def test_unexpected_errors_answer_one_request(tmp_path: Path,
         # FORGET has no answer: an error there is logged, never raised.
         ops._lookups = None  # type: ignore[assignment]
         await ops.forget([(pools.st_ino, 1)])
-
-    with caplog.at_level(logging.ERROR):
-        trio.run(main)
     assert "forget failed" in caplog.text
     assert "ValueError: injected" in caplog.text  # the traceback is in the log
 
 
-def test_read_of_a_handle_names_its_user(tmp_path: Path) -> None:
+async def test_read_of_a_handle_names_its_user(tmp_path: Path) -> None:
     """Requests without a context (read, write, flush) report to the handle's user."""
     ctx = Ctx(uid=4321, gid=4321, pid=1, umask=0o22)
-
-    async def main() -> None:
-        m, tree = make(tmp_path)
-        await m.load()
-        ops = Operations(tree, 0, 0)
-        readme = await ops.lookup(pyfuse3.ROOT_INODE, b"README", ctx)
-        fi = await ops.open(readme.st_ino, 0, ctx)
-        ops._handles[fi.fh].content = None  # type: ignore[assignment]
-        with pytest.raises(pyfuse3.FUSEError) as e:
-            await ops.read(fi.fh, 0, 10)
-        assert e.value.errno == errno.EIO
-        assert tree.error_text(4321).startswith(b"internal error: TypeError")
-
-    trio.run(main)
+    m, tree = make(tmp_path)
+    await m.load()
+    ops = Operations(tree, 0, 0)
+    readme = await ops.lookup(pyfuse3.ROOT_INODE, b"README", ctx)
+    fi = await ops.open(readme.st_ino, 0, ctx)
+    ops._handles[fi.fh].content = None  # type: ignore[assignment]
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.read(fi.fh, 0, 10)
+    assert e.value.errno == errno.EIO
+    assert tree.error_text(4321).startswith(b"internal error: TypeError")
 
 
-def test_keep_running_starts_a_failed_task_again(caplog: pytest.LogCaptureFixture) -> None:
+async def test_keep_running_starts_a_failed_task_again(
+        caplog: pytest.LogCaptureFixture) -> None:
     runs = []
 
     async def task() -> None:
@@ -80,12 +73,8 @@ def test_keep_running_starts_a_failed_task_again(caplog: pytest.LogCaptureFixtur
         if len(runs) < 3:
             raise RuntimeError(f"failure {len(runs)}")
 
-    async def main() -> None:
-        with trio.fail_after(10):
-            await keep_running("the test task", task)
-
-    with caplog.at_level(logging.ERROR):
-        trio.run(main)
+    with caplog.at_level(logging.ERROR), trio.fail_after(10):
+        await keep_running("the test task", task)
     assert len(runs) == 3
     assert runs[2] - runs[1] >= 1.0  # not in a tight loop
     assert caplog.text.count("the test task failed; starting it again") == 2
