@@ -113,18 +113,16 @@ def test_pollers_are_woken_once_and_forgotten_on_close() -> None:
     assert woken == ["newer"]
 
 
-def test_wait_returns_at_the_next_change() -> None:
-    async def main() -> None:
-        feed = Feed()
-        cur = feed.cursor()
-        with trio.move_on_after(0.2) as scope:
-            await feed.wait(cur)
-        assert scope.cancelled_caught  # nothing happened: it waits
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(feed.wait, cur)
-            await trio.testing.wait_all_tasks_blocked()
-            feed.publish(Change("pool", ("p",), "defined"))
-    trio.run(main)
+async def test_wait_returns_at_the_next_change() -> None:
+    feed = Feed()
+    cur = feed.cursor()
+    with trio.move_on_after(0.2) as scope:
+        await feed.wait(cur)
+    assert scope.cancelled_caught  # nothing happened: it waits
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(feed.wait, cur)
+        await trio.testing.wait_all_tasks_blocked()
+        feed.publish(Change("pool", ("p",), "defined"))
 
 
 # ---------------------------------------------------------------- jobs
@@ -158,55 +156,53 @@ def test_holds_conflict_as_exclusive_and_shared_say() -> None:
     assert changes[0].touches == (("p", "a"), ("p", "b"))
 
 
-def test_a_job_runs_to_done_failed_or_cancelled() -> None:
-    async def main() -> None:
-        changes: list[Change] = []
-        jobs = Jobs(changes.append, Clock())
+async def test_a_job_runs_to_done_failed_or_cancelled() -> None:
+    changes: list[Change] = []
+    jobs = Jobs(changes.append, Clock())
 
-        ok = jobs.begin("wipe p/a", "wiped", [(("p", "a"), True)])
-        async with jobs.run(ok):
-            report(10, 100)
-            # From a worker thread too: trio copies the context into it.
-            await trio.to_thread.run_sync(report, 60)
-            assert ok.progress() == "60 100"
-        assert ok.state is JobState.DONE and ok.progress() == "100 100" and ok.ended.is_set()
+    ok = jobs.begin("wipe p/a", "wiped", [(("p", "a"), True)])
+    async with jobs.run(ok):
+        report(10, 100)
+        # From a worker thread too: trio copies the context into it.
+        await trio.to_thread.run_sync(report, 60)
+        assert ok.progress() == "60 100"
+    assert ok.state is JobState.DONE and ok.progress() == "100 100" and ok.ended.is_set()
 
-        bad = jobs.begin("wipe p/b", "wiped", [(("p", "b"), True)])
-        with pytest.raises(NoSpace):
-            async with jobs.run(bad):
-                raise NoSpace("pool 'p' has 0 bytes free")
-        assert bad.state is JobState.FAILED and bad.error == "pool 'p' has 0 bytes free"
-        assert jobs.holder("p", "b") is None  # ended: it holds nothing any more
+    bad = jobs.begin("wipe p/b", "wiped", [(("p", "b"), True)])
+    with pytest.raises(NoSpace):
+        async with jobs.run(bad):
+            raise NoSpace("pool 'p' has 0 bytes free")
+    assert bad.state is JobState.FAILED and bad.error == "pool 'p' has 0 bytes free"
+    assert jobs.holder("p", "b") is None  # ended: it holds nothing any more
 
-        stopped = jobs.begin("clone p/c -> p/d", "cloned", [(("p", "c"), False)])
-        cleaned = []
+    stopped = jobs.begin("clone p/c -> p/d", "cloned", [(("p", "c"), False)])
+    cleaned = []
 
-        async def body() -> None:
-            # The writer that started the job gets ECANCELED, not trio's Cancelled.
-            with pytest.raises(Canceled, match="job 3 was cancelled"):
-                async with jobs.run(stopped):
-                    try:
-                        await trio.sleep_forever()
-                    finally:
-                        with trio.CancelScope(shield=True):
-                            await trio.sleep(0.01)  # clean-up that awaits, as backends' do
-                            cleaned.append(True)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(body)
-            await trio.testing.wait_all_tasks_blocked()
-            assert stopped.cancel()
-        assert cleaned == [True]
-        assert stopped.state is JobState.CANCELLED and not stopped.cancel()
-        assert [c.event for c in changes] == ["started", "done", "started", "failed",
-                                              "started", "cancelled"]
-        report(5)  # outside any job: nothing to report to, and no error
+    async def body() -> None:
+        # The writer that started the job gets ECANCELED, not trio's Cancelled.
+        with pytest.raises(Canceled, match="job 3 was cancelled"):
+            async with jobs.run(stopped):
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await trio.sleep(0.01)  # clean-up that awaits, as backends' do
+                        cleaned.append(True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(body)
+        await trio.testing.wait_all_tasks_blocked()
+        assert stopped.cancel()
+    assert cleaned == [True]
+    assert stopped.state is JobState.CANCELLED and not stopped.cancel()
+    assert [c.event for c in changes] == ["started", "done", "started", "failed",
+                                          "started", "cancelled"]
+    report(5)  # outside any job: nothing to report to, and no error
 
-        # A cancel that comes once the work is done stops nothing: the job is done.
-        late = jobs.begin("clone p/e -> p/f", "cloned", [(("p", "e"), False)])
-        async with jobs.run(late):
-            late.cancel()
-        assert late.state is JobState.DONE
-    trio.run(main)
+    # A cancel that comes once the work is done stops nothing: the job is done.
+    late = jobs.begin("clone p/e -> p/f", "cloned", [(("p", "e"), False)])
+    async with jobs.run(late):
+        late.cancel()
+    assert late.state is JobState.DONE
 
 
 def test_reserved_space_shrinks_as_the_copy_writes() -> None:
