@@ -14,11 +14,19 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import pyfuse3
 import trio
 
 from .errors import VsfsError
-from .fuse_ops import MAX_TASKS, READ_SPIN_US, Notifier, Operations, set_read_spin
+from .fuse_ops import (
+    READ_SPIN_US,
+    Notifier,
+    Operations,
+    mount,
+    serve_requests,
+    set_read_spin,
+    terminate,
+    unmount,
+)
 from .manager import Manager
 from .paths import default_state_dir
 from .state import StateDir
@@ -245,12 +253,8 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
     # symlink (/var/run is /run on Debian). Resolved now: once mounted, resolving it
     # would ask this very daemon, which does not answer yet.
     real_mnt = os.path.realpath(mnt)
-    options = set(pyfuse3.default_options)
-    options |= {"fsname=vsfs", "subtype=vsfs"}
-    if allow_other:
-        options.add("allow_other")
     try:
-        pyfuse3.init(ops, str(mnt), options)
+        mount(ops, str(mnt), allow_other)
     except RuntimeError as e:
         raise Refused(f"cannot mount {mnt}: {e}") from None
     start_watchdog(real_mnt, log_file)
@@ -266,14 +270,11 @@ async def serve(mnt: Path, state_dir: Path, allow_other: bool,
             nursery.start_soon(keep_running, "the host device watch", manager.watch_host)
             nursery.start_soon(keep_running, "the watch of jobs' writers", ops.watch_writers)
             tell("ok")
-            await pyfuse3.main(max_tasks=MAX_TASKS)
+            await serve_requests()
             clean = True
             nursery.cancel_scope.cancel()
     finally:
-        ops.mounted = False
-        if ops.notifier.close():
-            pyfuse3.close(unmount=clean)
-        else:
+        if not unmount(ops, clean):
             # An invalidation still waits in the kernel: the session must outlive it.
             # The watchdog aborts the connection once this process has ended.
             log.error("an invalidation still waits in the kernel; leaving the mount "
@@ -338,7 +339,7 @@ async def _on_signals(notifier: Notifier, manager: Manager) -> None:
             # a request holds until it is answered: stopped while the loop still answers,
             # not after, when nothing would answer that request any more.
             await trio.to_thread.run_sync(notifier.close)
-            pyfuse3.terminate()
+            terminate()
 
 
 # ---------------------------------------------------------------- umount

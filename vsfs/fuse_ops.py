@@ -28,7 +28,7 @@ from .errors import Invalid, VsfsError
 from .feed import Change, Feed
 from .feeder import DocumentFeeder
 from .jobs import REQUESTER
-from .tree import Dir, File, Link, Node, Stream, Tree, UploadFile
+from .tree import Apply, Dir, File, Link, Node, Stream, Tree, UploadFile
 from .units import shown
 from .uploads import Upload
 
@@ -266,43 +266,117 @@ def _signal_pending(pid: int, only: frozenset[int] | None = None) -> bool:
     return bool(pending)
 
 
-@dataclass
-class Handle:
+# One class per kind of open file: each request handler dispatches on the class, and
+# each holds only what its kind needs. A file handle (fh) the kernel sends that is not
+# open here is EBADF (the kernel sends none; it would be a bug).
+
+
+@dataclass(eq=False)
+class ReadHandle:
+    """A file opened for reading only: what it held at the open (rendered once: a
+    reader never sees a torn value)."""
+
     uid: int
-    node: Node
+    content: bytes
+
+
+@dataclass(eq=False, kw_only=True)
+class ValueHandle:
+    """A value or command file opened for writing (LineHandle, DocumentHandle): one
+    open carries one value, applied through the file's ``write``."""
+
+    uid: int
+    # The process that opened it: its stopping signals cancel the job its write started
+    # (Operations.watch_writers).
+    pid: int
+    write: Apply
+    # Opened with O_APPEND: its writes follow each other whatever offset the kernel
+    # gives them.
+    append: bool
+    # Opened O_RDWR: what a read sees (rendered at the open).
     content: bytes = b""
-    feeder: DocumentFeeder | None = None
-    failed: bool = False
-    failed_errno: int = errno.EINVAL
-    wrote: bool = False
-    upload: Upload | None = None
-    ino: int = 0
-    # A value or command file: bytes taken so far, and those of a line not ended yet;
-    # this open's one value once applied (a second is refused).
+    # The errno of the first refusal: a writer that tries again (Python's buffered
+    # files do, at close) gets the first answer again. 0 while none.
+    failed: int = 0
+
+
+@dataclass(eq=False, kw_only=True)
+class LineHandle(ValueHandle):
+    """A value or command taken at its newline (_write_lines)."""
+
+    # Bytes taken so far, and those of a line not ended yet; this open's one value
+    # once applied (a second is refused).
     taken: int = 0
     pending: bytearray = field(default_factory=bytearray)
     applied: bytes | None = None
+    # The file takes an XML document too (sources/TYPE): a first write that starts
+    # with "<" makes this open a DocumentHandle.
+    document: bool = False
+
+
+@dataclass(eq=False, kw_only=True)
+class DocumentHandle(ValueHandle):
+    """An XML document written in pieces (xml, define; a <source>), acted on once whole."""
+
+    feeder: DocumentFeeder = field(default_factory=DocumentFeeder)
+    wrote: bool = False
+
+    @classmethod
+    def instead_of(cls, line: LineHandle) -> DocumentHandle:
+        return cls(uid=line.uid, pid=line.pid, write=line.write, append=line.append,
+                   content=line.content)
+
+
+@dataclass(eq=False)
+class UploadHandle:
+    """A volume being created through a file handle (truncate, cp, a shell's >)."""
+
+    uid: int
+    upload: Upload
+    ino: int
     # Opened with O_APPEND: the kernel's idea of the end may miss writes made through
-    # the volume's own path meanwhile, so the end is taken from the file itself. A value
-    # or XML file's writes follow each other whatever offset the kernel gives them.
-    append: bool = False
-    # The process that opened it: its signals end a wait (events) or cancel the job its
-    # write started (Operations.watch_writers).
-    pid: int = 0
-    # A reader of events: the feed, where it is in it, the bytes of a line it has
-    # only partly read.
-    feed: Feed | None = None
-    cursor: int = 0
-    unread: bytes = b""
+    # the volume's own path meanwhile, so each write goes to the file's end as it is.
+    append: bool
+
+
+@dataclass(eq=False)
+class EventsHandle:
+    """A reader of MNT/events: its own cursor in the feed."""
+
+    uid: int
+    # The process that opened it: a signal pending for it ends a waiting read (EINTR).
+    pid: int
+    feed: Feed
+    cursor: int
     # Opened with O_NONBLOCK: a read with no line ready is EAGAIN (the kernel does not
     # tell of a later fcntl(F_SETFL)).
-    nonblocking: bool = False
+    nonblocking: bool
+    # The bytes of a line it has only partly read.
+    unread: bytes = b""
 
 
-@dataclass
+FileHandle = ReadHandle | LineHandle | DocumentHandle | UploadHandle | EventsHandle
+
+
+@dataclass(eq=False)
 class DirHandle:
-    entries: list[tuple[str, Node]] = field(default_factory=list)
-    path: tuple[str, ...] = ()
+    """A directory opened: one snapshot of its entries, which readdir offsets index."""
+
+    entries: list[tuple[str, Node]]
+    path: tuple[str, ...]
+
+
+H = TypeVar("H")
+
+
+def _opened(handles: dict[int, H], fh: int) -> H:
+    """The open file or directory ``fh``; EBADF for one not open here (the kernel sends
+    none: it would be a bug)."""
+    handle = handles.get(fh)
+    if handle is None:
+        log.warning("handle %d is not open", fh)
+        raise pyfuse3.FUSEError(errno.EBADF)
+    return handle
 
 
 class Operations(pyfuse3.Operations):
@@ -326,7 +400,7 @@ class Operations(pyfuse3.Operations):
         self._key_of: dict[int, Key] = {pyfuse3.ROOT_INODE: ((), "dir")}
         self._lookups: dict[int, int] = {pyfuse3.ROOT_INODE: 1}
         self._link_attrs: dict[int, pyfuse3.EntryAttributes] = {}
-        self._handles: dict[int, Handle] = {}
+        self._handles: dict[int, FileHandle] = {}
         # The inodes of uploads with an open handle: once listed, their names lead to a
         # symlink, but the open descriptors (fstat, ftruncate, futimens) still need them.
         self._upload_inos: dict[int, UploadFile] = {}
@@ -455,10 +529,11 @@ class Operations(pyfuse3.Operations):
             size = node.upload.size() if node.upload is not None else 0
         elif isinstance(node, Stream):
             a.st_mode = stat.S_IFREG | node.mode
-        else:
-            assert isinstance(node, File)
+        elif isinstance(node, File):
             a.st_mode = stat.S_IFREG | node.mode
             size = node.size
+        else:
+            raise TypeError(f"a node of no known kind: {node!r}")
         a.st_size = size
         a.st_blksize = 4096
         a.st_blocks = (size + 511) // 512
@@ -501,14 +576,15 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         path, parent = self._dir(parent_inode)
         sname = _name(name)
+        node: Node | None
         if sname == ".":
             child_path, node = path, parent
         elif sname == "..":
             child_path = path[:-1]
-            node = self.tree.resolve(child_path)  # type: ignore[assignment]
+            node = self.tree.resolve(child_path)
         else:
             child_path = (*path, sname)
-            node = parent.child(sname)  # type: ignore[assignment]
+            node = parent.child(sname)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         ino = self._register(child_path, node)
@@ -599,7 +675,7 @@ class Operations(pyfuse3.Operations):
 
     @_guarded(by_fh=True)
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        handle = self._dirs[fh]
+        handle = _opened(self._dirs, fh)
         parent = self.tree.resolve(handle.path)
         volatile = isinstance(parent, Dir) and parent.volatile
         for i in range(start_id, len(handle.entries)):
@@ -612,7 +688,8 @@ class Operations(pyfuse3.Operations):
 
     @_guarded(by_fh=True)
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        _opened(self._dirs, fh)
+        del self._dirs[fh]
 
     async def _dir_op(self, ctx: pyfuse3.RequestContext, op: Callable[[], Awaitable[R]]) -> R:
         try:
@@ -683,7 +760,7 @@ class Operations(pyfuse3.Operations):
             self._key_of.pop(stale, None)
         self._ino_of[new_key] = ino
         self._key_of[ino] = new_key
-        if isinstance(after, Link) and _kind(after) != _kind(before):  # type: ignore[arg-type]
+        if isinstance(after, Link) and before is not None and _kind(after) != _kind(before):
             # The kernel may cache the old target and keeps this inode for the new
             # name: drop the cached target before the rename returns. (The kernel
             # holds no lock this needs, so it cannot deadlock with our reply.)
@@ -732,8 +809,7 @@ class Operations(pyfuse3.Operations):
         ino = self._register((*path, _name(name)), node)
         self._ref(ino)
         fh = self._fh()
-        self._handles[fh] = Handle(ctx.uid, node, upload=upload, ino=ino,
-                                   append=bool(flags & os.O_APPEND))
+        self._handles[fh] = UploadHandle(ctx.uid, upload, ino, bool(flags & os.O_APPEND))
         self._upload_inos[ino] = node
         return pyfuse3.FileInfo(fh=fh), self._attrs(ino, node)
 
@@ -745,38 +821,50 @@ class Operations(pyfuse3.Operations):
         acc = flags & os.O_ACCMODE
         writing = acc in (os.O_WRONLY, os.O_RDWR)
         reading = acc in (os.O_RDONLY, os.O_RDWR)
+        # O_APPEND: the kernel puts each write at the end it keeps for the file, which a
+        # write moments before (direct I/O) left where that one ended: no offset here.
+        append = bool(flags & os.O_APPEND)
         fh = self._fh()
         if isinstance(node, UploadFile):
-            self._handles[fh] = Handle(ctx.uid, node, upload=node.upload, ino=inode,
-                                       append=bool(flags & os.O_APPEND))
+            if node.upload is None:  # not an upload (tree's type allows it; none is)
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            self._handles[fh] = UploadHandle(ctx.uid, node.upload, inode, append)
             self._upload_inos.setdefault(inode, node)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if isinstance(node, Stream):
             if writing:
                 self._refuse(ctx, errno.EACCES, f"{_shown(path)} is read-only")
-            assert node.feed is not None
+            if node.feed is None:  # a stream of nothing (tree's type allows it; none is)
+                raise pyfuse3.FUSEError(errno.ENOENT)
             # Its own cursor, from the moment it opened.
-            self._handles[fh] = Handle(ctx.uid, node, feed=node.feed,
-                                       cursor=node.feed.cursor(), pid=ctx.pid,
-                                       nonblocking=bool(flags & os.O_NONBLOCK))
+            self._handles[fh] = EventsHandle(ctx.uid, ctx.pid, node.feed, node.feed.cursor(),
+                                             bool(flags & os.O_NONBLOCK))
             return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
-        assert isinstance(node, File)
-        if writing and node.write is None:
+        if not isinstance(node, File):  # a Link: the kernel follows it, never opens it
+            raise pyfuse3.FUSEError(errno.ELOOP)
+        write = node.write
+        if writing and write is None:
             self._refuse(ctx, errno.EACCES, f"{_shown(path)} is read-only")
-        # O_APPEND: the kernel puts each write at the end it keeps for the file, which a
-        # write moments before (direct I/O) left where that one ended: no offset here.
-        handle = Handle(ctx.uid, node, append=bool(flags & os.O_APPEND), pid=ctx.pid)
+        content = b""
         if reading:
             if path == ("error",):
-                handle.content = self.tree.error_text(ctx.uid)
+                content = self.tree.error_text(ctx.uid)
             elif node.read is not None:
                 read = node.read
                 # Rendered once per open: later reads of this open see one snapshot.
-                handle.content = await self._dir_op(ctx, read)
+                content = await self._dir_op(ctx, read)
             elif not writing:
                 self._refuse(ctx, errno.EACCES, f"{_shown(path)} is write-only")
-        if writing and node.xml:
-            handle.feeder = DocumentFeeder()
+        handle: FileHandle
+        if writing and write is not None:
+            if node.xml:
+                handle = DocumentHandle(uid=ctx.uid, pid=ctx.pid, write=write, append=append,
+                                        content=content)
+            else:
+                handle = LineHandle(uid=ctx.uid, pid=ctx.pid, write=write, append=append,
+                                    content=content, document=node.document)
+        else:
+            handle = ReadHandle(ctx.uid, content)
         self._handles[fh] = handle
         static = node.size > 0
         info = pyfuse3.FileInfo(fh=fh, direct_io=not static, keep_cache=static)
@@ -787,18 +875,17 @@ class Operations(pyfuse3.Operations):
 
     @_guarded(by_fh=True)
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        handle = self._handles[fh]
-        if handle.feed is not None:
+        handle = _opened(self._handles, fh)
+        if isinstance(handle, EventsHandle):
             return await self._read_events(handle, size)
-        if handle.upload is not None:
+        if isinstance(handle, UploadHandle):
             return await self.tree.m.uploads.read(handle.upload, off, size)
         return handle.content[off:off + size]
 
-    async def _read_events(self, handle: Handle, size: int) -> bytes:
+    async def _read_events(self, handle: EventsHandle, size: int) -> bytes:
         """The next lines of the feed after this reader's cursor, waiting for one if
         there is none yet; EINTR as soon as the reader has a signal pending."""
         feed = handle.feed
-        assert feed is not None
         if not handle.unread and not feed.ready(handle.cursor):
             if handle.nonblocking:
                 raise pyfuse3.FUSEError(errno.EAGAIN)  # opened O_NONBLOCK: do not wait
@@ -827,9 +914,9 @@ class Operations(pyfuse3.Operations):
     async def poll(self, fh_inode: int, fh: int, poll_handle: pyfuse3.PollHandle | None,
                    ctx: pyfuse3.RequestContext) -> int:
         """Readable when a line waits for this reader (events); other files always."""
-        handle = self._handles.get(fh)
+        handle = _opened(self._handles, fh)
         ready = select.POLLIN | select.POLLRDNORM
-        if handle is None or handle.feed is None:
+        if not isinstance(handle, EventsHandle):
             return ready | select.POLLOUT | select.POLLWRNORM
         if handle.unread or handle.feed.ready(handle.cursor):
             return ready
@@ -853,51 +940,55 @@ class Operations(pyfuse3.Operations):
 
     @_guarded(by_fh=True)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        token = REQUESTER.set(self._handles[fh].pid if fh in self._handles else 0)
-        try:
-            return await self._write(fh, off, buf)
-        finally:
-            REQUESTER.reset(token)
-
-    async def _write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self._handles[fh]
-        if handle.upload is not None:
+        handle = _opened(self._handles, fh)
+        if isinstance(handle, UploadHandle):
             return await self.tree.m.uploads.write(handle.upload, off, bytes(buf),
                                                    handle.append)
-        node = handle.node
-        assert isinstance(node, File) and node.write is not None
+        if not isinstance(handle, LineHandle | DocumentHandle):
+            raise pyfuse3.FUSEError(errno.EBADF)  # not open for writing
         if handle.failed:
-            # A writer that tries again (Python's buffered files do, at close) gets the
-            # first answer again, not a new reason.
-            raise pyfuse3.FUSEError(handle.failed_errno)
-        handle.wrote = True
-        if (node.document and handle.feeder is None and handle.taken == 0
+            # A writer that tries again gets the first answer again, not a new reason.
+            raise pyfuse3.FUSEError(handle.failed)
+        if (isinstance(handle, LineHandle) and handle.document and handle.taken == 0
                 and bytes(buf).lstrip().startswith(b"<")):
             # A <source> document is one value, on as many lines as it has.
-            handle.feeder = DocumentFeeder()
+            handle = self._handles[fh] = DocumentHandle.instead_of(handle)
+        token = REQUESTER.set(handle.pid)
         try:
-            if handle.feeder is not None:
-                feeder = handle.feeder
-                if off != len(feeder.data) and not feeder.complete and not handle.append:
-                    raise Invalid("write the XML document in order, from its start")
-                feeder.feed(bytes(buf))
-                if feeder.settled() and not feeder.acted:
-                    # The bytes so far form a whole document and nothing after it is
-                    # left open: act on it now, so the writer sees the outcome from
-                    # write() and not only from close(). Bytes after it that may still
-                    # turn out invalid ("</pool>\n<") wait for close, which checks them
-                    # first: a refused write must not have done anything.
-                    feeder.acted = True
-                    await node.write(bytes(feeder.data))
+            if isinstance(handle, DocumentHandle):
+                await self._applied(handle, self._write_document(handle, off, bytes(buf)))
             else:
-                await self._write_lines(handle, node, off, bytes(buf))
+                await self._applied(handle, self._write_lines(handle, off, bytes(buf)))
+        finally:
+            REQUESTER.reset(token)
+        return len(buf)
+
+    async def _applied(self, handle: ValueHandle, step: Awaitable[None]) -> None:
+        """Run a step of a value's write or flush: a refusal is this handle's answer
+        from now on (and its reason goes to its user's MNT/error); what it changed, the
+        kernel is told of before the request is answered (_caught_up)."""
+        try:
+            await step
         except Exception as e:
-            handle.failed = True
             err = self._fail(handle.uid, e)
-            handle.failed_errno = err.errno
+            handle.failed = err.errno
             raise err from None
         await self._caught_up()
-        return len(buf)
+
+    async def _write_document(self, handle: DocumentHandle, off: int, buf: bytes) -> None:
+        handle.wrote = True
+        feeder = handle.feeder
+        if off != len(feeder.data) and not feeder.complete and not handle.append:
+            raise Invalid("write the XML document in order, from its start")
+        feeder.feed(buf)
+        if feeder.settled() and not feeder.acted:
+            # The bytes so far form a whole document and nothing after it is left open:
+            # act on it now, so the writer sees the outcome from write() and not only
+            # from close(). Bytes after it that may still turn out invalid
+            # ("</pool>\n<") wait for close, which checks them first: a refused write
+            # must not have done anything.
+            feeder.acted = True
+            await handle.write(bytes(feeder.data))
 
     async def _caught_up(self) -> None:
         """Wait (TIMEOUT at most) until the kernel has been told of what the write just
@@ -913,7 +1004,7 @@ class Operations(pyfuse3.Operations):
             await trio.to_thread.run_sync(self.notifier.wait_sent, upto, TIMEOUT,
                                           abandon_on_cancel=True)
 
-    async def _write_lines(self, handle: Handle, node: File, off: int, buf: bytes) -> None:
+    async def _write_lines(self, handle: LineHandle, off: int, buf: bytes) -> None:
         """A value or command is taken whole, at its newline (or at close without one):
         `dd bs=1` and a line written in pieces mean what one `echo` means.
 
@@ -922,7 +1013,6 @@ class Operations(pyfuse3.Operations):
         so that a refused write has done nothing (one write of "stop\\nx\\n" stops
         nothing; a shell's printf writes each line on its own, and its second is refused).
         """
-        assert node.write is not None
         if off != handle.taken and not handle.append:
             raise Invalid("write the value in order, from its start")
         *ended, rest = bytes(handle.pending + buf).split(b"\n")
@@ -941,63 +1031,53 @@ class Operations(pyfuse3.Operations):
             # A write of blank lines only, with nothing before it, is an empty value:
             # `echo > ctl` is still "empty command", `echo > sources/iscsi` forgets.
             handle.applied = values[0] if values else b""
-            await node.write(handle.applied + b"\n")
+            await handle.write(handle.applied + b"\n")
 
     @_guarded(by_fh=True)
     async def flush(self, fh: int) -> None:
-        token = REQUESTER.set(self._handles[fh].pid if fh in self._handles else 0)
+        handle = _opened(self._handles, fh)
+        if isinstance(handle, UploadHandle):
+            await self.tree.m.uploads.flush(handle.upload)
+            return
+        if not isinstance(handle, LineHandle | DocumentHandle) or handle.failed:
+            return
+        token = REQUESTER.set(handle.pid)
         try:
-            await self._flush(fh)
+            if isinstance(handle, LineHandle):
+                if handle.pending.strip():
+                    await self._applied(handle, self._last_line(handle))
+            elif handle.wrote:
+                await self._applied(handle, self._finish_document(handle))
         finally:
             REQUESTER.reset(token)
 
-    async def _flush(self, fh: int) -> None:
-        handle = self._handles.get(fh)
-        if handle is not None and handle.upload is not None:
-            await self.tree.m.uploads.flush(handle.upload)
-            return
-        if handle is None or handle.failed:
-            return
-        node = handle.node
-        if handle.feeder is None:
-            if handle.pending.strip():
-                # The last value had no newline: take it now (_write_lines let it wait
-                # only as this open's one value).
-                assert isinstance(node, File) and node.write is not None
-                line, handle.pending = bytes(handle.pending), bytearray()
-                handle.applied = line
-                try:
-                    await node.write(line)
-                except Exception as e:
-                    handle.failed = True
-                    raise self._fail(handle.uid, e) from None
-                await self._caught_up()
-            return
-        if not handle.wrote:
-            return
+    async def _last_line(self, handle: LineHandle) -> None:
+        """The last value had no newline: take it now (_write_lines let it wait only as
+        this open's one value)."""
+        line, handle.pending = bytes(handle.pending), bytearray()
+        handle.applied = line
+        await handle.write(line)
+
+    async def _finish_document(self, handle: DocumentHandle) -> None:
+        """The document must be whole and what followed it closed. One not acted on yet
+        (the push parser missed its end, or what followed it was still open at the last
+        write) is acted on only then: a refusal here has done nothing."""
         feeder = handle.feeder
-        assert isinstance(node, File) and node.write is not None
-        try:
-            # The document must be whole and what followed it closed. One not acted on
-            # yet (the push parser missed its end, or what followed it was still open at
-            # the last write) is acted on only then: a refusal here has done nothing.
-            feeder.finish()
-            if not feeder.acted:
-                feeder.acted = True
-                await node.write(bytes(feeder.data))
-        except Exception as e:
-            handle.failed = True
-            raise self._fail(handle.uid, e) from None
-        await self._caught_up()
+        feeder.finish()
+        if not feeder.acted:
+            feeder.acted = True
+            await handle.write(bytes(feeder.data))
 
     @_guarded(by_fh=True)
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
-        if handle is not None and handle.feed is not None:
+        handle = _opened(self._handles, fh)
+        del self._handles[fh]
+        if isinstance(handle, EventsHandle):
             handle.feed.forget(fh)
-        if handle is None or handle.upload is None:
+        if not isinstance(handle, UploadHandle):
             return
-        if any(h.upload is handle.upload for h in self._handles.values()):
+        if any(isinstance(h, UploadHandle) and h.upload is handle.upload
+               for h in self._handles.values()):
             return  # another open of the same new volume is still writing
         self._upload_inos.pop(handle.ino, None)
         try:
@@ -1007,6 +1087,45 @@ class Operations(pyfuse3.Operations):
 
     @_guarded(by_fh=True)
     async def fsync(self, fh: int, datasync: bool) -> None:
-        handle = self._handles.get(fh)
-        if handle is not None and handle.upload is not None:
+        handle = _opened(self._handles, fh)
+        if isinstance(handle, UploadHandle):
             await self.tree.m.uploads.sync(handle.upload, datasync)
+
+
+# ---------------------------------------------------------------- the mount
+# What the daemon (cli.serve) asks of pyfuse3, so that this stays the one module that
+# imports it.
+
+
+def mount(ops: Operations, mountpoint: str, allow_other: bool) -> None:
+    """Mount ``ops`` at ``mountpoint`` (pyfuse3.init, with vsfs's options). Raises
+    RuntimeError when it cannot (the kernel or fusermount3 refused)."""
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=vsfs", "subtype=vsfs"}
+    if allow_other:
+        options.add("allow_other")
+    pyfuse3.init(ops, mountpoint, options)
+
+
+async def serve_requests(max_tasks: int = MAX_TASKS) -> None:
+    """Answer the kernel's requests until the mount goes (unmounted, or terminate()),
+    in at most ``max_tasks`` request tasks at once."""
+    await pyfuse3.main(max_tasks=max_tasks)
+
+
+def terminate() -> None:
+    """End serve_requests() (the daemon got SIGTERM, SIGINT or SIGHUP)."""
+    pyfuse3.terminate()
+
+
+def unmount(ops: Operations, clean: bool) -> bool:
+    """Stop telling the kernel anything, then end the session: unmounting if
+    serve_requests() ended cleanly, only closing /dev/fuse after a failure. False, and
+    the session left alone, while an invalidation still waits in the kernel: the
+    session must outlive it (the watchdog aborts the connection once the daemon has
+    ended)."""
+    ops.mounted = False
+    if not ops.notifier.close():
+        return False
+    pyfuse3.close(unmount=clean)
+    return True
