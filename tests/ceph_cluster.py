@@ -16,7 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import free_port
+from support import free_port
 
 DAEMONS = ("osd.0", "mgr.x", "mon.a")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from conftest import abort_connection
+from support import abort_connection
 
 LINE = re.compile(r"(\d+) (\S+) (pool|volume|job|host) (\S+) (\S+)(?: (.+))?")
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import Mount
+from support import Mount
 from test_mount_jobs import Copy, find_job, jobs_text, progress, state, timed, value, wait_ended
 
 BUSY = "Device or resource busy"

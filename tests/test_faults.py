@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Mount, abort_connection, sh
+from support import Mount, abort_connection, sh
 
 pytestmark = pytest.mark.fuse
 

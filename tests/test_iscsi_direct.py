@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, free_port, sh
 from holders import holding, still_works
 from rng import assert_sources_make_pools, assert_valid
+from support import Mount, free_port, sh
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -90,16 +90,15 @@ def tgt(tmp_path: Path) -> Iterator[Tgt]:
         t.stop()
 
 
-def define(m: Mount, t: Tgt, name: str = "direct", extra: str = "") -> Path:
-    return m.define_pool(name, f"<pool type='iscsi-direct'><name>{name}</name><source>"
-                         f"<host name='127.0.0.1' port='{t.port}'/><device path='{IQN}'/>"
-                         f"<initiator><iqn name='{INITIATOR}'/></initiator>{extra}</source>"
-                         "</pool>")
+def direct_xml(t: Tgt, name: str = "direct", extra: str = "") -> str:
+    return (f"<pool type='iscsi-direct'><name>{name}</name><source>"
+            f"<host name='127.0.0.1' port='{t.port}'/><device path='{IQN}'/>"
+            f"<initiator><iqn name='{INITIATOR}'/></initiator>{extra}</source></pool>")
 
 
 def test_iscsi_direct_pool(vsfs: Mount, tgt: Tgt) -> None:
     files = tgt.start((64, 32))
-    p = define(vsfs, tgt)
+    p = vsfs.define(direct_xml(tgt))
     sh(f"echo start > {p}/ctl", check=True)
     try:
         assert sorted(os.listdir(p / "volumes")) == ["unit:0:0:1", "unit:0:0:2"]
@@ -153,7 +152,7 @@ def test_iscsi_direct_chap_and_refusals(vsfs: Mount, tgt: Tgt) -> None:
     pw.write_text("Direct-pass-123\n")
     pw.chmod(0o600)
     auth = f"<auth type='chap' username='vsfsuser'><secret usage='{pw}'/></auth>"
-    p = define(vsfs, tgt, "chap", auth)
+    p = vsfs.define(direct_xml(tgt, "chap", auth))
     sh(f"echo start > {p}/ctl", check=True)
     assert (p / "volumes/unit:0:0:1").read_bytes() == bytes(16 * MiB)
     sh(f"echo stop > {p}/ctl", check=True)
@@ -162,8 +161,8 @@ def test_iscsi_direct_chap_and_refusals(vsfs: Mount, tgt: Tgt) -> None:
     bad = vsfs.base / "bad"
     bad.write_text("wrong-password")
     bad.chmod(0o600)
-    q = define(vsfs, tgt, "bad", f"<auth type='chap' username='vsfsuser'>"
-               f"<secret usage='{bad}'/></auth>")
+    q = vsfs.define(direct_xml(tgt, "bad", f"<auth type='chap' username='vsfsuser'>"
+                                          f"<secret usage='{bad}'/></auth>"))
     res = sh(f"echo start > {q}/ctl")
     assert res.returncode != 0 and (q / "state").read_text() == "inactive\n"
 
@@ -181,7 +180,7 @@ def test_iscsi_direct_volume_in_use(vsfs: Mount, tgt: Tgt) -> None:
     data = os.urandom(MiB)
     with open(files[0], "r+b") as f:
         f.write(data)
-    p = define(vsfs, tgt)
+    p = vsfs.define(direct_xml(tgt))
     sh(f"echo start > {p}/ctl", check=True)
     try:
         with holding(p / "volumes/unit:0:0:1") as pid:

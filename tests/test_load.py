@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, abort_connection, sh
+from support import Mount, abort_connection, sh
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, sh
 from holders import holding
 from rng import assert_valid
+from support import Mount, sh
 
 from vsfs.tree import readme_text
 
@@ -376,8 +376,7 @@ def test_by_path_of_a_target_spelled_with_dots(vsfs: Mount) -> None:
     (vsfs.base / "sub").mkdir()
     target = vsfs.base / "pool2"
     spelled = f"{vsfs.base}/./sub/../pool2"
-    sh(f"cat > {vsfs.path}/pools/define", check=True,
-       input=f"<pool type='dir'><name>q</name><target><path>{spelled}</path></target></pool>")
+    vsfs.define(f"<pool type='dir'><name>q</name><target><path>{spelled}</path></target></pool>")
     sh(f"echo build > {vsfs.path}/pools/q/ctl; echo start > {vsfs.path}/pools/q/ctl",
        check=True)
     sh(f"truncate -s 1M {vsfs.path}/pools/q/volumes/d1", check=True)

@@ -7,20 +7,13 @@ import stat
 import subprocess
 
 import pytest
-from conftest import Mount, loops_of, sh
 from holders import holding, still_works
 from rng import assert_valid
+from support import Mount, loops_of, sh
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
 MiB = 1 << 20
-
-
-def define(m: Mount, xml: str, name: str) -> os.PathLike[str]:
-    f = m.base / f"{name}.xml"
-    f.write_text(xml)
-    sh(f"cat {f} > {m.path}/pools/define", check=True)
-    return m.path / "pools" / name
 
 
 def disk_xml(name: str, dev: str, fmt: str = "gpt") -> str:
@@ -30,7 +23,7 @@ def disk_xml(name: str, dev: str, fmt: str = "gpt") -> str:
 
 def test_disk_pool_partitions(vsfs: Mount, loopdev: str) -> None:
     d = vsfs.path / "pools" / "d"
-    define(vsfs, disk_xml("d", loopdev), "d")
+    vsfs.define(disk_xml("d", loopdev))
     sh(f"echo build > {d}/ctl", check=True)
     assert "gpt" in sh(f"blkid -p -o value -s PTTYPE {loopdev}", check=True).stdout
     res = sh(f"echo build > {d}/ctl")
@@ -52,9 +45,7 @@ def test_disk_pool_partitions(vsfs: Mount, loopdev: str) -> None:
     assert (d / "volinfo/web/format").read_text() == "partition\n"
     assert_valid((d / "volinfo/web/xml").read_bytes(), "storagevol")
 
-    (vsfs.base / "db.xml").write_text(
-        "<volume><name>db</name><capacity unit='M'>20</capacity></volume>")
-    sh(f"cat {vsfs.base}/db.xml > {d}/define", check=True)
+    vsfs.define("<volume><name>db</name><capacity unit='M'>20</capacity></volume>", "d")
     assert sorted(os.listdir(d / "volumes")) == ["db", "web"]
     db = os.readlink(d / "volumes" / "db")
     # data written through the path reads back
@@ -96,7 +87,7 @@ def test_disk_pool_partitions(vsfs: Mount, loopdev: str) -> None:
 
 def test_dos_partitions_are_named_after_their_node(vsfs: Mount, loopdev: str) -> None:
     d = vsfs.path / "pools" / "m"
-    define(vsfs, disk_xml("m", loopdev, "dos"), "m")
+    vsfs.define(disk_xml("m", loopdev, "dos"))
     sh(f"echo build > {d}/ctl && echo start > {d}/ctl", check=True)
     kname = os.path.basename(loopdev)
     res = sh(f"truncate -s 8M {d}/volumes/web")
@@ -109,7 +100,7 @@ def test_dos_partitions_are_named_after_their_node(vsfs: Mount, loopdev: str) ->
 
 def test_refusals_on_devices_in_use(vsfs: Mount, loopdev: str) -> None:
     d = vsfs.path / "pools" / "d"
-    define(vsfs, disk_xml("d", loopdev), "d")
+    vsfs.define(disk_xml("d", loopdev))
     sh(f"echo build > {d}/ctl && echo start > {d}/ctl", check=True)
     sh(f"truncate -s 64M {d}/volumes/data", check=True)
     part = os.readlink(d / "volumes" / "data")
@@ -146,7 +137,7 @@ def test_three_levels_of_pools(vsfs: Mount) -> None:
     images = vsfs.dir_pool()
     p = vsfs.path / "pools" / "p"
     sh(f"truncate -s 200M {p}/volumes/disk.img", check=True)
-    d = define(vsfs, disk_xml("d", str(images / "disk.img")), "d")
+    d = vsfs.define(disk_xml("d", str(images / "disk.img")))
     sh(f"echo build > {d}/ctl && echo start > {d}/ctl", check=True)
     loops = loops_of(images / "disk.img")
     assert len(loops) == 1
@@ -157,7 +148,7 @@ def test_three_levels_of_pools(vsfs: Mount) -> None:
         fsxml = (f"<pool type='fs'><name>f</name><source><device path='{part}'/>"
                  f"<format type='ext4'/></source><target><path>{vsfs.base}/fsmnt</path>"
                  "</target></pool>")
-        f = define(vsfs, fsxml, "f")
+        f = vsfs.define(fsxml)
         sh(f"echo build > {f}/ctl && echo start > {f}/ctl", check=True)
         sh(f"truncate -s 5M {f}/volumes/leaf.img", check=True)
         assert os.readlink(f / "volumes/leaf.img") == f"{vsfs.base}/fsmnt/leaf.img"
@@ -183,7 +174,7 @@ def test_disk_pool_on_a_file_is_adopted_after_a_crash(mount_factory) -> None:
     images = m.dir_pool()
     p = m.path / "pools" / "p"
     sh(f"echo yes > {p}/autostart && truncate -s 64M {p}/volumes/d.img", check=True)
-    d = define(m, disk_xml("d", str(images / "d.img")), "d")
+    d = m.define(disk_xml("d", str(images / "d.img")))
     sh(f"echo build > {d}/ctl && echo start > {d}/ctl && truncate -s 8M {d}/volumes/one",
        check=True)
     loops = loops_of(images / "d.img")
@@ -219,7 +210,7 @@ def test_partitions_opened_are_in_use(vsfs: Mount, loopdev: str) -> None:
     """A partition a process holds open (not mounted) is in use: rm, shrinking, wipe, the
     pool's stop and, once stopped, its delete are EBUSY and change nothing."""
     d = vsfs.path / "pools" / "d"
-    define(vsfs, disk_xml("d", loopdev), "d")
+    vsfs.define(disk_xml("d", loopdev))
     sh(f"echo build > {d}/ctl && echo start > {d}/ctl", check=True)
     sh(f"truncate -s 16M {d}/volumes/a && truncate -s 16M {d}/volumes/b", check=True)
     part = os.readlink(d / "volumes" / "a")
@@ -261,7 +252,7 @@ def test_partitions_made_at_once_by_jobs_and_writers(vsfs: Mount, loopdev: str) 
     the pool): made at the same moment as others, each gets its own extent and nothing
     another made is taken away."""
     d = vsfs.path / "pools" / "d"
-    define(vsfs, disk_xml("d", loopdev), "d")
+    vsfs.define(disk_xml("d", loopdev))
     sh(f"echo build > {d}/ctl && echo start > {d}/ctl", check=True)
     sh(f"truncate -s 8M {d}/volumes/src", check=True)
     for i in range(4):

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, free_port, sh
+from support import Mount, free_port, sh
 
 from vsfs.watchdog import mount_device
 
@@ -253,12 +253,10 @@ def test_access_for_other_users(mount_factory) -> None:
 @pytest.mark.root
 def test_volume_ownership_from_pool_permissions(vsfs: Mount) -> None:
     target = vsfs.base / "owned"
-    (vsfs.base / "o.xml").write_text(
+    o = vsfs.define(
         f"<pool type='dir'><name>o</name><target><path>{target}</path><permissions>"
         "<mode>0750</mode><owner>65534</owner><group>65534</group></permissions></target>"
         "</pool>")
-    o = vsfs.path / "pools" / "o"
-    sh(f"cat {vsfs.base}/o.xml > {vsfs.path}/pools/define", check=True)
     sh(f"echo build > {o}/ctl; echo start > {o}/ctl", check=True)
     st = os.stat(target)
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (65534, 65534, 0o750)

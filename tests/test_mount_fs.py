@@ -7,23 +7,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Mount, loops_of, sh
+from support import Mount, loops_of, sh
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
 
-def define(m: Mount, name: str, device: str | Path, fmt: str, target: Path) -> Path:
-    xml = m.base / f"{name}.xml"
-    xml.write_text(f"<pool type='fs'><name>{name}</name><source><device path='{device}'/>"
-                   f"<format type='{fmt}'/></source><target><path>{target}</path></target>"
-                   "</pool>")
-    sh(f"cat {xml} > {m.path}/pools/define", check=True)
-    return m.path / "pools" / name
+def fs_xml(name: str, device: str | Path, fmt: str, target: Path) -> str:
+    return (f"<pool type='fs'><name>{name}</name><source><device path='{device}'/>"
+            f"<format type='{fmt}'/></source><target><path>{target}</path></target></pool>")
 
 
 def test_fs_pool_on_a_loop_device(vsfs: Mount, loopdev: str) -> None:
     target = vsfs.base / "fsmnt"
-    f = define(vsfs, "f", loopdev, "ext4", target)
+    f = vsfs.define(fs_xml("f", loopdev, "ext4", target))
     sh(f"echo build > {f}/ctl", check=True)
     assert "ext4" in sh(f"blkid -p -o value -s TYPE {loopdev}", check=True).stdout
     # a second build would destroy the filesystem: refused unless asked
@@ -60,7 +56,7 @@ def test_pools_nest_and_clone_with_reflinks(vsfs: Mount) -> None:
     p = vsfs.path / "pools" / "p"
     sh(f"truncate -s 320M {p}/volumes/xfs.img", check=True)
     target = vsfs.base / "xfsmnt"
-    f = define(vsfs, "x", images / "xfs.img", "xfs", target)
+    f = vsfs.define(fs_xml("x", images / "xfs.img", "xfs", target))
     sh(f"echo build > {f}/ctl", check=True)
     sh(f"echo start > {f}/ctl", check=True)
     loops = loops_of(images / "xfs.img")
@@ -94,7 +90,7 @@ def test_running_fs_pool_is_adopted_after_a_crash(mount_factory) -> None:
     images = m.dir_pool()
     sh(f"truncate -s 64M {m.path}/pools/p/volumes/e.img", check=True)
     target = m.base / "emnt"
-    f = define(m, "e", images / "e.img", "ext4", target)
+    f = m.define(fs_xml("e", images / "e.img", "ext4", target))
     sh(f"echo build > {f}/ctl && echo start > {f}/ctl && echo yes > {m.path}/pools/p/autostart",
        check=True)
     sh(f"truncate -s 1M {f}/volumes/v", check=True)
@@ -112,7 +108,7 @@ def test_running_fs_pool_is_adopted_after_a_crash(mount_factory) -> None:
 
 
 def test_build_auto_and_bad_definitions(vsfs: Mount, loopdev: str) -> None:
-    f = define(vsfs, "a", loopdev, "auto", vsfs.base / "amnt")
+    f = vsfs.define(fs_xml("a", loopdev, "auto", vsfs.base / "amnt"))
     assert "Invalid argument" in sh(f"echo build > {f}/ctl").stderr
     assert "holds no filesystem" in vsfs.error()
     sh(f"mkfs.ext4 -q {loopdev}", check=True)
@@ -134,7 +130,7 @@ def test_build_auto_and_bad_definitions(vsfs: Mount, loopdev: str) -> None:
 @pytest.mark.parametrize("fmt", ["ext4", "xfs", "btrfs"])
 def test_fs_formats_lifecycle(vsfs: Mount, loopdev: str, fmt: str) -> None:
     target = vsfs.base / "mnt-fs"
-    f = define(vsfs, "f", loopdev, fmt, target)
+    f = vsfs.define(fs_xml("f", loopdev, fmt, target))
     sh(f"echo build > {f}/ctl && echo start > {f}/ctl", check=True)
     assert sh(f"findmnt -n -o FSTYPE {target}", check=True).stdout.strip() == fmt
     sh(f"truncate -s 8M {f}/volumes/a && echo 'clone b' > {f}/volinfo/a/ctl", check=True)

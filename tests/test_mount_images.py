@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Mount, sh
 from rng import assert_valid
+from support import Mount, sh
 
 pytestmark = pytest.mark.fuse
 
@@ -28,18 +28,14 @@ def qcow2_data(path: Path) -> dict[str, object]:
     return data
 
 
-def define(vsfs: Mount, xml: str) -> None:
-    sh(f"cat > {vsfs.path}/pools/p/define", input=xml, check=True)
-
-
 def base_and_top(vsfs: Mount, base_size: str, top_size: str, top_backing_format: str) -> Path:
     """A qcow2 "base" and a qcow2 "top" backed by it, made from XML; the pool's target."""
     target = vsfs.dir_pool()
-    define(vsfs, f"<volume><name>base</name><capacity>{base_size}</capacity><target>"
-                 "<format type='qcow2'/></target></volume>")
-    define(vsfs, f"<volume><name>top</name><capacity>{top_size}</capacity><target>"
-                 f"<format type='qcow2'/></target><backingStore><path>{target}/base</path>"
-                 f"{top_backing_format}</backingStore></volume>")
+    vsfs.define(f"<volume><name>base</name><capacity>{base_size}</capacity><target>"
+                "<format type='qcow2'/></target></volume>", "p")
+    vsfs.define(f"<volume><name>top</name><capacity>{top_size}</capacity><target>"
+                f"<format type='qcow2'/></target><backingStore><path>{target}/base</path>"
+                f"{top_backing_format}</backingStore></volume>", "p")
     return target
 
 
@@ -52,16 +48,16 @@ def test_backing_format_is_probed_when_not_given(vsfs: Mount) -> None:
 def test_qcow2_options_from_xml_and_kept_by_wipe(vsfs: Mount) -> None:
     target = vsfs.dir_pool()
     p = vsfs.path / "pools" / "p"
-    define(vsfs, "<volume><name>q</name><capacity>16M</capacity><target>"
-                 "<format type='qcow2'/><compat>1.1</compat><clusterSize unit='KiB'>1024"
-                 "</clusterSize><features><lazy_refcounts/></features></target></volume>")
+    vsfs.define("<volume><name>q</name><capacity>16M</capacity><target>"
+                "<format type='qcow2'/><compat>1.1</compat><clusterSize unit='KiB'>1024"
+                "</clusterSize><features><lazy_refcounts/></features></target></volume>", "p")
     for _ in range(2):  # as made, then as wiped
         assert info(target / "q")["cluster-size"] == 1 << 20
         assert qcow2_data(target / "q")["compat"] == "1.1"
         assert qcow2_data(target / "q")["lazy-refcounts"] is True
         sh(f"echo wipe > {p}/volinfo/q/ctl", check=True)
-    define(vsfs, "<volume><name>old</name><capacity>16M</capacity><target>"
-                 "<format type='qcow2'/><compat>0.10</compat></target></volume>")
+    vsfs.define("<volume><name>old</name><capacity>16M</capacity><target>"
+                "<format type='qcow2'/><compat>0.10</compat></target></volume>", "p")
     assert qcow2_data(target / "old")["compat"] == "0.10"
     res = sh(f"cat > {p}/define", input="<volume><name>r</name><capacity>1M</capacity>"
              "<target><format type='raw'/><compat>1.1</compat></target></volume>")
@@ -115,7 +111,7 @@ def test_formats_libvirt_has_no_name_for(vsfs: Mount) -> None:
 
 def test_directory_volume_from_type_alone(vsfs: Mount) -> None:
     target = vsfs.dir_pool()
-    define(vsfs, "<volume type='dir'><name>d</name><capacity>0</capacity></volume>")
+    vsfs.define("<volume type='dir'><name>d</name><capacity>0</capacity></volume>", "p")
     assert os.stat(target / "d").st_mode & 0o7777 == 0o755
     vsfs.assert_clean_log()
 
@@ -123,12 +119,12 @@ def test_directory_volume_from_type_alone(vsfs: Mount) -> None:
 def test_image_resizes(vsfs: Mount) -> None:
     target = vsfs.dir_pool()
     p = vsfs.path / "pools" / "p"
-    define(vsfs, "<volume><name>q</name><capacity>16M</capacity><target>"
-                 "<format type='qcow2'/></target></volume>")
+    vsfs.define("<volume><name>q</name><capacity>16M</capacity><target>"
+                "<format type='qcow2'/></target></volume>", "p")
     sh(f"echo 20000001 > {p}/volinfo/q/capacity", check=True)
     assert info(target / "q")["virtual-size"] == 20000256  # rounded up to 512 bytes
-    define(vsfs, "<volume><name>v</name><capacity>16M</capacity><target>"
-                 "<format type='vdi'/></target></volume>")
+    vsfs.define("<volume><name>v</name><capacity>16M</capacity><target>"
+                "<format type='vdi'/></target></volume>", "p")
     res = sh(f"echo 32M > {p}/volinfo/v/capacity")
     assert "Operation not supported" in res.stderr, res.stderr
     assert "cannot be resized" in vsfs.error()

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import Mount, abort_connection, sh
 from events import EventReader, parse, wait_opened
+from support import Mount, abort_connection, sh
 
 pytestmark = pytest.mark.fuse
 
@@ -239,7 +239,7 @@ class Pools:
     def add_pool(self, name: str, target: Path | None = None) -> Path:
         """Define, build and start dir pool ``name`` as a user would; its directory."""
         target = target or self.data / name
-        self.m.define_pool(name, self.m.pool_xml(name, target))
+        self.m.define(self.m.pool_xml(name, target))
         sh(f"echo build > {self.m.path}/pools/{name}/ctl", check=True)
         sh(f"echo start > {self.m.path}/pools/{name}/ctl", check=True)
         return target
@@ -287,7 +287,7 @@ def jp(vsfs: Mount, source: Source, tmp_path: Path) -> Iterator[Pools]:
     data.mkdir()
     pools = Pools(vsfs, data)
     try:
-        vsfs.define_pool("p", vsfs.pool_xml("p", pools.target))
+        vsfs.define(vsfs.pool_xml("p", pools.target))
         sh(f"echo build > {pools.p}/ctl", check=True)
         os.link(source.fresh(), pools.target / "big")
         sh(f"echo start > {pools.p}/ctl", check=True)
@@ -799,7 +799,7 @@ def test_events_of_a_pool_and_its_volumes(vsfs: Mount) -> None:
     m = vsfs.path
     q = m / "pools" / "q"
     with EventReader(m) as ev:
-        vsfs.define_pool("q", vsfs.pool_xml("q", vsfs.base / "images-q"))
+        vsfs.define(vsfs.pool_xml("q", vsfs.base / "images-q"))
         for cmd in (f"echo build > {q}/ctl", f"echo start > {q}/ctl",
                     f"truncate -s 1M '{q}/volumes/a b'",
                     f"mv '{q}/volumes/a b' {q}/volumes/c",

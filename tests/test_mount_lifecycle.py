@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, sh
+from support import Mount, sh
 
 pytestmark = pytest.mark.fuse
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, sh
+from support import Mount, sh
 
 pytestmark = pytest.mark.fuse
 
@@ -148,7 +148,7 @@ def small_pool(vsfs: Mount, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "vsfs-test", str(small)],
                    check=True)
     try:
-        vsfs.define_pool("s", vsfs.pool_xml("s", small))
+        vsfs.define(vsfs.pool_xml("s", small))
         p = vsfs.path / "pools" / "s"
         sh(f"echo start > {p}/ctl", check=True)
         yield small, p

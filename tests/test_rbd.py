@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from ceph_cluster import CephCluster
-from conftest import Mount, sh
 from holders import holding, still_works
 from rng import assert_valid
+from support import Mount, sh
 
 from vsfs.paths import runtime_dir
 
@@ -48,9 +48,9 @@ def rbd_pool(ceph: CephCluster) -> Iterator[Callable[[Mount, str], Path]]:
     started: list[tuple[Mount, Path]] = []
 
     def make(m: Mount, name: str = "r") -> Path:
-        p = m.define_pool(name, f"<pool type='rbd'><name>{name}</name><source>"
-                          f"<name>{ceph.pool}</name><host name='127.0.0.1' port='{ceph.port}'/>"
-                          "</source></pool>")
+        p = m.define(f"<pool type='rbd'><name>{name}</name><source>"
+                     f"<name>{ceph.pool}</name><host name='127.0.0.1' port='{ceph.port}'/>"
+                     "</source></pool>")
         sh(f"echo start > {p}/ctl", check=True)
         started.append((m, p))
         return p
@@ -241,9 +241,9 @@ def test_rbd_two_hosts(mount_factory: Callable[..., Mount], ceph: CephCluster,
 
 
 def test_rbd_refusals(vsfs: Mount, ceph: CephCluster) -> None:
-    p = vsfs.define_pool("nopool", f"<pool type='rbd'><name>nopool</name><source>"
-                         f"<name>no-such-pool</name><host name='127.0.0.1' port='{ceph.port}'/>"
-                         "</source></pool>")
+    p = vsfs.define(f"<pool type='rbd'><name>nopool</name><source>"
+                    f"<name>no-such-pool</name><host name='127.0.0.1' port='{ceph.port}'/>"
+                    "</source></pool>")
     res = sh(f"echo start > {p}/ctl")
     assert "No such file" in res.stderr and "no-such-pool" in vsfs.error()
     assert (p / "state").read_text() == "inactive\n"

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 from ceph_cluster import CephCluster
-from conftest import Mount, sh
 from events import EventReader
 from jobwatch import (
     CANCELED,
@@ -38,6 +37,7 @@ from jobwatch import (
     start_clone,
     timed_alone,
 )
+from support import Mount, sh
 from test_mount_jobs import jobs_doing, jobs_text, state, value, wait_ended
 from test_rbd import ceph, rbd_export, rbd_pool
 

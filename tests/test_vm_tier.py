@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import conftest
 import pytest
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.slow]
@@ -65,4 +64,10 @@ def test_guest_suite(tmp_path: Path) -> None:
 
 def test_guest_tests_are_not_collected_on_the_host() -> None:
     assert os.environ.get("VSFS_VM") != "1"
-    assert conftest.collect_ignore == ["guest"]
+    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                          "-p", "no:cacheprovider", "tests"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ids = [ln for ln in res.stdout.splitlines() if "::" in ln]
+    assert any(i.startswith("tests/test_vm_tier.py::") for i in ids), res.stdout[-3000:]
+    assert not [i for i in ids if i.startswith("tests/guest/")]

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, sh
 from crash_load import MiB, Vol
+from support import Mount, sh
 from test_crash import Crashes
 
 pytestmark = [pytest.mark.guest, pytest.mark.fuse, pytest.mark.root, pytest.mark.slow]
@@ -54,9 +54,9 @@ def _size(path: str) -> int:
 
 def test_kill9_under_load_logical(vsfs: Mount, disk: str) -> None:
     m = vsfs
-    lv = m.define_pool("lv", f"<pool type='logical'><name>lv</name><source><device "
-                       f"path='{disk}'/><name>{VG}</name><format type='lvm2'/></source>"
-                       f"<target><path>/dev/{VG}</path></target></pool>")
+    lv = m.define(f"<pool type='logical'><name>lv</name><source><device "
+                  f"path='{disk}'/><name>{VG}</name><format type='lvm2'/></source>"
+                  f"<target><path>/dev/{VG}</path></target></pool>")
     sh(f"echo build > {lv}/ctl && echo start > {lv}/ctl && echo yes > {lv}/autostart",
        check=True)
     # Sizes in whole extents (4 MiB): an LV is as large as asked.

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, sh
+from support import Mount, sh
 
 pytestmark = [pytest.mark.guest, pytest.mark.fuse, pytest.mark.root]
 

@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, sh
 from holders import holding, still_works
 from rng import assert_sources_make_pools, assert_valid
+from support import Mount, sh
 
 pytestmark = [pytest.mark.guest, pytest.mark.fuse, pytest.mark.root]
 
@@ -73,9 +73,9 @@ def target(iscsid: None) -> Iterator[Callable[..., list[Path]]]:
 
 def define(m: Mount, name: str = "san", extra: str = "", iqn: str = IQN,
            port: int = 3260) -> Path:
-    return m.define_pool(name, f"<pool type='iscsi'><name>{name}</name><source>"
-                         f"<host name='127.0.0.1' port='{port}'/><device path='{iqn}'/>{extra}"
-                         "</source><target><path>/dev/disk/by-path</path></target></pool>")
+    return m.define(f"<pool type='iscsi'><name>{name}</name><source>"
+                    f"<host name='127.0.0.1' port='{port}'/><device path='{iqn}'/>{extra}"
+                    "</source><target><path>/dev/disk/by-path</path></target></pool>")
 
 
 def start_refused(m: Mount, pool: Path, errno_text: str, reason: str) -> None:

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, sh
 from events import EventReader
 from jobwatch import (
     CANCELED,
@@ -40,6 +39,7 @@ from jobwatch import (
     start_clone,
     timed_alone,
 )
+from support import Mount, sh
 from test_logical import define_vg, disks
 from test_mount_jobs import jobs_doing, jobs_text, state, value, wait_ended
 

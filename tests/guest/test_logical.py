@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, sh
 from holders import holding, still_works
 from rng import assert_valid
+from support import Mount, sh
 
 pytestmark = [pytest.mark.guest, pytest.mark.fuse, pytest.mark.root]
 
@@ -44,9 +44,9 @@ def disks() -> Iterator[list[str]]:
 
 def define_vg(m: Mount, name: str, devices: list[str], vg: str = "vsfsvg") -> Path:
     devs = "".join(f"<device path='{d}'/>" for d in devices)
-    return m.define_pool(name, f"<pool type='logical'><name>{name}</name><source>{devs}"
-                         f"<name>{vg}</name><format type='lvm2'/></source>"
-                         f"<target><path>/dev/{vg}</path></target></pool>")
+    return m.define(f"<pool type='logical'><name>{name}</name><source>{devs}"
+                    f"<name>{vg}</name><format type='lvm2'/></source>"
+                    f"<target><path>/dev/{vg}</path></target></pool>")
 
 
 def test_logical_pool_lifecycle(vsfs: Mount, disks: list[str]) -> None:

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Mount, sh
 from rng import assert_sources_make_pools
+from support import Mount, sh
 
 pytestmark = [pytest.mark.guest, pytest.mark.fuse, pytest.mark.root]
 
@@ -42,12 +42,9 @@ def nfs_export() -> Iterator[Path]:
 
 def test_netfs_pool(vsfs: Mount, nfs_export: Path) -> None:
     target = vsfs.base / "nfsmnt"
-    xml = vsfs.base / "n.xml"
-    xml.write_text("<pool type='netfs'><name>n</name><source><host name='127.0.0.1'/>"
-                   "<dir path='/'/><format type='nfs'/><protocol ver='4.2'/></source>"
-                   f"<target><path>{target}</path></target></pool>")
-    sh(f"cat {xml} > {vsfs.path}/pools/define", check=True)
-    n = vsfs.path / "pools" / "n"
+    n = vsfs.define("<pool type='netfs'><name>n</name><source><host name='127.0.0.1'/>"
+                    "<dir path='/'/><format type='nfs'/><protocol ver='4.2'/></source>"
+                    f"<target><path>{target}</path></target></pool>")
     sh(f"echo build > {n}/ctl && echo start > {n}/ctl", check=True)
     mnt = sh(f"findmnt -n -o SOURCE,FSTYPE,OPTIONS {target}", check=True).stdout
     assert mnt.startswith("127.0.0.1:/ nfs4") and "vers=4.2" in mnt
@@ -68,12 +65,10 @@ def test_netfs_pool(vsfs: Mount, nfs_export: Path) -> None:
 
 
 def test_netfs_refusals(vsfs: Mount) -> None:
-    xml = vsfs.base / "bad.xml"
-    xml.write_text("<pool type='netfs'><name>b</name><source><host name='127.0.0.1'/>"
-                   "<dir path='/share'/><format type='cifs'/></source>"
-                   f"<target><path>{vsfs.base}/b</path></target></pool>")
-    sh(f"cat {xml} > {vsfs.path}/pools/define", check=True)
-    res = sh(f"echo start > {vsfs.path}/pools/b/ctl")
+    b = vsfs.define("<pool type='netfs'><name>b</name><source><host name='127.0.0.1'/>"
+                    "<dir path='/share'/><format type='cifs'/></source>"
+                    f"<target><path>{vsfs.base}/b</path></target></pool>")
+    res = sh(f"echo start > {b}/ctl")
     assert "Operation not supported" in res.stderr
     assert "mount.cifs" in vsfs.error()
     assert not (vsfs.base / "b").exists()
