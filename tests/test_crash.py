@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 from conftest import Mount, abort_connection, sh
 from crash_load import MiB, Model, Vol, replay, resolve, sha256
 
@@ -68,10 +67,13 @@ def in_flight(state: Path) -> list[str]:
     return [r.name for r in read_in_flight(state / JOURNAL_NAME)]
 
 
-async def _autostarted(state: Path, target: Path) -> Manager:
-    m = Manager(StateDir(state))
+@pytest.fixture
+async def autostarted(tmp_path: Path) -> Manager:
+    """The daemon about to be killed: a manager on tmp_path/state with dir pool p over
+    tmp_path/img, built, started and autostarted."""
+    m = Manager(StateDir(tmp_path / "state"))
     await m.load()
-    await m.define_pool(_pool_xml("p", target))
+    await m.define_pool(_pool_xml("p", tmp_path / "img"))
     await m.pool_command("p", "build")
     await m.pool_command("p", "start")
     await m.set_autostart("p", True)
@@ -86,134 +88,117 @@ async def _restarted(state: Path) -> Manager:
     return m
 
 
-def test_an_upload_cut_short_is_removed_when_its_pool_starts(tmp_path: Path,
-                                                            caplog: pytest.LogCaptureFixture
-                                                            ) -> None:
+async def test_an_upload_cut_short_is_removed_when_its_pool_starts(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, autostarted: Manager) -> None:
     state, img = tmp_path / "state", tmp_path / "img"
-
-    async def main() -> None:
-        m = await _autostarted(state, img)
-        whole = await m.uploads.begin("p", "whole")
-        await m.uploads.truncate(whole, 3 * MiB)
-        await m.uploads.close(whole)
-        assert in_flight(state) == []
-        cut = await m.uploads.begin("p", "cut")
-        await m.uploads.truncate(cut, 96 * MiB)
-        os.pwrite(cut.fd, b"x" * 4096, 0)
-        empty = await m.uploads.begin("p", "empty")  # truncate killed before its size
-        assert sorted(in_flight(state)) == ["cut", "empty"]
-        # killed here
-        m2 = await _restarted(state)
-        assert sorted(m2.pools["p"].volumes) == ["whole"]
-        assert sorted(os.listdir(img)) == ["whole"]
-        assert os.path.getsize(img / "whole") == 3 * MiB
-        assert in_flight(state) == [], "dealt with"
-        del empty
-
-    trio.run(main)
+    m = autostarted
+    whole = await m.uploads.begin("p", "whole")
+    await m.uploads.truncate(whole, 3 * MiB)
+    await m.uploads.close(whole)
+    assert in_flight(state) == []
+    cut = await m.uploads.begin("p", "cut")
+    await m.uploads.truncate(cut, 96 * MiB)
+    os.pwrite(cut.fd, b"x" * 4096, 0)
+    empty = await m.uploads.begin("p", "empty")  # truncate killed before its size
+    assert sorted(in_flight(state)) == ["cut", "empty"]
+    # killed here
+    m2 = await _restarted(state)
+    assert sorted(m2.pools["p"].volumes) == ["whole"]
+    assert sorted(os.listdir(img)) == ["whole"]
+    assert os.path.getsize(img / "whole") == 3 * MiB
+    assert in_flight(state) == [], "dealt with"
+    del empty
     assert "pool p: volume cut removed: vsfs stopped while it was being written" in caplog.text
     assert "pool p: volume empty removed" in caplog.text
 
 
-def test_only_the_volume_that_was_being_made_is_removed(tmp_path: Path,
-                                                       caplog: pytest.LogCaptureFixture
-                                                       ) -> None:
+async def test_only_the_volume_that_was_being_made_is_removed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, autostarted: Manager) -> None:
     """A file made under the same name after the crash is someone else's: kept, even when
     the filesystem gives it the same inode number (ext4 does, at once)."""
     state, img = tmp_path / "state", tmp_path / "img"
     caplog.set_level(logging.INFO)
 
-    async def main() -> None:
-        m = await _autostarted(state, img)
-        up = await m.uploads.begin("p", "v")
-        await m.uploads.truncate(up, MiB)
-        ino = os.fstat(up.fd).st_ino
-        os.close(up.fd)
-        # killed here; before the next start, someone makes their own v
-        os.unlink(img / "v")
-        (img / "v").write_bytes(b"theirs")
-        print("same inode number again:", os.stat(img / "v").st_ino == ino)
-        m2 = await _restarted(state)
-        assert sorted(m2.pools["p"].volumes) == ["v"]
-        assert (img / "v").read_bytes() == b"theirs"
-        assert in_flight(state) == []
-
-    trio.run(main)
+    m = autostarted
+    up = await m.uploads.begin("p", "v")
+    await m.uploads.truncate(up, MiB)
+    ino = os.fstat(up.fd).st_ino
+    os.close(up.fd)
+    # killed here; before the next start, someone makes their own v
+    os.unlink(img / "v")
+    (img / "v").write_bytes(b"theirs")
+    print("same inode number again:", os.stat(img / "v").st_ino == ino)
+    m2 = await _restarted(state)
+    assert sorted(m2.pools["p"].volumes) == ["v"]
+    assert (img / "v").read_bytes() == b"theirs"
+    assert in_flight(state) == []
     assert "volume v is not the one vsfs was writing when it stopped: left alone" in caplog.text
 
 
-def test_a_volume_being_made_when_killed_is_told_by_its_time(tmp_path: Path) -> None:
+async def test_a_volume_being_made_when_killed_is_told_by_its_time(
+        tmp_path: Path, autostarted: Manager) -> None:
     """Killed after the record, before the backend said what it made: only an empty file
     made since the record is taken for it; a file with bytes, or older, is not."""
     state, img = tmp_path / "state", tmp_path / "img"
-
-    async def main() -> None:
-        m = await _autostarted(state, img)
-        uuid = m.pools["p"].pool.uuid
-        now = time.time_ns()
-        # "old" was there seconds before the record said a volume of that name was asked
-        # for; the others were made just after it.
-        lines = [InFlight("dead-1", uuid, "new", now), InFlight("dead-2", uuid, "data", now),
-                 InFlight("dead-3", uuid, "old", now + 5 * 10**9)]
-        (img / "old").write_bytes(b"")
-        (img / "new").write_bytes(b"")
-        (img / "data").write_bytes(b"bytes")
-        (state / JOURNAL_NAME).write_bytes(b"".join(r.line() for r in lines) + b'{"id": "x')
-        m2 = await _restarted(state)
-        assert sorted(m2.pools["p"].volumes) == ["data", "old"]
-        assert in_flight(state) == []
-
-    trio.run(main)
+    m = autostarted
+    uuid = m.pools["p"].pool.uuid
+    now = time.time_ns()
+    # "old" was there seconds before the record said a volume of that name was asked
+    # for; the others were made just after it.
+    lines = [InFlight("dead-1", uuid, "new", now), InFlight("dead-2", uuid, "data", now),
+             InFlight("dead-3", uuid, "old", now + 5 * 10**9)]
+    (img / "old").write_bytes(b"")
+    (img / "new").write_bytes(b"")
+    (img / "data").write_bytes(b"bytes")
+    (state / JOURNAL_NAME).write_bytes(b"".join(r.line() for r in lines) + b'{"id": "x')
+    m2 = await _restarted(state)
+    assert sorted(m2.pools["p"].volumes) == ["data", "old"]
+    assert in_flight(state) == []
 
 
-def test_a_change_after_settling_is_in_flight_again(tmp_path: Path) -> None:
+async def test_a_change_after_settling_is_in_flight_again(tmp_path: Path,
+                                                         autostarted: Manager) -> None:
     """A descriptor still open after the first close (a shell's `> V`) may change the
     volume again: in flight until the next close settles it."""
-    state, img = tmp_path / "state", tmp_path / "img"
-
-    async def main() -> None:
-        m = await _autostarted(state, img)
-        up = await m.uploads.begin("p", "v")
-        await m.uploads.settle(up)  # the first close: listed, settled
-        assert in_flight(state) == []
-        await m.uploads.truncate(up, 8 * MiB)
-        assert in_flight(state) == ["v"]
-        # killed here
-        m2 = await _restarted(state)
-        assert list(m2.pools["p"].volumes) == []
-
-    trio.run(main)
+    state = tmp_path / "state"
+    m = autostarted
+    up = await m.uploads.begin("p", "v")
+    await m.uploads.settle(up)  # the first close: listed, settled
+    assert in_flight(state) == []
+    await m.uploads.truncate(up, 8 * MiB)
+    assert in_flight(state) == ["v"]
+    # killed here
+    m2 = await _restarted(state)
+    assert list(m2.pools["p"].volumes) == []
 
 
-def test_litter_of_killed_writes_goes_at_load(tmp_path: Path,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+async def test_litter_of_killed_writes_goes_at_load(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture,
+                                                   autostarted: Manager) -> None:
     state, img = tmp_path / "state", tmp_path / "img"
     caplog.set_level(logging.INFO)
 
-    async def main() -> None:
-        m = await _autostarted(state, img)
-        uuid = m.pools["p"].pool.uuid
-        # what kills leave: half-written definitions and links, a link whose definition
-        # went first, a runtime file being replaced, a copy under its temporary name
-        (state / ".tmp-abcd1234").write_text("<pool")
-        (state / "autostart" / ".tmp-0123456789abcdef").symlink_to("../p.xml")
-        (state / "autostart" / "gone.xml").symlink_to("../gone.xml")
-        run = runtime_dir(state) / uuid
-        run.mkdir(parents=True)
-        (run / ".tmp-xyz").write_text("mon_host = ")
-        (run / "ceph.conf").write_text("[global]\n")
-        (img / ".vsfs-new-0123456789abcdef").write_bytes(b"half a copy")
-        (state / "keep.txt").write_text("not ours to judge")
-        m2 = await _restarted(state)
-        assert m2.pools["p"].running
-        assert sorted(os.listdir(state)) == ["autostart", "keep.txt", "p.xml"]
-        assert sorted(os.listdir(state / "autostart")) == ["p.xml"]
-        assert sorted(os.listdir(run)) == ["ceph.conf"]
-        assert os.listdir(img) == []
-        run.joinpath("ceph.conf").unlink()
-        run.rmdir()
-
-    trio.run(main)
+    m = autostarted
+    uuid = m.pools["p"].pool.uuid
+    # what kills leave: half-written definitions and links, a link whose definition
+    # went first, a runtime file being replaced, a copy under its temporary name
+    (state / ".tmp-abcd1234").write_text("<pool")
+    (state / "autostart" / ".tmp-0123456789abcdef").symlink_to("../p.xml")
+    (state / "autostart" / "gone.xml").symlink_to("../gone.xml")
+    run = runtime_dir(state) / uuid
+    run.mkdir(parents=True)
+    (run / ".tmp-xyz").write_text("mon_host = ")
+    (run / "ceph.conf").write_text("[global]\n")
+    (img / ".vsfs-new-0123456789abcdef").write_bytes(b"half a copy")
+    (state / "keep.txt").write_text("not ours to judge")
+    m2 = await _restarted(state)
+    assert m2.pools["p"].running
+    assert sorted(os.listdir(state)) == ["autostart", "keep.txt", "p.xml"]
+    assert sorted(os.listdir(state / "autostart")) == ["p.xml"]
+    assert sorted(os.listdir(run)) == ["ceph.conf"]
+    assert os.listdir(img) == []
+    run.joinpath("ceph.conf").unlink()
+    run.rmdir()
     assert "autostart link" in caplog.text and "pool gone has no definition" in caplog.text
     assert ".vsfs-new-0123456789abcdef, left unfinished" in caplog.text
 
