@@ -9,13 +9,16 @@ from __future__ import annotations
 import errno
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from lxml import etree
 from rng import assert_valid
 
 from vsfs.errors import Invalid
+from vsfs.feeder import DocumentFeeder
 from vsfs.model import (
     BackingStore,
     Permissions,
@@ -32,7 +35,6 @@ from vsfs.xmlio import (
     FS_NS,
     MAX_XML_BYTES,
     RBD_NS,
-    DocumentFeeder,
     format_pool,
     format_volume,
     parse_document,
@@ -40,6 +42,14 @@ from vsfs.xmlio import (
     parse_volume,
     safe_parser,
 )
+
+
+def found(el: etree._Element, path: str) -> etree._Element:
+    """``el.find(path)``, which must be there."""
+    child = el.find(path)
+    assert child is not None, f"no {path} in {etree.tostring(el).decode()}"
+    return child
+
 
 # ---------------------------------------------------------------- documents
 # As `virsh pool-dumpxml` prints them (libvirt 9), with its quoting and layout.
@@ -306,7 +316,7 @@ ALL_POOLS = {
 pools = pytest.mark.parametrize("doc", list(ALL_POOLS.values()), ids=list(ALL_POOLS))
 
 
-def test_sample_documents_are_valid_libvirt_xml():
+def test_sample_documents_are_valid_libvirt_xml() -> None:
     # The fixtures themselves must be what libvirt accepts, or the tests below prove nothing.
     for doc in ALL_POOLS.values():
         assert_valid(doc, "storagepool")
@@ -315,7 +325,7 @@ def test_sample_documents_are_valid_libvirt_xml():
 # ---------------------------------------------------------------- parse_pool
 
 
-def test_parse_dir_pool():
+def test_parse_dir_pool() -> None:
     p = parse_pool(DIR_POOL)
     assert p.type == "dir"
     assert p.name == "default"
@@ -330,14 +340,14 @@ def test_parse_dir_pool():
     assert p.config_opts == ()
 
 
-def test_parse_dir_pool_cow_and_label():
+def test_parse_dir_pool_cow_and_label() -> None:
     p = parse_pool(DIR_POOL_COW)
     assert p.cow is False
     assert p.target_perms == Permissions(
         mode=0o755, owner=107, group=107, label="system_u:object_r:virt_image_t:s0")
 
 
-def test_parse_fs_pool():
+def test_parse_fs_pool() -> None:
     p = parse_pool(FS_POOL)
     assert p.type == "fs"
     assert p.source.devices == (SourceDevice("/dev/sdb1"),)
@@ -347,7 +357,7 @@ def test_parse_fs_pool():
     assert p.target_perms == Permissions(mode=0o755, owner=None, group=None)
 
 
-def test_parse_netfs_pool():
+def test_parse_netfs_pool() -> None:
     p = parse_pool(NETFS_POOL)
     assert p.type == "netfs"
     assert p.source.hosts == (SourceHost("nfs.example.com", None),)
@@ -358,7 +368,7 @@ def test_parse_netfs_pool():
     assert p.mount_opts == ()
 
 
-def test_parse_netfs_pool_mount_opts():
+def test_parse_netfs_pool_mount_opts() -> None:
     p = parse_pool(NETFS_POOL_MOUNT_OPTS)
     assert p.source.hosts == (SourceHost("192.168.122.1", 2049),)
     assert p.source.dir == "/export/vm"
@@ -366,7 +376,7 @@ def test_parse_netfs_pool_mount_opts():
     assert p.config_opts == ()
 
 
-def test_parse_logical_pool():
+def test_parse_logical_pool() -> None:
     p = parse_pool(LOGICAL_POOL)
     assert p.type == "logical"
     assert p.source.devices == (SourceDevice("/dev/sdc1"), SourceDevice("/dev/sdd1"))
@@ -376,13 +386,13 @@ def test_parse_logical_pool():
     assert p.target_perms == Permissions()
 
 
-def test_parse_disk_pool():
+def test_parse_disk_pool() -> None:
     p = parse_pool(DISK_POOL)
     assert p.source.devices == (SourceDevice("/dev/sdb", part_separator=False),)
     assert p.source.format == "gpt"
 
 
-def test_parse_iscsi_pool():
+def test_parse_iscsi_pool() -> None:
     p = parse_pool(ISCSI_POOL)
     assert p.type == "iscsi"
     assert p.source.hosts == (SourceHost("san.example.com", 3260),)
@@ -393,7 +403,7 @@ def test_parse_iscsi_pool():
     assert p.target_path == "/dev/disk/by-path"
 
 
-def test_parse_rbd_pool():
+def test_parse_rbd_pool() -> None:
     p = parse_pool(RBD_POOL)
     assert p.type == "rbd"
     assert p.source.hosts == (
@@ -410,19 +420,19 @@ def test_parse_rbd_pool():
     assert p.target_path is None
 
 
-def test_parse_pool_namespace_prefix_is_irrelevant():
+def test_parse_pool_namespace_prefix_is_irrelevant() -> None:
     # What counts is the namespace URI, not the prefix a writer chose.
     doc = RBD_POOL.replace(b"xmlns:rbd=", b"xmlns:ceph=").replace(b"rbd:", b"ceph:")
     assert parse_pool(doc).config_opts == parse_pool(RBD_POOL).config_opts
 
 
-def test_parse_pool_ignores_options_in_a_foreign_namespace():
+def test_parse_pool_ignores_options_in_a_foreign_namespace() -> None:
     doc = NETFS_POOL_MOUNT_OPTS.replace(
         b"http://libvirt.org/schemas/storagepool/fs/1.0", b"http://example.com/not-libvirt")
     assert parse_pool(doc).mount_opts == ()
 
 
-def test_parse_pool_without_uuid_generates_one():
+def test_parse_pool_without_uuid_generates_one() -> None:
     doc = b"<pool type='dir'><name>p</name><target><path>/srv/p</path></target></pool>"
     a = parse_pool(doc)
     b = parse_pool(doc)
@@ -439,7 +449,7 @@ def test_parse_pool_without_uuid_generates_one():
         "  4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50\n  ",
     ],
 )
-def test_parse_pool_normalizes_uuid(text):
+def test_parse_pool_normalizes_uuid(text: str) -> None:
     doc = DIR_POOL.replace(b"4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50", text.encode())
     assert parse_pool(doc).uuid == "4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50"
 
@@ -455,7 +465,7 @@ def test_parse_pool_normalizes_uuid(text):
         "urn:uuid:4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50",
     ],
 )
-def test_parse_pool_bad_uuid(text):
+def test_parse_pool_bad_uuid(text: str) -> None:
     doc = DIR_POOL.replace(b"4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50", text.encode())
     with pytest.raises(Invalid, match="UUID"):
         parse_pool(doc)
@@ -470,7 +480,7 @@ def test_parse_pool_bad_uuid(text):
     ],
     ids=["missing", "empty", "blank"],
 )
-def test_parse_pool_needs_name(doc):
+def test_parse_pool_needs_name(doc: bytes) -> None:
     with pytest.raises(Invalid, match="name"):
         parse_pool(doc)
 
@@ -483,20 +493,20 @@ def test_parse_pool_needs_name(doc):
     ],
     ids=["missing", "empty"],
 )
-def test_parse_pool_needs_type(doc):
+def test_parse_pool_needs_type(doc: bytes) -> None:
     with pytest.raises(Invalid, match="type"):
         parse_pool(doc)
 
 
 @pytest.mark.parametrize("name", ["a/b", ".hidden", "..", "x" * 256])
-def test_parse_pool_checks_name(name):
+def test_parse_pool_checks_name(name: str) -> None:
     doc = f"<pool type='dir'><name>{name}</name></pool>".encode()
     with pytest.raises(Invalid):
         parse_pool(doc)
 
 
 @pytest.mark.parametrize("path", ["images", "./images", "var/lib/libvirt/images", "~/images"])
-def test_parse_pool_relative_target_path(path):
+def test_parse_pool_relative_target_path(path: str) -> None:
     doc = DIR_POOL.replace(b"/var/lib/libvirt/images", path.encode())
     with pytest.raises(Invalid, match="absolute"):
         parse_pool(doc)
@@ -506,7 +516,7 @@ def test_parse_pool_relative_target_path(path):
     ("path", "expected"),
     [("/srv/images/", "/srv/images"), ("/srv/images//", "/srv/images"), ("/", "/")],
 )
-def test_parse_pool_target_path_trailing_slash(path, expected):
+def test_parse_pool_target_path_trailing_slash(path: str, expected: str) -> None:
     doc = DIR_POOL.replace(b"/var/lib/libvirt/images", path.encode())
     assert parse_pool(doc).target_path == expected
 
@@ -528,18 +538,18 @@ def test_parse_pool_target_path_trailing_slash(path, expected):
         (b"<group>0</group>", b"<group>1.5</group>"),
     ],
 )
-def test_parse_pool_bad_permissions(old, new):
+def test_parse_pool_bad_permissions(old: bytes, new: bytes) -> None:
     with pytest.raises(Invalid):
         parse_pool(DIR_POOL.replace(old, new))
 
 
-def test_target_paths_are_one_line():
+def test_target_paths_are_one_line() -> None:
     with pytest.raises(Invalid, match="control character"):
         parse_pool(b"<pool type='dir'><name>p</name><target><path>/srv/a&#10;b</path>"
                    b"</target></pool>")
 
 
-def test_permission_ids_at_the_limits():
+def test_permission_ids_at_the_limits() -> None:
     perms = parse_pool(DIR_POOL.replace(b"<owner>0</owner>", b"<owner>4294967294</owner>")
                        .replace(b"<group>0</group>", b"<group>4294967295</group>")).target_perms
     assert (perms.owner, perms.group) == (4294967294, None)
@@ -557,7 +567,7 @@ def test_permission_ids_at_the_limits():
         (b"<device path='iqn.2013-06.com.example:iscsi-pool'/>", b"<device/>"),
     ],
 )
-def test_parse_pool_bad_source(old, new):
+def test_parse_pool_bad_source(old: bytes, new: bytes) -> None:
     doc = ISCSI_POOL.replace(old, new)
     assert doc != ISCSI_POOL
     with pytest.raises(Invalid):
@@ -565,7 +575,7 @@ def test_parse_pool_bad_source(old, new):
 
 
 @pytest.mark.parametrize("value", [b"maybe", b"YES", b"1"])
-def test_parse_pool_yes_no_values(value):
+def test_parse_pool_yes_no_values(value: bytes) -> None:
     with pytest.raises(Invalid):
         parse_pool(DISK_POOL.replace(b"part_separator='no'", b"part_separator='" + value + b"'"))
     with pytest.raises(Invalid):
@@ -576,26 +586,26 @@ def test_parse_pool_yes_no_values(value):
 
 
 @pools
-def test_pool_round_trip(doc):
+def test_pool_round_trip(doc: bytes) -> None:
     first = parse_pool(doc)
     again = parse_pool(format_pool(first))
     assert again == first
 
 
 @pools
-def test_pool_round_trip_with_status(doc):
+def test_pool_round_trip_with_status(doc: bytes) -> None:
     first = parse_pool(doc)
     out = format_pool(first, PoolStatus(capacity=10, allocation=4, available=6))
     assert parse_pool(out) == first
 
 
 @pools
-def test_format_pool_definition_validates(doc):
+def test_format_pool_definition_validates(doc: bytes) -> None:
     assert_valid(format_pool(parse_pool(doc)), "storagepool")
 
 
 @pools
-def test_format_pool_with_status_validates(doc):
+def test_format_pool_with_status_validates(doc: bytes) -> None:
     out = format_pool(parse_pool(doc), PoolStatus(capacity=2**40, allocation=2**30,
                                                   available=2**40 - 2**30))
     assert_valid(out, "storagepool")
@@ -611,7 +621,7 @@ def test_format_pool_with_status_validates(doc):
     ],
     ids=["device", "name", "host-dir", "format"],
 )
-def test_dir_pool_with_stray_source_elements(source):
+def test_dir_pool_with_stray_source_elements(source: bytes) -> None:
     # virsh pool-define takes these (libvirt parses <source> generically) and
     # pool-dumpxml drops what a dir pool has no use for: vsfs accepts them, keeps
     # nothing of them, and prints a pool storagepool.rng accepts (its dir pools
@@ -640,7 +650,7 @@ def test_dir_pool_with_stray_source_elements(source):
     ],
     ids=["no-type", "unknown-type", "no-secret", "empty-secret"],
 )
-def test_iscsi_pool_with_incomplete_auth(old, new, message):
+def test_iscsi_pool_with_incomplete_auth(old: bytes, new: bytes, message: str) -> None:
     # libvirt refuses these ("missing auth type", "unknown auth type",
     # "Missing <secret> element in auth"), and so does vsfs: EINVAL with the reason.
     doc = ISCSI_POOL.replace(old, new)
@@ -651,27 +661,27 @@ def test_iscsi_pool_with_incomplete_auth(old, new, message):
     assert str(exc.value) == message
 
 
-def test_format_pool_status_values():
+def test_format_pool_status_values() -> None:
     out = format_pool(parse_pool(DIR_POOL),
                       PoolStatus(capacity=1000, allocation=300, available=700))
     root = etree.fromstring(out)
     assert root.findtext("capacity") == "1000"
     assert root.findtext("allocation") == "300"
     assert root.findtext("available") == "700"
-    assert root.find("capacity").get("unit") == "bytes"
+    assert found(root, "capacity").get("unit") == "bytes"
 
 
-def test_format_pool_without_status_has_no_sizes():
+def test_format_pool_without_status_has_no_sizes() -> None:
     root = etree.fromstring(format_pool(parse_pool(DIR_POOL)))
     for tag in ("capacity", "allocation", "available"):
         assert root.find(tag) is None
 
 
-def test_format_pool_live_permissions_win():
+def test_format_pool_live_permissions_win() -> None:
     pool = parse_pool(DIR_POOL)
     out = format_pool(pool, PoolStatus(), live_perms=Permissions(0o2770, 1000, 100))
     assert_valid(out, "storagepool")
-    perms = etree.fromstring(out).find("target/permissions")
+    perms = found(etree.fromstring(out), "target/permissions")
     # The permission bits only, as libvirt prints them (a setgid directory is 0770).
     assert perms.findtext("mode") == "0770"
     assert perms.findtext("owner") == "1000"
@@ -680,14 +690,14 @@ def test_format_pool_live_permissions_win():
     assert parse_pool(out).target_perms == Permissions(0o770, 1000, 100)
 
 
-def test_stored_pools_keep_their_special_mode_bits():
+def test_stored_pools_keep_their_special_mode_bits() -> None:
     doc = DIR_POOL.replace(b"<mode>0711</mode>", b"<mode>2775</mode>")
     with pytest.raises(Invalid):
         parse_pool(doc)
     assert parse_pool(doc, stored=True).target_perms.mode == 0o2775
 
 
-def test_format_pool_namespaces():
+def test_format_pool_namespaces() -> None:
     rbd = etree.fromstring(format_pool(parse_pool(RBD_POOL)))
     opts = rbd.findall(f"{{{RBD_NS}}}config_opts/{{{RBD_NS}}}option")
     assert [(o.get("name"), o.get("value")) for o in opts] == [
@@ -697,7 +707,7 @@ def test_format_pool_namespaces():
     assert [o.get("name") for o in opts] == ["sync", "lazytime"]
 
 
-def test_format_pool_fs_with_mount_opts_validates():
+def test_format_pool_fs_with_mount_opts_validates() -> None:
     # fs (not netfs) pools take fs:mount_opts too, after the rest.
     pool = replace(parse_pool(FS_POOL), mount_opts=("noatime", "discard"))
     out = format_pool(pool, PoolStatus())
@@ -705,7 +715,7 @@ def test_format_pool_fs_with_mount_opts_validates():
     assert parse_pool(out) == pool
 
 
-def test_format_pool_from_model():
+def test_format_pool_from_model() -> None:
     # A definition built in code (as the shell verbs do), not parsed.
     pool = PoolDef(type="dir", name="built", uuid=str(uuidlib.uuid4()),
                    target_path="/srv/built",
@@ -715,7 +725,7 @@ def test_format_pool_from_model():
     assert parse_pool(out) == pool
 
 
-def test_format_pool_escapes_text():
+def test_format_pool_escapes_text() -> None:
     pool = replace(parse_pool(DIR_POOL), name="a&b<c>'\"", target_path="/srv/a&b<c>")
     out = format_pool(pool)
     assert parse_pool(out) == pool
@@ -760,11 +770,11 @@ QCOW2_VOLUME = b"""<volume type='file'>
 """
 
 
-def test_sample_volume_is_valid_libvirt_xml():
+def test_sample_volume_is_valid_libvirt_xml() -> None:
     assert_valid(QCOW2_VOLUME, "storagevol")
 
 
-def test_parse_volume_as_vol_dumpxml_prints_it():
+def test_parse_volume_as_vol_dumpxml_prints_it() -> None:
     v = parse_volume(QCOW2_VOLUME)
     assert v.name == "web.qcow2"
     assert v.type == "file"
@@ -788,7 +798,7 @@ def test_parse_volume_as_vol_dumpxml_prints_it():
         (b"<capacity> 1 T </capacity>", 1024**4),
     ],
 )
-def test_parse_volume_capacity(capacity, expected):
+def test_parse_volume_capacity(capacity: bytes, expected: int) -> None:
     doc = b"<volume><name>v</name>" + capacity + b"</volume>"
     v = parse_volume(doc)
     assert v.capacity == expected
@@ -799,7 +809,7 @@ def test_parse_volume_capacity(capacity, expected):
     assert v.perms == Permissions()
 
 
-def test_parse_volume_minimal_create_request():
+def test_parse_volume_minimal_create_request() -> None:
     doc = b"""<volume>
   <name>new.img</name>
   <allocation unit='M'>0</allocation>
@@ -820,7 +830,7 @@ def test_parse_volume_minimal_create_request():
     assert v.perms == Permissions(0o640, None, 107)
 
 
-def test_parse_volume_backing_store_without_format():
+def test_parse_volume_backing_store_without_format() -> None:
     doc = (b"<volume><name>o</name><capacity>1</capacity>"
            b"<backingStore><path>/srv/base.img</path></backingStore></volume>")
     assert parse_volume(doc).backing == BackingStore("/srv/base.img", None)
@@ -836,7 +846,7 @@ def test_parse_volume_backing_store_without_format():
     ],
     ids=["missing", "only-allocation", "empty", "unit-only"],
 )
-def test_parse_volume_needs_capacity(doc):
+def test_parse_volume_needs_capacity(doc: bytes) -> None:
     with pytest.raises(Invalid):
         parse_volume(doc)
 
@@ -851,7 +861,7 @@ def test_parse_volume_needs_capacity(doc):
     ],
     ids=["missing", "empty", "slash", "dot"],
 )
-def test_parse_volume_needs_a_good_name(doc):
+def test_parse_volume_needs_a_good_name(doc: bytes) -> None:
     with pytest.raises(Invalid):
         parse_volume(doc)
 
@@ -875,7 +885,7 @@ def test_parse_volume_needs_a_good_name(doc):
         b"<target><permissions><owner>99999999999</owner></permissions></target></volume>",
     ],
 )
-def test_parse_volume_rejects(doc):
+def test_parse_volume_rejects(doc: bytes) -> None:
     with pytest.raises(Invalid):
         parse_volume(doc)
 
@@ -883,8 +893,8 @@ def test_parse_volume_rejects(doc):
 NS = 1_000_000_000
 
 
-def _vol(**kw):
-    base = dict(
+def _vol(**kw: Any) -> Volume:
+    base: dict[str, Any] = dict(
         name="disk.img", key="/srv/images/disk.img", path="/srv/images/disk.img",
         type="file", format="raw", capacity=10 * 1024**3, allocation=4096,
         physical=10 * 1024**3,
@@ -921,12 +931,12 @@ vols = pytest.mark.parametrize("vol", list(VOLUMES.values()), ids=list(VOLUMES))
 
 
 @vols
-def test_format_volume_validates(vol):
+def test_format_volume_validates(vol: Volume) -> None:
     assert_valid(format_volume(vol), "storagevol")
 
 
 @vols
-def test_format_volume_parses_back(vol):
+def test_format_volume_parses_back(vol: Volume) -> None:
     v = parse_volume(format_volume(vol))
     assert v.name == vol.name
     assert v.type == vol.type
@@ -942,38 +952,38 @@ def test_format_volume_parses_back(vol):
         assert v.backing == BackingStore(vol.backing.path, vol.backing.format or "raw")
 
 
-def test_format_volume_fields():
+def test_format_volume_fields() -> None:
     vol = VOLUMES["qcow2-backing"]
     root = etree.fromstring(format_volume(vol))
     assert root.get("type") == "file"
     assert root.findtext("key") == "/srv/images/web.qcow2"
     assert root.findtext("target/path") == "/srv/images/web.qcow2"
-    assert root.find("target/format").get("type") == "qcow2"
+    assert found(root, "target/format").get("type") == "qcow2"
     assert root.findtext("physical") == "196624"
     assert root.findtext("target/permissions/mode") == "0600"
     assert root.findtext("target/timestamps/atime") == "1700000000.000000000"
     assert root.findtext("backingStore/path") == "/srv/images/base.qcow2"
 
 
-def test_format_volume_timestamps():
+def test_format_volume_timestamps() -> None:
     root = etree.fromstring(format_volume(VOLUMES["raw-file-perms-times"]))
-    ts = root.find("target/timestamps")
+    ts = found(root, "target/timestamps")
     assert ts.findtext("atime") == "1700000000.123456789"
     assert ts.findtext("mtime") == "1700000000.000000000"
     assert ts.findtext("ctime") == "1700000001.000000001"
-    only = etree.fromstring(format_volume(VOLUMES["only-mtime"])).find("target/timestamps")
+    only = found(etree.fromstring(format_volume(VOLUMES["only-mtime"])), "target/timestamps")
     assert [c.tag for c in only] == ["mtime"]
     assert only.findtext("mtime") == "5.000000007"
 
 
-def test_format_volume_without_perms_or_times_omits_them():
+def test_format_volume_without_perms_or_times_omits_them() -> None:
     root = etree.fromstring(format_volume(VOLUMES["raw-file"]))
     assert root.find("target/permissions") is None
     assert root.find("target/timestamps") is None
 
 
 @pytest.mark.parametrize("mtime_ns", [-14_182_940 * NS, -1], ids=["1969-07-20", "-1ns"])
-def test_format_volume_pre_epoch_timestamp_validates(mtime_ns):
+def test_format_volume_pre_epoch_timestamp_validates(mtime_ns: int) -> None:
     # A file whose mtime is before 1970 (`touch -d 1969-07-20 f`) is a legal file;
     # its volume XML must still validate against storagevol.rng, whose timestamp
     # pattern is [0-9]+(\.[0-9]{0,9})?.
@@ -1037,7 +1047,7 @@ PLAIN_DOCTYPE = b"""<!DOCTYPE pool>
     [BILLION_LAUGHS, SMALL_LAUGHS, XXE, EXTERNAL_DTD, PLAIN_DOCTYPE],
     ids=["billion-laughs", "small-laughs", "xxe", "external-dtd", "plain-doctype"],
 )
-def test_doctype_is_refused(doc):
+def test_doctype_is_refused(doc: bytes) -> None:
     start = time.monotonic()
     with pytest.raises(Invalid) as info:
         parse_pool(doc)
@@ -1048,28 +1058,28 @@ def test_doctype_is_refused(doc):
     assert "lol" not in info.value.message
 
 
-def test_doctype_is_refused_for_volumes_too():
+def test_doctype_is_refused_for_volumes_too() -> None:
     with pytest.raises(Invalid, match="DOCTYPE"):
         parse_volume(XXE_VOLUME)
 
 
-def test_safe_parser_does_not_expand_internal_entities():
+def test_safe_parser_does_not_expand_internal_entities() -> None:
     root = etree.fromstring(SMALL_LAUGHS, safe_parser())
-    name = root.find("name")
+    name = found(root, "name")
     # The reference is kept as a reference, not replaced by its text.
     assert name.text is None
     assert root.findtext("name") == ""
     assert [type(c) for c in name] == [etree._Entity]
-    assert "".join(name.itertext()) == "&lol1;"
+    assert "".join(map(str, name.itertext())) == "&lol1;"
 
 
-def test_safe_parser_does_not_read_files():
+def test_safe_parser_does_not_read_files() -> None:
     root = etree.fromstring(XXE, safe_parser())
-    assert "root:" not in "".join(root.itertext())
+    assert "root:" not in "".join(map(str, root.itertext()))
     assert "root:" not in etree.tostring(root, method="text", encoding="unicode")
 
 
-def test_document_at_the_size_limit_is_accepted():
+def test_document_at_the_size_limit_is_accepted() -> None:
     head = b"<pool type='dir'><name>big</name><target><path>/srv/big</path></target>"
     tail = b"</pool>"
     doc = head + b" " * (MAX_XML_BYTES - len(head) - len(tail)) + tail
@@ -1077,7 +1087,7 @@ def test_document_at_the_size_limit_is_accepted():
     assert parse_pool(doc).name == "big"
 
 
-def test_document_over_one_mib_is_refused():
+def test_document_over_one_mib_is_refused() -> None:
     head = b"<pool type='dir'><name>big</name><target><path>/srv/big</path></target>"
     tail = b"</pool>"
     doc = head + b" " * (MAX_XML_BYTES - len(head) - len(tail) + 1) + tail
@@ -1086,7 +1096,7 @@ def test_document_over_one_mib_is_refused():
         parse_pool(doc)
 
 
-def test_big_name_is_refused_by_size_before_anything_else():
+def test_big_name_is_refused_by_size_before_anything_else() -> None:
     doc = b"<pool type='dir'><name>" + b"x" * (2 * MAX_XML_BYTES) + b"</name></pool>"
     with pytest.raises(Invalid, match="larger"):
         parse_pool(doc)
@@ -1109,7 +1119,7 @@ def test_big_name_is_refused_by_size_before_anything_else():
         b'{"pool": "json"}',
     ],
 )
-def test_malformed_xml_is_invalid(doc):
+def test_malformed_xml_is_invalid(doc: bytes) -> None:
     with pytest.raises(Invalid):
         parse_pool(doc)
 
@@ -1125,12 +1135,12 @@ def test_malformed_xml_is_invalid(doc):
         (parse_volume, b"<vol><name>v</name><capacity>1</capacity></vol>"),
     ],
 )
-def test_wrong_root_element_is_invalid(func, doc):
+def test_wrong_root_element_is_invalid(func: Callable[[bytes], object], doc: bytes) -> None:
     with pytest.raises(Invalid, match="expected"):
         func(doc)
 
 
-def test_parse_document_drops_comments_and_pis():
+def test_parse_document_drops_comments_and_pis() -> None:
     doc = parse_document(
         b"<?xml version='1.0'?><!-- c --><pool><?pi x?><name>p<!-- y --></name></pool>",
         "pool")
@@ -1141,14 +1151,14 @@ def test_parse_document_drops_comments_and_pis():
 # ---------------------------------------------------------------- DocumentFeeder
 
 
-def _feed_all(feeder, data, size):
-    results = []
+def _feed_all(feeder: DocumentFeeder, data: bytes, size: int) -> list[bool]:
+    results: list[bool] = []
     for i in range(0, len(data), size):
         results.append(feeder.feed(data[i:i + size]))
     return results
 
 
-def test_feeder_byte_by_byte_completes_on_the_last_byte_of_the_root():
+def test_feeder_byte_by_byte_completes_on_the_last_byte_of_the_root() -> None:
     doc = DIR_POOL.rstrip()
     feeder = DocumentFeeder()
     results = _feed_all(feeder, doc, 1)
@@ -1160,7 +1170,7 @@ def test_feeder_byte_by_byte_completes_on_the_last_byte_of_the_root():
 
 
 @pytest.mark.parametrize("size", [2, 3, 7, 64, 4096])
-def test_feeder_in_chunks(size):
+def test_feeder_in_chunks(size: int) -> None:
     feeder = DocumentFeeder()
     results = _feed_all(feeder, RBD_POOL, size)
     assert results[-1] is True
@@ -1170,7 +1180,7 @@ def test_feeder_in_chunks(size):
     assert parse_pool(bytes(feeder.data)) == parse_pool(RBD_POOL)
 
 
-def test_feeder_not_complete_before_root_closes():
+def test_feeder_not_complete_before_root_closes() -> None:
     feeder = DocumentFeeder()
     assert feeder.feed(b"<?xml version='1.0'?>\n") is False
     assert feeder.feed(b"<pool type='dir'>") is False
@@ -1182,19 +1192,19 @@ def test_feeder_not_complete_before_root_closes():
     assert feeder.complete
 
 
-def test_feeder_self_closing_root():
+def test_feeder_self_closing_root() -> None:
     feeder = DocumentFeeder()
     assert feeder.feed(b"<pool/>") is True
 
 
-def test_feeder_nested_element_with_root_name():
+def test_feeder_nested_element_with_root_name() -> None:
     feeder = DocumentFeeder()
     assert feeder.feed(b"<pool><pool></pool>") is False
     assert feeder.feed(b"</pool>") is True
 
 
 @pytest.mark.parametrize("trailer", [b"\n", b"   ", b"\r\n\t", b""])
-def test_feeder_trailing_whitespace(trailer):
+def test_feeder_trailing_whitespace(trailer: bytes) -> None:
     feeder = DocumentFeeder()
     assert feeder.feed(b"<pool type='dir'><name>p</name></pool>") is True
     assert feeder.feed(trailer) is True
@@ -1206,7 +1216,7 @@ def test_feeder_trailing_whitespace(trailer):
     "after",
     [b"<pool/>", b"x", b"\n<pool type='dir'/>", b"  junk  "],
 )
-def test_feeder_data_after_the_end_in_a_later_chunk(after):
+def test_feeder_data_after_the_end_in_a_later_chunk(after: bytes) -> None:
     feeder = DocumentFeeder()
     assert feeder.feed(b"<pool><name>p</name></pool>\n") is True
     with pytest.raises(Invalid, match="after the end"):
@@ -1218,7 +1228,7 @@ def test_feeder_data_after_the_end_in_a_later_chunk(after):
     [b"<!-- a -- b -->", b"<!-- x --->", b"<?xml version='1.0'?>", b"<??>", b"<?xml ?>",
      b"<!-- ok -->\n<? ?>"],
 )
-def test_feeder_a_malformed_comment_or_pi_in_a_later_chunk_is_refused(after):
+def test_feeder_a_malformed_comment_or_pi_in_a_later_chunk_is_refused(after: bytes) -> None:
     # What XML allows after the document, written later: whole comments and processing
     # instructions as XML has them, not whatever lies between their delimiters.
     feeder = DocumentFeeder()
@@ -1234,7 +1244,7 @@ def test_feeder_a_malformed_comment_or_pi_in_a_later_chunk_is_refused(after):
 
 @pytest.mark.parametrize("after", [b"<!---->", b"<!-- a - b -->", b"<?pi x?>",
                                    b"<?xml-stylesheet href='a'?>\n<!-- c -->\n"])
-def test_feeder_good_comments_and_pis_in_a_later_chunk(after):
+def test_feeder_good_comments_and_pis_in_a_later_chunk(after: bytes) -> None:
     feeder = DocumentFeeder()
     assert feeder.feed(b"<pool><name>p</name></pool>\n") is True
     assert feeder.feed(after) is True
@@ -1242,7 +1252,7 @@ def test_feeder_good_comments_and_pis_in_a_later_chunk(after):
 
 
 @pytest.mark.parametrize("after", [b"<pool/>", b"x", b"\n<other/>"])
-def test_feeder_data_after_the_end_in_the_same_chunk(after):
+def test_feeder_data_after_the_end_in_the_same_chunk(after: bytes) -> None:
     feeder = DocumentFeeder()
     with pytest.raises(Invalid):
         feeder.feed(b"<pool><name>p</name></pool>" + after)
@@ -1259,7 +1269,7 @@ def test_feeder_data_after_the_end_in_the_same_chunk(after):
         (b"", b'{"json": 1}'),
     ],
 )
-def test_feeder_syntax_error_is_raised_when_fed(good, bad):
+def test_feeder_syntax_error_is_raised_when_fed(good: bytes, bad: bytes) -> None:
     feeder = DocumentFeeder()
     if good:
         assert feeder.feed(good) is False
@@ -1267,7 +1277,7 @@ def test_feeder_syntax_error_is_raised_when_fed(good, bad):
         feeder.feed(bad)
 
 
-def test_feeder_bad_entity_reference_is_reported_by_the_time_the_root_closes():
+def test_feeder_bad_entity_reference_is_reported_by_the_time_the_root_closes() -> None:
     # A bare '&' is a well-formedness error the bytes show at once. The writer
     # must hear about it from feed(), not be left with an "incomplete" document
     # that never completes however many bytes follow.
@@ -1278,7 +1288,7 @@ def test_feeder_bad_entity_reference_is_reported_by_the_time_the_root_closes():
         feeder.feed(b"</pool>\n")
 
 
-def test_feeder_at_the_size_limit_is_still_fed():
+def test_feeder_at_the_size_limit_is_still_fed() -> None:
     feeder = DocumentFeeder()
     head = b"<pool type='dir'>"
     assert feeder.feed(head) is False
@@ -1288,7 +1298,7 @@ def test_feeder_at_the_size_limit_is_still_fed():
     assert len(feeder.data) == MAX_XML_BYTES
 
 
-def test_feeder_over_size_is_invalid():
+def test_feeder_over_size_is_invalid() -> None:
     feeder = DocumentFeeder()
     feeder.feed(b"<pool type='dir'>")
     chunk = b" " * 65536
@@ -1298,13 +1308,13 @@ def test_feeder_over_size_is_invalid():
     assert len(feeder.data) > MAX_XML_BYTES
 
 
-def test_feeder_over_size_in_one_chunk():
+def test_feeder_over_size_in_one_chunk() -> None:
     feeder = DocumentFeeder()
     with pytest.raises(Invalid, match="larger"):
         feeder.feed(b"<pool>" + b" " * MAX_XML_BYTES)
 
 
-def test_feeder_complete_doctype_document_is_still_refused_by_the_parser():
+def test_feeder_complete_doctype_document_is_still_refused_by_the_parser() -> None:
     # The feeder only says "complete" (it refuses nothing but size); the hardened parser
     # then refuses it.
     feeder = DocumentFeeder()
@@ -1332,7 +1342,7 @@ def test_source_queries_and_specs() -> None:
         source_spec(b"<pool/>")
 
 
-def test_comments_may_follow_the_document_in_later_writes():
+def test_comments_may_follow_the_document_in_later_writes() -> None:
     doc = DIR_POOL + b"\n<!-- made by hand -->\n<?note x?>\n"
     end = DIR_POOL.rindex(b">") + 1
     f = DocumentFeeder()
@@ -1345,7 +1355,7 @@ def test_comments_may_follow_the_document_in_later_writes():
             f.feed(junk)
 
 
-def test_a_document_cut_anywhere_is_read_the_same():
+def test_a_document_cut_anywhere_is_read_the_same() -> None:
     # Comments, a processing instruction and CDATA with ">" and the root's own end tag
     # inside, before and after the root element's end; every cut into three writes.
     doc = (b"<volume><!-- </volume> --><?note a>b?><name>v</name>"
@@ -1368,7 +1378,8 @@ def test_a_document_cut_anywhere_is_read_the_same():
     (b"<", b"!-- c -->"), (b"<!-- x", b" -->"), (b"<?pi", b" x?>"), (b"<!", b"---->"),
     (b"<!-- a --><", b"?b?>"), (b"<!-", b"- c -->\n"),
 ])
-def test_a_document_is_settled_only_once_what_follows_it_is_closed(after, closing):
+def test_a_document_is_settled_only_once_what_follows_it_is_closed(after: bytes,
+                                                                   closing: bytes) -> None:
     # In the same write as the document, bytes that may still become a comment leave it
     # complete but not to be acted on: they may turn out invalid, and a refused write
     # must have done nothing.
@@ -1388,7 +1399,7 @@ def test_a_document_is_settled_only_once_what_follows_it_is_closed(after, closin
     assert parse_pool(bytes(f.data)).name == "default"
 
 
-def test_a_refusal_after_the_document_says_whether_it_was_acted_on():
+def test_a_refusal_after_the_document_says_whether_it_was_acted_on() -> None:
     for acted, outcome in ((False, "nothing was done"), (True, "acted on already")):
         f = DocumentFeeder()
         assert f.feed(DIR_POOL + b"<!-- c -->") and f.settled()
@@ -1405,7 +1416,7 @@ def test_a_refusal_after_the_document_says_whether_it_was_acted_on():
     b"<pool><p:name>x</p:name></pool>", b"<pool p:type='dir'/>",
 ])
 @pytest.mark.parametrize("size", [1, 5, 4096])
-def test_undeclared_prefixes_are_invalid_not_internal_errors(doc, size):
+def test_undeclared_prefixes_are_invalid_not_internal_errors(doc: bytes, size: int) -> None:
     # lxml keeps "p:pool" as the tag, which etree.QName refuses with a ValueError: that
     # was an internal error (EIO with a traceback) instead of EINVAL.
     with pytest.raises(Invalid, match="malformed XML: Namespace prefix p"):
@@ -1417,7 +1428,7 @@ def test_undeclared_prefixes_are_invalid_not_internal_errors(doc, size):
 
 
 @pytest.mark.parametrize("empty", ["<uuid></uuid>", "<uuid/>", "<uuid> \n</uuid>"])
-def test_an_empty_uuid_is_malformed_not_absent(empty):
+def test_an_empty_uuid_is_malformed_not_absent(empty: str) -> None:
     xml = f"<pool type='dir'><name>p</name>{empty}<target><path>/srv/p</path></target></pool>"
     with pytest.raises(Invalid, match="malformed UUID"):
         parse_pool(xml.encode())
@@ -1426,7 +1437,7 @@ def test_an_empty_uuid_is_malformed_not_absent(empty):
         parse_pool(xml.encode(), default_uuid="4d1a8e5f-2b3c-4d5e-8f9a-0b1c2d3e4f50")
 
 
-def test_numbers_beyond_int_parsing_are_invalid_and_said_briefly():
+def test_numbers_beyond_int_parsing_are_invalid_and_said_briefly() -> None:
     huge = "9" * 5000
     vol = "<volume><name>v</name><capacity{}>{}</capacity>{}</volume>"
     cases = [
@@ -1453,7 +1464,7 @@ def test_numbers_beyond_int_parsing_are_invalid_and_said_briefly():
     assert len(info.value.message) < 200
 
 
-def test_live_permissions_keep_the_defined_label():
+def test_live_permissions_keep_the_defined_label() -> None:
     pool = parse_pool(DIR_POOL.replace(b"<group>0</group>",
                                        b"<group>0</group><label>virt_image_t</label>"))
     out = format_pool(pool, PoolStatus(), live_perms=Permissions(0o755, 0, 0))
