@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,7 +45,7 @@ def _names(directory: Path) -> list[str]:
 # ---------------------------------------------------------------- ensure
 
 
-def test_ensure_creates_dir_and_autostart(tmp_path):
+def test_ensure_creates_dir_and_autostart(tmp_path: Path) -> None:
     d = StateDir(tmp_path / "deep" / "er" / "storage")
     assert not d.path.exists()
     d.ensure()
@@ -55,13 +57,13 @@ def test_ensure_creates_dir_and_autostart(tmp_path):
     assert stat.S_IMODE(d.autostart_dir.stat().st_mode) & 0o077 == 0
 
 
-def test_ensure_is_idempotent_and_keeps_contents(sd):
+def test_ensure_is_idempotent_and_keeps_contents(sd: StateDir) -> None:
     sd.save(_pool())
     sd.ensure()
     assert (sd.path / "images.xml").exists()
 
 
-def test_ensure_over_a_file_fails(tmp_path):
+def test_ensure_over_a_file_fails(tmp_path: Path) -> None:
     blocker = tmp_path / "storage"
     blocker.write_text("not a directory")
     with pytest.raises(BackendFailed):
@@ -71,7 +73,7 @@ def test_ensure_over_a_file_fails(tmp_path):
 # ---------------------------------------------------------------- save
 
 
-def test_save_writes_name_xml_that_parses_back(sd):
+def test_save_writes_name_xml_that_parses_back(sd: StateDir) -> None:
     pool = _pool()
     sd.save(pool)
     f = sd.path / "images.xml"
@@ -80,19 +82,19 @@ def test_save_writes_name_xml_that_parses_back(sd):
     assert _names(sd.path) == ["autostart", "images.xml"]
 
 
-def test_save_is_private(sd):
+def test_save_is_private(sd: StateDir) -> None:
     sd.save(_pool())
     assert stat.S_IMODE((sd.path / "images.xml").stat().st_mode) == 0o600
 
 
-def test_save_replaces_a_definition(sd):
+def test_save_replaces_a_definition(sd: StateDir) -> None:
     sd.save(_pool(target="/srv/old"))
     sd.save(_pool(target="/srv/new"))
     assert parse_pool((sd.path / "images.xml").read_bytes()).target_path == "/srv/new"
     assert _names(sd.path) == ["autostart", "images.xml"]
 
 
-def test_save_keeps_everything_of_a_rich_pool(sd):
+def test_save_keeps_everything_of_a_rich_pool(sd: StateDir) -> None:
     pool = PoolDef(
         type="netfs", name="nfs", uuid=UUIDS[0],
         source=PoolSource(hosts=(SourceHost("nfs.example.com", 2049),), dir="/export",
@@ -106,7 +108,7 @@ def test_save_keeps_everything_of_a_rich_pool(sd):
 # ---------------------------------------------------------------- atomic_write
 
 
-def test_atomic_write_creates_and_replaces(tmp_path):
+def test_atomic_write_creates_and_replaces(tmp_path: Path) -> None:
     f = tmp_path / "x.xml"
     atomic_write(f, b"first")
     assert f.read_bytes() == b"first"
@@ -117,7 +119,7 @@ def test_atomic_write_creates_and_replaces(tmp_path):
     assert _names(tmp_path) == ["x.xml"]  # no temporary files left
 
 
-def test_atomic_write_replaces_the_inode(tmp_path):
+def test_atomic_write_replaces_the_inode(tmp_path: Path) -> None:
     # rename, not an in-place rewrite: a reader holding the old file keeps it whole
     f = tmp_path / "x.xml"
     atomic_write(f, b"old")
@@ -127,14 +129,14 @@ def test_atomic_write_replaces_the_inode(tmp_path):
     assert f.read_bytes() == b"new"
 
 
-def test_atomic_write_mode(tmp_path):
+def test_atomic_write_mode(tmp_path: Path) -> None:
     f = tmp_path / "x.xml"
     atomic_write(f, b"data", mode=0o640)
     assert stat.S_IMODE(f.stat().st_mode) & ~0o640 == 0
     assert stat.S_IMODE(f.stat().st_mode) & 0o600 == 0o600
 
 
-def test_atomic_write_empty_and_large(tmp_path):
+def test_atomic_write_empty_and_large(tmp_path: Path) -> None:
     f = tmp_path / "x"
     atomic_write(f, b"")
     assert f.read_bytes() == b""
@@ -143,14 +145,15 @@ def test_atomic_write_empty_and_large(tmp_path):
     assert f.read_bytes() == big
 
 
-def test_atomic_write_failure_keeps_old_content_and_no_temp(tmp_path, monkeypatch):
+def test_atomic_write_failure_keeps_old_content_and_no_temp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "x.xml"
     atomic_write(f, b"old")
 
-    def broken_replace(src, dst):
+    def broken_replace(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(state_mod.os, "replace", broken_replace)
+    monkeypatch.setattr("vsfs.state.os.replace", broken_replace)
     with pytest.raises(OSError):
         atomic_write(f, b"new")
     monkeypatch.undo()
@@ -158,13 +161,14 @@ def test_atomic_write_failure_keeps_old_content_and_no_temp(tmp_path, monkeypatc
     assert _names(tmp_path) == ["x.xml"]
 
 
-def test_atomic_write_failure_while_writing_leaves_no_temp(tmp_path, monkeypatch):
+def test_atomic_write_failure_while_writing_leaves_no_temp(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "x.xml"
 
-    def broken_fsync(fd):
+    def broken_fsync(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(state_mod.os, "fsync", broken_fsync)
+    monkeypatch.setattr("vsfs.state.os.fsync", broken_fsync)
     with pytest.raises(OSError):
         atomic_write(f, b"new")
     monkeypatch.undo()
@@ -174,7 +178,7 @@ def test_atomic_write_failure_while_writing_leaves_no_temp(tmp_path, monkeypatch
 # ---------------------------------------------------------------- autostart
 
 
-def test_set_autostart_makes_a_relative_symlink(sd):
+def test_set_autostart_makes_a_relative_symlink(sd: StateDir) -> None:
     sd.save(_pool())
     sd.set_autostart("images", True)
     link = sd.autostart_dir / "images.xml"
@@ -187,7 +191,7 @@ def test_set_autostart_makes_a_relative_symlink(sd):
     assert _names(sd.autostart_dir) == ["images.xml"]  # no temporary link left
 
 
-def test_autostart_link_survives_moving_the_directory(sd, tmp_path):
+def test_autostart_link_survives_moving_the_directory(sd: StateDir, tmp_path: Path) -> None:
     sd.save(_pool())
     sd.set_autostart("images", True)
     moved = tmp_path / "moved"
@@ -195,7 +199,7 @@ def test_autostart_link_survives_moving_the_directory(sd, tmp_path):
     assert os.path.samefile(moved / "autostart" / "images.xml", moved / "images.xml")
 
 
-def test_set_autostart_twice_and_off(sd):
+def test_set_autostart_twice_and_off(sd: StateDir) -> None:
     sd.save(_pool())
     sd.set_autostart("images", True)
     sd.set_autostart("images", True)
@@ -208,14 +212,14 @@ def test_set_autostart_twice_and_off(sd):
     assert (sd.path / "images.xml").exists()  # the definition stays
 
 
-def test_set_autostart_replaces_a_stale_link(sd):
+def test_set_autostart_replaces_a_stale_link(sd: StateDir) -> None:
     sd.save(_pool())
     (sd.autostart_dir / "images.xml").symlink_to("/etc/libvirt/storage/images.xml")
     sd.set_autostart("images", True)
     assert os.readlink(sd.autostart_dir / "images.xml") == os.path.join("..", "images.xml")
 
 
-def test_set_autostart_needs_a_definition(sd):
+def test_set_autostart_needs_a_definition(sd: StateDir) -> None:
     with pytest.raises(Invalid):
         sd.set_autostart("nosuch", True)
     assert _names(sd.autostart_dir) == []
@@ -224,11 +228,11 @@ def test_set_autostart_needs_a_definition(sd):
 # ---------------------------------------------------------------- load
 
 
-def test_load_empty(sd):
+def test_load_empty(sd: StateDir) -> None:
     assert list(sd.load()) == []
 
 
-def test_load_returns_pools_and_autostart_flags(sd):
+def test_load_returns_pools_and_autostart_flags(sd: StateDir) -> None:
     a = _pool("alpha", UUIDS[0])
     b = _pool("beta", UUIDS[1])
     c = _pool("gamma", UUIDS[2])
@@ -243,14 +247,14 @@ def test_load_returns_pools_and_autostart_flags(sd):
     ]
 
 
-def test_load_after_autostart_off(sd):
+def test_load_after_autostart_off(sd: StateDir) -> None:
     sd.save(_pool())
     sd.set_autostart("images", True)
     sd.set_autostart("images", False)
     assert [s.autostart for s in sd.load()] == [False]
 
 
-def test_load_skips_broken_xml_and_logs(sd, caplog):
+def test_load_skips_broken_xml_and_logs(sd: StateDir, caplog: pytest.LogCaptureFixture) -> None:
     sd.save(_pool("good", UUIDS[0]))
     (sd.path / "broken.xml").write_bytes(b"<pool type='dir'><name>broken</name>")
     (sd.path / "empty.xml").write_bytes(b"")
@@ -265,7 +269,8 @@ def test_load_skips_broken_xml_and_logs(sd, caplog):
     assert (sd.path / "broken.xml").read_bytes() == b"<pool type='dir'><name>broken</name>"
 
 
-def test_load_skips_a_file_whose_name_mismatches_and_logs(sd, caplog):
+def test_load_skips_a_file_whose_name_mismatches_and_logs(sd: StateDir,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     sd.save(_pool("right", UUIDS[0]))
     other = _pool("inside", UUIDS[1])
     sd.save(other)
@@ -280,7 +285,7 @@ def test_load_skips_a_file_whose_name_mismatches_and_logs(sd, caplog):
     assert (sd.path / "outside.xml").exists()
 
 
-def test_load_ignores_other_files(sd):
+def test_load_ignores_other_files(sd: StateDir) -> None:
     sd.save(_pool())
     (sd.path / "README").write_text("not a pool")
     (sd.path / "images.xml.bak").write_text("<pool/>")
@@ -288,7 +293,7 @@ def test_load_ignores_other_files(sd):
     assert [s.pool.name for s in sd.load()] == ["images"]
 
 
-def test_load_treats_a_dangling_autostart_link_as_autostart(sd):
+def test_load_treats_a_dangling_autostart_link_as_autostart(sd: StateDir) -> None:
     # A copy of /etc/libvirt/storage: libvirt's links are absolute and point at
     # the original location, which need not exist here.
     sd.save(_pool("default", UUIDS[0]))
@@ -300,7 +305,7 @@ def test_load_treats_a_dangling_autostart_link_as_autostart(sd):
     assert flags == {"default": True, "other": False}
 
 
-def test_load_copied_libvirt_directory(tmp_path):
+def test_load_copied_libvirt_directory(tmp_path: Path) -> None:
     # The layout libvirt writes: <name>.xml without sizes, autostart/<name>.xml links.
     etc = tmp_path / "etc-libvirt-storage"
     (etc / "autostart").mkdir(parents=True)
@@ -332,7 +337,7 @@ or other application using the libvirt API.
     assert loaded[0].autostart is True
 
 
-def test_autostart_link_without_a_definition_is_not_a_pool(sd):
+def test_autostart_link_without_a_definition_is_not_a_pool(sd: StateDir) -> None:
     (sd.autostart_dir / "ghost.xml").symlink_to("../ghost.xml")
     assert list(sd.load()) == []
 
@@ -340,7 +345,7 @@ def test_autostart_link_without_a_definition_is_not_a_pool(sd):
 # ---------------------------------------------------------------- remove
 
 
-def test_remove_deletes_definition_and_link(sd):
+def test_remove_deletes_definition_and_link(sd: StateDir) -> None:
     sd.save(_pool("keep", UUIDS[0]))
     sd.save(_pool("gone", UUIDS[1]))
     sd.set_autostart("keep", True)
@@ -353,14 +358,14 @@ def test_remove_deletes_definition_and_link(sd):
     assert [(s.pool.name, s.autostart) for s in sd.load()] == [("keep", True)]
 
 
-def test_remove_without_autostart(sd):
+def test_remove_without_autostart(sd: StateDir) -> None:
     sd.save(_pool())
     sd.remove("images")
     assert _names(sd.path) == ["autostart"]
     assert list(sd.load()) == []
 
 
-def test_remove_a_dangling_link_too(sd):
+def test_remove_a_dangling_link_too(sd: StateDir) -> None:
     sd.save(_pool())
     (sd.autostart_dir / "images.xml").symlink_to("/etc/libvirt/storage/images.xml")
     sd.remove("images")
@@ -368,13 +373,13 @@ def test_remove_a_dangling_link_too(sd):
     assert _names(sd.path) == ["autostart"]
 
 
-def test_remove_missing_is_harmless(sd):
+def test_remove_missing_is_harmless(sd: StateDir) -> None:
     sd.save(_pool())
     sd.remove("nosuch")
     assert [s.pool.name for s in sd.load()] == ["images"]
 
 
-def test_longest_pool_name_is_stored(sd):
+def test_longest_pool_name_is_stored(sd: StateDir) -> None:
     name = "n" * 251  # NAME.xml is 255 bytes, the most a file name can have
     sd.save(_pool(name=name))
     assert [p.pool.name for p in sd.load()] == [name]
@@ -383,7 +388,7 @@ def test_longest_pool_name_is_stored(sd):
     assert not [n for n in _names(sd.path) if n.startswith(".")]
 
 
-def test_write_failures_name_the_file(sd):
+def test_write_failures_name_the_file(sd: StateDir) -> None:
     (sd.path / "images.xml").mkdir()  # os.replace onto a directory fails
     with pytest.raises(BackendFailed, match=r"cannot write .*images\.xml: Is a directory"):
         sd.save(_pool())
@@ -403,14 +408,14 @@ def _remove_killed_at(sd: StateDir, monkeypatch: pytest.MonkeyPatch, step: int) 
     calls = 0
     real_unlink, real_fsync = os.unlink, state_mod._fsync_dir
 
-    def count(real, *args, **kwargs):
+    def count(real: Callable[..., object], *args: object, **kwargs: object) -> object:
         nonlocal calls
         if calls == step:
             raise Killed
         calls += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(state_mod.os, "unlink", lambda *a, **k: count(real_unlink, *a, **k))
+    monkeypatch.setattr("vsfs.state.os.unlink", lambda *a, **k: count(real_unlink, *a, **k))
     monkeypatch.setattr(state_mod, "_fsync_dir", lambda *a: count(real_fsync, *a))
     try:
         sd.remove("p")
@@ -421,7 +426,8 @@ def _remove_killed_at(sd: StateDir, monkeypatch: pytest.MonkeyPatch, step: int) 
         monkeypatch.undo()
 
 
-def test_undefine_killed_at_any_step_leaves_the_pool_whole_or_gone(sd, monkeypatch, caplog):
+def test_undefine_killed_at_any_step_leaves_the_pool_whole_or_gone(
+        sd: StateDir, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """rmdir of an autostart pool killed between any two of its syscalls: after the next
     start's cleanup the pool is defined with its autostart, or not defined at all."""
     outcomes = set()
@@ -441,7 +447,7 @@ def test_undefine_killed_at_any_step_leaves_the_pool_whole_or_gone(sd, monkeypat
     assert "pool p has no definition (its undefine was cut short)" in caplog.text
 
 
-def test_remove_litter(sd, caplog):
+def test_remove_litter(sd: StateDir, caplog: pytest.LogCaptureFixture) -> None:
     sd.save(_pool("kept", UUIDS[0]))
     sd.set_autostart("kept", True)
     (sd.path / ".tmp-1a2b3c").write_text("<pool type='dir'><na")
@@ -458,17 +464,18 @@ def test_remove_litter(sd, caplog):
     assert ".tmp-1a2b3c, left by a write that never finished" in caplog.text
 
 
-def test_remove_keeps_the_pool_undefined_when_its_link_cannot_go(sd, monkeypatch, caplog):
+def test_remove_keeps_the_pool_undefined_when_its_link_cannot_go(
+        sd: StateDir, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     sd.save(_pool())
     sd.set_autostart("images", True)
     real = os.unlink
 
-    def unlink(path, *a, **k):
+    def unlink(path: str, *a: Any, **k: Any) -> None:
         if "autostart" in str(path):
             raise OSError(13, "Permission denied")
         return real(path, *a, **k)
 
-    monkeypatch.setattr(state_mod.os, "unlink", unlink)
+    monkeypatch.setattr("vsfs.state.os.unlink", unlink)
     with caplog.at_level(logging.ERROR, logger="vsfs.state"):
         sd.remove("images")  # undefined: the link alone is not a failure
     monkeypatch.undo()
@@ -485,7 +492,7 @@ def _journal(sd: StateDir) -> state_mod.UploadJournal:
     return state_mod.UploadJournal(sd.path / state_mod.JOURNAL_NAME)
 
 
-def test_journal_records_what_is_in_flight_and_goes_at_a_clean_exit(sd):
+def test_journal_records_what_is_in_flight_and_goes_at_a_clean_exit(sd: StateDir) -> None:
     j = _journal(sd)
     a = j.begin(UUIDS[0], "a")
     assert [r.name for r in state_mod.read_in_flight(j.path)] == ["a"]
@@ -505,7 +512,7 @@ def test_journal_records_what_is_in_flight_and_goes_at_a_clean_exit(sd):
     assert _names(sd.path) == ["autostart"]
 
 
-def test_journal_recover_keeps_the_last_record_of_each(sd):
+def test_journal_recover_keeps_the_last_record_of_each(sd: StateDir) -> None:
     j = _journal(sd)
     a = j.begin(UUIDS[0], "a")
     j.identify(a, "file", 1, 2, 3, "/srv/a")
@@ -532,7 +539,7 @@ def test_journal_recover_keeps_the_last_record_of_each(sd):
     assert _names(sd.path) == ["autostart"]
 
 
-def test_journal_is_compacted(sd, monkeypatch):
+def test_journal_is_compacted(sd: StateDir, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(state_mod, "JOURNAL_COMPACT_AT", 4096)
     j = _journal(sd)
     for i in range(100):  # one at a time: emptied in place, the same inode
@@ -549,7 +556,7 @@ def test_journal_is_compacted(sd, monkeypatch):
     assert j.path.stat().st_ino != ino
 
 
-def test_journal_failures_are_backend_failures(tmp_path):
+def test_journal_failures_are_backend_failures(tmp_path: Path) -> None:
     j = state_mod.UploadJournal(tmp_path / "missing" / state_mod.JOURNAL_NAME)
     with pytest.raises(BackendFailed, match="cannot write the journal of uploads"):
         j.begin(UUIDS[0], "v")

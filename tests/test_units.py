@@ -29,7 +29,7 @@ TiB = 1024**4
         (str(MAX_SIZE), MAX_SIZE),
     ],
 )
-def test_parse_size_plain_bytes(text, expected):
+def test_parse_size_plain_bytes(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 
 
@@ -45,7 +45,7 @@ def test_parse_size_plain_bytes(text, expected):
     ],
 )
 @pytest.mark.parametrize("space", ["", " "])
-def test_parse_size_units(suffix, factor, space):
+def test_parse_size_units(suffix: str, factor: int, space: str) -> None:
     assert parse_size(f"10{space}{suffix}") == 10 * factor
 
 
@@ -63,7 +63,7 @@ def test_parse_size_units(suffix, factor, space):
         ("1 tib", TiB),
     ],
 )
-def test_parse_size_unit_case_does_not_matter(text, expected):
+def test_parse_size_unit_case_does_not_matter(text: str, expected: int) -> None:
     assert parse_size(text) == expected
 
 
@@ -82,12 +82,12 @@ def test_parse_size_unit_case_does_not_matter(text, expected):
         ("42", None, 42),
     ],
 )
-def test_parse_size_unit_attribute(number, unit, expected):
+def test_parse_size_unit_attribute(number: str, unit: str, expected: int) -> None:
     # <capacity unit='G'>10</capacity>
     assert parse_size(number, unit) == expected
 
 
-def test_parse_size_boundary_of_64_bits():
+def test_parse_size_boundary_of_64_bits() -> None:
     assert parse_size("15", "EiB") == 15 * 1024**6
     with pytest.raises(Invalid):
         parse_size("16", "EiB")  # exactly 2**64
@@ -98,7 +98,7 @@ def test_parse_size_boundary_of_64_bits():
 
 
 @pytest.mark.parametrize("unit", [None, "G"])
-def test_parse_size_numbers_beyond_int_parsing(unit):
+def test_parse_size_numbers_beyond_int_parsing(unit: str | None) -> None:
     # More than 4300 digits: int() would raise a ValueError of its own (an internal
     # error, EIO with a traceback); these are sizes too large, EINVAL, said briefly.
     for text in ("9" * 5000, "1" * 4301, "1" * 100_000 + "\n"):
@@ -134,24 +134,24 @@ def test_parse_size_numbers_beyond_int_parsing(unit):
         "\u0661\u0660",  # Arabic-Indic "10": not ASCII digits
     ],
 )
-def test_parse_size_rejects(text):
+def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(Invalid):
         parse_size(text)
 
 
 @pytest.mark.parametrize(("text", "unit"), [("10G", "G"), ("10 KiB", "bytes"), ("1b", "b")])
-def test_parse_size_unit_given_twice(text, unit):
+def test_parse_size_unit_given_twice(text: str, unit: str) -> None:
     with pytest.raises(Invalid, match="twice"):
         parse_size(text, unit)
 
 
 @pytest.mark.parametrize("unit", ["Q", "gigs", "KK", "1"])
-def test_parse_size_unknown_unit_attribute(unit):
+def test_parse_size_unknown_unit_attribute(unit: str) -> None:
     with pytest.raises(Invalid):
         parse_size("10", unit)
 
 
-def test_parse_size_error_is_einval():
+def test_parse_size_error_is_einval() -> None:
     with pytest.raises(Invalid) as info:
         parse_size("lots")
     assert info.value.errno == errno.EINVAL
@@ -177,7 +177,7 @@ def test_parse_size_error_is_einval():
         "a-b+c=d@e:f",
     ],
 )
-def test_check_name_accepts(name):
+def test_check_name_accepts(name: str) -> None:
     assert check_name(name) == name
 
 
@@ -207,12 +207,12 @@ def test_check_name_accepts(name):
         "\x1f",
     ],
 )
-def test_check_name_rejects(name):
+def test_check_name_rejects(name: str) -> None:
     with pytest.raises(Invalid):
         check_name(name)
 
 
-def test_check_name_names_what_it_checks():
+def test_check_name_names_what_it_checks() -> None:
     with pytest.raises(Invalid, match="volume name"):
         check_name("a/b", "volume name")
 
