@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -294,8 +296,13 @@ def shown_size(size: int) -> str:
 class Mount:
     """vsfs mounted in the foreground as a child process."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, python: str = sys.executable,
+                 src: Path | None = None) -> None:
         self.root = root
+        # The interpreter (a venv with its own pyfuse3 in --pyfuse3-builds) and the vsfs
+        # checkout it runs (default: the one installed in that interpreter).
+        self.python = python
+        self.src = src
         self.mnt = root / "mnt"
         self.state = root / "state"
         self.images = root / "images"
@@ -311,12 +318,16 @@ class Mount:
     def start(self) -> None:
         for d in (self.mnt, self.state, self.images):
             d.mkdir()
-        argv = [sys.executable, "-m", "vsfs", "mount", str(self.mnt), "--foreground",
+        argv = [self.python, "-m", "vsfs", "mount", str(self.mnt), "--foreground",
                 "--state-dir", str(self.state), "--log-file", str(self.log),
                 "--log-level", "WARNING"]
+        env = None
+        if self.src is not None:
+            env = {**os.environ, "PYTHONPATH": str(self.src)}
         with open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=err)
+                                         stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                         cwd=self.src)
         deadline = time.monotonic() + MOUNT_WAIT
         while not os.path.ismount(self.mnt):
             if self.proc.poll() is not None:
@@ -955,7 +966,324 @@ class FreshFs:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# ---------------------------------------------------------------- pyfuse3 builds
+#
+# --pyfuse3-builds: the same workloads against vsfs mounted on pyfuse3 3.5.0 built
+# without patches (stock) and with each of .ci/patches/ (with those it needs), each
+# build in a venv of its own, all mounted at once and measured in turns, so that every
+# figure is set against stock measured in the same run.
+
+PYFUSE3_VERSION = "3.5.0"
+REPO = Path(__file__).resolve().parents[2]
+PATCH_DIR = REPO / ".ci" / "patches"
+BUILD_CACHE = Path("/var/cache/vsfs-bench")
+LOOP_COUNT = 200  # processes in the loops of one cat / one truncate each
+
+
+@dataclass
+class Build:
+    """pyfuse3 built from its sdist with ``patches`` applied in order."""
+
+    name: str
+    patches: list[Path]
+    # Besides stock, the build this one is compared with: a patch that only applies on
+    # top of another ("Needs:" in its header) is measured on top of it.
+    base: str = "stock"
+    python: str = ""  # its venv's interpreter, once made
+    features: str = ""
+
+
+def patch_name(path: Path) -> str:
+    return path.name.removeprefix("pyfuse3-").removesuffix(".patch")
+
+
+def patch_needs(path: Path) -> list[str]:
+    """The patches (file names) a patch applies on top of: its header's ``Needs:``."""
+    needs: list[str] = []
+    for line in path.read_text().splitlines():
+        if line.startswith(("--- ", "diff ")):
+            break
+        if line.lower().startswith("needs:"):
+            needs += [w for w in line.split(":", 1)[1].split() if w.endswith(".patch")]
+    return needs
+
+
+def plan_builds(patches: list[Path]) -> list[Build]:
+    """stock, each patch (on top of what it needs) and, with two or more, all of them."""
+    by_name = {p.name: p for p in patches}
+    builds = [Build("stock", [])]
+    for p in patches:
+        try:
+            needs = [by_name[n] for n in patch_needs(p)]
+        except KeyError as e:
+            raise BenchError(f"{p.name} needs {e.args[0]}, which is not among the "
+                             "patches") from None
+        name = "+".join([*(patch_name(n) for n in needs), patch_name(p)])
+        builds.append(Build(name, [*needs, p], "+".join(patch_name(n) for n in needs)
+                            or "stock"))
+    if len(patches) > 1:
+        builds.append(Build("all", sorted(patches)))
+    return builds
+
+
+def pinned(module: str) -> str:
+    """``module==VERSION`` as installed where the benchmark runs, else just the name."""
+    try:
+        from importlib.metadata import version  # noqa: PLC0415 (only this mode needs it)
+        return f"{module}=={version(module)}"
+    except Exception:
+        return module
+
+
+def make_build(build: Build, cache: Path) -> None:
+    """The venv of one build under *cache*, keyed by the patches' contents; made once."""
+    digest = hashlib.sha256(PYFUSE3_VERSION.encode())
+    for p in build.patches:
+        digest.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    venv = cache / f"pyfuse3-{PYFUSE3_VERSION}-{build.name}-{digest.hexdigest()[:12]}"
+    build.python = str(venv / "bin" / "python")
+    ready = venv / ".ready"
+    if not ready.exists():
+        print(f"bench: building pyfuse3 {PYFUSE3_VERSION} '{build.name}' in {venv}",
+              file=sys.stderr)
+        shutil.rmtree(venv, ignore_errors=True)
+        run(["/usr/bin/python3", "-m", "venv", str(venv)])
+        pip = [build.python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        run([*pip, *(pinned(m) for m in ("trio", "lxml", "pyudev"))])
+        sdist = cache / f"pyfuse3-{PYFUSE3_VERSION}.tar.gz"
+        if not sdist.exists():
+            run([build.python, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+                 "--no-deps", "--no-binary", "pyfuse3", f"pyfuse3=={PYFUSE3_VERSION}",
+                 "-d", str(cache)])
+        work = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
+        try:
+            run(["tar", "xzf", str(sdist), "-C", str(work)])
+            src = work / f"pyfuse3-{PYFUSE3_VERSION}"
+            for p in build.patches:
+                run(["patch", "-s", "-d", str(src), "-p1", "-i", str(p)])
+            # Every build, stock too, is compiled from Cython by the same Cython, so
+            # that the patches are all that differs.
+            (src / "src" / "pyfuse3" / "__init__.c").unlink()
+            run([*pip, "--no-deps", str(src)])
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        ready.write_text("".join(f"{p.name}\n" for p in build.patches))
+    probe = ("import pyfuse3; f = [n for n, ok in ("
+             "('noflush', hasattr(pyfuse3.FileInfo(), 'noflush')), "
+             "('set_read_spin', hasattr(pyfuse3, 'set_read_spin')), "
+             "('enable_cache_symlinks', hasattr(pyfuse3.Operations, 'enable_cache_symlinks'))"
+             ") if ok]; print(', '.join(f) or 'none')")
+    build.features = run([build.python, "-c", probe]).stdout.strip()
+
+
+# (key, what is timed, what it is for). Each round runs every workload on every build
+# before the next workload, builds in a rotating order.
+BUILD_WORKLOADS = [
+    ("ls_cold", "ls -l volumes/, cold (after drop_caches)", "cache-symlinks, fast loop"),
+    ("ls_warm", "ls -l volumes/, warm (back to back)", "cache-symlinks"),
+    ("stat", "stat volinfo/*/capacity (one stat), expired", "fast loop"),
+    ("cat", "cat volinfo/*/capacity (one cat), expired", "noflush, fast loop"),
+    ("cat_loop", f"{LOOP_COUNT} x cat volinfo/V/capacity (a cat each)", "noflush, read spin"),
+    ("create_loop", f"create {LOOP_COUNT}: a truncate -s 1M each", "read spin, fast loop"),
+    ("create_batch", "create N: one truncate -s 1M for all", "read spin, fast loop"),
+    ("rm", f"rm of those N + {LOOP_COUNT} (one rm)", "fast loop"),
+]
+
+
+def drop_caches() -> None:
+    """Drop the kernel's dentries and inodes (all filesystems: vsfs's cached symlink
+    targets go with their inodes), then read ls back in, and let the FORGETs settle."""
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")
+    run(["ls", "-l", "/usr/bin/ls"])
+    time.sleep(0.5)
+
+
+class BuildBench:
+    """Each build's vsfs, mounted side by side, and the samples of every workload."""
+
+    def __init__(self, root: Path, builds: list[Build], count: int, repeat: int,
+                 src: Path | None) -> None:
+        self.root = root
+        self.builds = builds
+        self.n = count
+        self.repeat = repeat
+        self.src = src
+        self.mounts: dict[str, Mount] = {}
+        self.samples: dict[str, dict[str, list[float]]] = {
+            key: {b.name: [] for b in builds} for key, _, _ in BUILD_WORKLOADS}
+
+    def names(self, prefix: str, count: int) -> list[str]:
+        return [f"{prefix}{i:04d}" for i in range(1, count + 1)]
+
+    def start(self) -> None:
+        for b in self.builds:
+            m = Mount(self.root / b.name, b.python, self.src)
+            self.mounts[b.name] = m
+            (self.root / b.name).mkdir()
+            m.start()
+            vols = m.pool / "volumes"
+            run(["truncate", "-s", "1M", *(str(vols / n) for n in self.names("v", self.n))])
+            churn = self.root / b.name / "churn"
+            churn.mkdir()
+            (m.mnt / "pools" / "define").write_text(
+                f"<pool type='dir'><name>churn</name><target><path>{churn}</path>"
+                "</target></pool>")
+            (m.mnt / "pools" / "churn" / "ctl").write_text("start\n")
+
+    def stop(self) -> None:
+        for m in self.mounts.values():
+            m.stop()
+
+    def sample(self, key: str, build: str, argv: Sequence[str],
+               check: Callable[[str], None]) -> None:
+        ms, out = timed(argv)
+        check(out)
+        self.samples[key][build].append(ms)
+
+    def round(self, order: list[Build]) -> None:
+        n = self.n
+        drop_caches()
+        for b in order:
+            vols = self.mounts[b.name].pool / "volumes"
+            self.sample("ls_cold", b.name, ["ls", "-l", str(vols)],
+                        lambda out: check_lines("ls -l", out, n + 1))
+        for b in order:
+            vols = self.mounts[b.name].pool / "volumes"
+            run(["ls", "-l", str(vols)])
+            self.sample("ls_warm", b.name, ["ls", "-l", str(vols)],
+                        lambda out: check_lines("ls -l", out, n + 1))
+        # (stat -c %s gives a value file's size, which vsfs need not know before a read.)
+        for key, script, value in (
+                ("stat", 'cd "$1" && exec stat -c %s volinfo/*/capacity', None),
+                ("cat", 'cd "$1" && exec cat volinfo/*/capacity', str(SIZE))):
+            time.sleep(KERNEL_TIMEOUT + 0.1)
+            for b in order:
+                self.sample(key, b.name, bash(script, str(self.mounts[b.name].pool)),
+                            functools.partial(check_lines, key, expected=n, value=value))
+        loop = 'for i in $(seq "$2"); do cat "$1" || exit 1; done'
+        for b in order:
+            capfile = self.mounts[b.name].pool / "volinfo" / "v0001" / "capacity"
+            self.sample("cat_loop", b.name, bash(loop, str(capfile), str(LOOP_COUNT)),
+                        lambda out: check_lines("cat loop", out, LOOP_COUNT, str(SIZE)))
+        loop = 'for i in $(seq -w 1 "$2"); do truncate -s 1M "$1/c0$i" || exit 1; done'
+        for b in order:
+            vols = self.mounts[b.name].mnt / "pools" / "churn" / "volumes"
+            self.sample("create_loop", b.name, bash(loop, str(vols), str(LOOP_COUNT)),
+                        lambda out: None)
+        for b in order:
+            vols = self.mounts[b.name].mnt / "pools" / "churn" / "volumes"
+            self.sample("create_batch", b.name,
+                        ["truncate", "-s", "1M", *(str(vols / w) for w in self.names("w", n))],
+                        lambda out: None)
+        for b in order:
+            churn = self.root / b.name / "churn"
+            made = len(os.listdir(churn))
+            if made != n + LOOP_COUNT:
+                raise BenchError(f"{b.name}: {made} volumes in the churn pool, expected "
+                                 f"{n + LOOP_COUNT}")
+            vols = self.mounts[b.name].mnt / "pools" / "churn" / "volumes"
+            self.sample("rm", b.name, bash('rm "$1"/*', str(vols)), lambda out: None)
+            if os.listdir(churn):
+                raise BenchError(f"{b.name}: rm left {len(os.listdir(churn))} images")
+
+    def run(self) -> None:
+        for r in range(self.repeat):
+            k = r % len(self.builds)
+            self.round(self.builds[k:] + self.builds[:k])
+            print(f"bench: round {r + 1} of {self.repeat} done", file=sys.stderr)
+
+
+def builds_table(bench: BuildBench) -> str:
+    """Workload x build: medians, each build's relative to stock's of the same run; for a
+    build measured on top of another, also relative to that one."""
+    builds = bench.builds
+    on_top = [b for b in builds if b.base != "stock"]
+    head = ("workload", "stock", *(b.name for b in builds[1:]),
+            *(f"{b.name} / {b.base}" for b in on_top), "stock min-max")
+    body = []
+    for key, what, _ in BUILD_WORKLOADS:
+        s = bench.samples[key]
+        med = {b.name: median(s[b.name]) for b in builds}
+        stock = med["stock"]
+        body.append((
+            what, fmt_ms(stock),
+            *(f"{fmt_ms(med[b.name])} {med[b.name] / stock:.2f}x" for b in builds[1:]),
+            *(f"{med[b.name] / med[b.base]:.2f}x" for b in on_top),
+            f"{fmt_ms(min(s['stock']))}-{fmt_ms(max(s['stock']))}"))
+    return "\n".join(grid(head, body))
+
+
+def bench_builds(args: argparse.Namespace) -> int:
+    """--pyfuse3-builds: make (or reuse) the builds, mount one vsfs on each, measure."""
+    patches = args.patch or sorted(PATCH_DIR.glob("pyfuse3-*.patch"))
+    try:
+        builds = plan_builds([p.resolve() for p in patches])
+        args.build_cache.mkdir(parents=True, exist_ok=True)
+        for b in builds:
+            make_build(b, args.build_cache)
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    if os.geteuid() != 0:
+        print("bench: --pyfuse3-builds needs root (drop_caches, tmpfs)", file=sys.stderr)
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="vsfs-bench-builds-", dir=args.workdir))
+    # Everything on a tmpfs of its own: no ext4 inode allocation noise in the creations.
+    run(["mount", "-t", "tmpfs", "-o", "size=1G,mode=0755", "vsfs-bench", str(root)])
+    bench = BuildBench(root, builds, args.count, args.repeat, args.src)
+    try:
+        status = run_status(bench.start, bench.run)
+    finally:
+        bench.stop()
+        for name, m in bench.mounts.items():
+            if m.rc not in (0, None) or m.traceback_in_log():
+                print(f"warning: {name}: the daemon exited with {m.rc}; its log:\n"
+                      f"{m.log.read_text(errors='replace')[-2000:] if m.log.exists() else ''}",
+                      file=sys.stderr)
+                status = status or 1
+        if any(os.path.ismount(m.mnt) for m in bench.mounts.values()):
+            print(f"warning: a vsfs mount is left under {root}", file=sys.stderr)
+        else:
+            subprocess.run(["umount", str(root)], check=False)
+            shutil.rmtree(root, ignore_errors=True)
+    if status:
+        return status
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    print(f"\n{date}, {platform.machine()}, {os.cpu_count()} CPUs, kernel "
+          f"{platform.release()}, Python {platform.python_version()}, vsfs "
+          f"{revision() if args.src is None else args.src}, N = {args.count}, "
+          f"medians of {args.repeat} rounds, all on tmpfs\n")
+    for b in builds:
+        print(f"  {b.name}: {', '.join(p.name for p in b.patches) or 'no patches'} "
+              f"(pyfuse3 has: {b.features})")
+    print()
+    print(builds_table(bench))
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "date": date, "kernel": platform.release(), "count": args.count,
+            "repeat": args.repeat,
+            "builds": [{"name": b.name, "patches": [p.name for p in b.patches],
+                        "base": b.base, "features": b.features} for b in builds],
+            "samples_ms": bench.samples}, indent=2) + "\n")
+        print(f"\nfigures written to {args.json}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
+
+
+def run_status(*steps: Callable[[], None]) -> int:
+    """Run the steps; the exit status, with a benchmark error or ^C printed as one line."""
+    try:
+        for step in steps:
+            step()
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -972,6 +1300,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--clone-size", metavar="SIZE", default="2G",
                    help="the volume of random data cloned while volumes are created and "
                         "removed (K/M/G/T; default 2G; needs twice that free; 0: skip)")
+    p.add_argument("--pyfuse3-builds", action="store_true",
+                   help="instead of the run above: vsfs on pyfuse3 built stock, with each "
+                        "patch of .ci/patches (or --patch) and with all, side by side "
+                        "(root only)")
+    p.add_argument("--patch", type=Path, action="append", default=[],
+                   help="with --pyfuse3-builds: a patch to measure (repeatable; default "
+                        ".ci/patches/pyfuse3-*.patch)")
+    p.add_argument("--build-cache", type=Path, default=BUILD_CACHE,
+                   help=f"with --pyfuse3-builds: where the builds' venvs are kept "
+                        f"(default {BUILD_CACHE})")
+    p.add_argument("--src", type=Path, default=None,
+                   help="with --pyfuse3-builds: the vsfs checkout to mount (default: the "
+                        "one each build's python finds, i.e. this one)")
     args = p.parse_args(argv)
     if args.count < 1 or args.repeat < 1:
         p.error("--count and --repeat must be at least 1")
@@ -986,6 +1327,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.pyfuse3_builds:
+        return bench_builds(args)
     tools = ["fusermount3", "truncate", "bash", "ls", "find", "cat", "rm", "seq"]
     if args.fresh_fs is not None:
         tools += ["mkfs.ext4", "losetup", "mount", "umount"]
@@ -1015,17 +1358,9 @@ def bench_in(args: argparse.Namespace, workdir: Path) -> int:
         revision=revision(),
     )
     mount = Mount(root)
-    status = 0
+    bench = Bench(root, args.count, args.repeat, res, args.clone_size)
     try:
-        mount.start()
-        bench = Bench(root, args.count, args.repeat, res, args.clone_size)
-        bench.run(mount)
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        status = 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        status = 130
+        status = run_status(mount.start, lambda: bench.run(mount))
     finally:
         mount.stop()
         res.daemon_rc = mount.rc
