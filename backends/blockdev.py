@@ -6,9 +6,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import json
 import os
-import re
 import stat
 from collections.abc import Collection, Iterator
 
@@ -18,30 +16,25 @@ from vsfs import jobs
 from vsfs.errors import Busy, os_failure
 from vsfs.model import Volume
 from vsfs.proc import BlkdiscardProgress, run
+from vsfs.watchdog import read_mountinfo
+
+from .cmdout import json_object, objects, string
 
 
 def _mount_table() -> list[tuple[str, str, str]]:
-    """(major:minor, mount point, source) of every mount."""
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            out.append((fields[2], fields[4].replace("\\040", " "), fields[sep + 2]))
-    return out
+    """(major:minor, mount point, source) of every mount. Blocking."""
+    return [(m.device, m.mount_point, m.source) for m in read_mountinfo()]
 
 
 def filesystem_type(path: str) -> str:
     """The type of the filesystem ``path`` is on (the deepest mount holding it). Blocking."""
     real = os.path.realpath(path)
     best, fstype = "", ""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split()
-            mnt = fields[4].replace("\\040", " ")
-            inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
-            if inside and len(mnt) >= len(best):
-                best, fstype = mnt, fields[fields.index("-") + 1]
+    for mount in read_mountinfo():
+        mnt = mount.mount_point
+        inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+        if inside and len(mnt) >= len(best):
+            best, fstype = mnt, mount.fstype
     return fstype
 
 
@@ -211,11 +204,6 @@ def users(files: Collection[str] = (), devices: Collection[str] = (),
     return found
 
 
-def _unescape(field: str) -> str:
-    """A path of /proc/self/mountinfo: space, tab, newline and backslash are octal there."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def _within(path: str, top: str) -> str | None:
     """``path`` below (or at) the directory ``top``, as a relative tail ("" at ``top``);
     None when it is not. Both as the kernel names them."""
@@ -230,11 +218,7 @@ def _aliases(real: str) -> list[str]:
     """``real`` (a directory, resolved) and the other names mounts give it: the same
     directory seen through a bind mount (a container's view of a pool), where /proc names
     the files a process opened there. Blocking."""
-    mounts = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split()
-            mounts.append((fields[2], _unescape(fields[3]), _unescape(fields[4])))
+    mounts = [(m.device, m.root, m.mount_point) for m in read_mountinfo()]
     holding = [(dev, root, mnt) for dev, root, mnt in mounts if _within(real, mnt) is not None]
     if not holding:
         return [real]
@@ -467,18 +451,42 @@ async def zero_range(path: str, size: int) -> None:
             await trio.to_thread.run_sync(os.close, fd, abandon_on_cancel=True)
 
 
+# wipefs --no-act --json DEV (util-linux 2.38.1); nothing found: an empty list (older
+# versions print nothing at all):
+#   {
+#      "signatures": [
+#         {
+#            "device": "gpt.img",
+#            "offset": "0x200",
+#            "type": "gpt",
+#            "uuid": null,
+#            "label": null
+#         },{
+def parse_wipefs(text: str) -> list[str]:
+    """The type of each signature ``wipefs --json`` found, in its order."""
+    if not text.strip():
+        return []
+    what = "wipefs"
+    rows = objects(json_object(text, what).get("signatures", []), what)
+    return [string(row, "type", what) for row in rows]
+
+
 async def signatures(dev: str) -> list[str]:
     """Filesystems, partition tables and RAID/LVM labels found on a device or file."""
-    out = await run(["wipefs", "--no-act", "--json", dev])
-    if not out.strip():
-        return []
-    return [str(s.get("type")) for s in json.loads(out).get("signatures", [])]
+    return parse_wipefs(await run(["wipefs", "--no-act", "--json", dev]))
+
+
+# losetup --associated FILE --output NAME --noheadings (util-linux 2.38.1):
+#   /dev/loop1
+#   /dev/loop0
+def parse_loop_names(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 async def loops_of(path: str) -> list[str]:
     """Loop devices backed by a file."""
-    out = await run(["losetup", "--associated", path, "--output", "NAME", "--noheadings"])
-    return [line.strip() for line in out.splitlines() if line.strip()]
+    return parse_loop_names(await run(["losetup", "--associated", path, "--output", "NAME",
+                                       "--noheadings"]))
 
 
 async def detach_loop(dev: str) -> None:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import secrets
 import stat
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -40,6 +39,7 @@ from vsfs.proc import DEFAULT_TIMEOUT, Growth, ProgressWatch, QemuImgProgress, r
 
 from . import blockdev
 from .base import Backend, Services, Snapshot, T
+from .cmdout import integer, json_list, json_object, objects, unexpected
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ log = logging.getLogger(__name__)
 TEMP_PREFIX = ".vsfs-new-"
 
 
-def _image_options(info: dict[str, object]) -> list[str]:
-    """qemu-img create options that remake an image as qemu-img info describes it
-    (qcow2's cluster size, compat level and lazy refcounts)."""
+def image_options(info: dict[str, object]) -> list[str]:
+    """The qemu-img create options (for -o) that remake an image as qemu-img info
+    describes it (qcow2's cluster size, compat level and lazy refcounts)."""
     opts: list[str] = []
     if info.get("format") not in ("qcow2", "qed"):
         return opts
@@ -63,7 +63,86 @@ def _image_options(info: dict[str, object]) -> list[str]:
             opts.append(f"compat={data['compat']}")
         if data.get("lazy-refcounts"):
             opts.append("lazy_refcounts=on")
-    return ["-o", ",".join(opts)] if opts else []
+    return opts
+
+
+def create_options(vdef: VolumeDef, fmt: str) -> list[str]:
+    """The qemu-img create options (for -o) a volume's XML asks for."""
+    opts = []
+    if vdef.allocation and vdef.allocation >= vdef.capacity and fmt in ("qcow2", "qed"):
+        opts.append("preallocation=falloc")
+    if vdef.compat:
+        opts.append(f"compat={vdef.compat}")
+    if vdef.lazy_refcounts:
+        opts.append("lazy_refcounts=on")
+    if vdef.cluster_size:
+        opts.append(f"cluster_size={vdef.cluster_size}")
+    return opts
+
+
+def qemu_img_create_argv(fmt: str, path: str, size: int | None, options: Sequence[str] = (),
+                         backing: tuple[str, str] | None = None) -> list[str]:
+    """qemu-img create of an image at ``path``; ``backing`` is (path, format); no
+    ``size``: an overlay as large as its backing file."""
+    argv = ["qemu-img", "create", "-q", "-f", fmt]
+    if options:
+        argv += ["-o", ",".join(options)]
+    if backing is not None:
+        argv += ["-b", backing[0], "-F", backing[1]]
+    return [*argv, path, *([] if size is None else [str(size)])]
+
+
+def qemu_img_convert_argv(src_fmt: str, fmt: str, src: str, dst: str) -> list[str]:
+    """qemu-img convert (with progress) of ``src`` into a new image ``dst``."""
+    return ["qemu-img", "convert", "-U", "-p", "-f", src_fmt, "-O", fmt, src, dst]
+
+
+def qemu_img_resize_argv(fmt: str, path: str, capacity: int, shrink: bool) -> list[str]:
+    return ["qemu-img", "resize", "-q", "-f", fmt, *(["--shrink"] if shrink else []), path,
+            str(capacity)]
+
+
+# qemu-img info -U --output=json FILE (qemu-img 7.2), one object (pretty-printed):
+#   {
+#       "backing-filename-format": "raw",
+#       "virtual-size": 20971520,
+#       "filename": "relative.qcow2",
+#       "cluster-size": 65536,
+#       "format": "qcow2",
+#       "actual-size": 200704,
+#       "format-specific": {"type": "qcow2", "data": {"compat": "1.1", ...}},
+#       "full-backing-filename": "raw.img",
+#       "backing-filename": "raw.img",
+#       "dirty-flag": false
+#   }
+def parse_image_info(text: str, what: str) -> dict[str, object]:
+    return json_object(text, what)
+
+
+def image_facts(info: dict[str, object], file_size: int,
+                what: str) -> tuple[str, int, str | None, str | None]:
+    """Format (libvirt's name), capacity, backing file and its format of an image as
+    qemu-img info describes it; a file whose size is not given is ``file_size``."""
+    fmt = info.get("format", "raw")
+    if not isinstance(fmt, str):
+        raise unexpected(what, f"format={fmt!r}")
+    capacity = integer(info, "virtual-size", what) if "virtual-size" in info else file_size
+    bpath = info.get("full-backing-filename") or info.get("backing-filename")
+    bfmt = info.get("backing-filename-format")
+    return (_QEMU_TO_LIBVIRT.get(fmt, fmt), capacity,
+            bpath if isinstance(bpath, str) else None, str(bfmt) if bfmt else None)
+
+
+# qemu-img map -U --output=json -f qcow2 FILE (qemu-img 7.2), one extent a line:
+#   [{ "start": 0, "length": 1048576, "depth": 0, "present": true, "zero": false,
+#      "data": true, "offset": 327680},
+#   { "start": 1048576, "length": 32505856, "depth": 0, "present": false, "zero": true,
+#     "data": false}]
+def parse_image_map(text: str) -> list[tuple[int, int, bool]]:
+    """(start, length, holds data) of each extent qemu-img map lists."""
+    what = "qemu-img map"
+    return [(integer(ext, "start", what), integer(ext, "length", what), bool(ext.get("data")))
+            for ext in objects(json_list(text, what), what)]
 
 
 def _put_in_place(tmp: str, path: str) -> None:
@@ -187,10 +266,7 @@ class _Probe:
 
 async def qemu_img_info(path: str) -> dict[str, object]:
     out = await run(["qemu-img", "info", "-U", "--output=json", path], timeout=60)
-    info = json.loads(out)
-    if not isinstance(info, dict):
-        raise BackendFailed(f"qemu-img info {path}: unexpected output")
-    return info
+    return parse_image_info(out, f"qemu-img info {path}")
 
 
 # Filesystems on local storage, whose syscalls return in microseconds (network and FUSE
@@ -406,17 +482,13 @@ class DirBackend(Backend):
     async def _probe_image(self, vol: Volume) -> Volume:
         info = await qemu_img_info(vol.path)
         st = await trio.to_thread.run_sync(os.stat, vol.path)
-        fmt = str(info.get("format", "raw"))
-        fmt = _QEMU_TO_LIBVIRT.get(fmt, fmt)
-        capacity = int(info.get("virtual-size", st.st_size))  # type: ignore[call-overload]
+        fmt, capacity, bpath, bfmt = image_facts(info, st.st_size, f"qemu-img info {vol.path}")
         backing = None
-        bpath = info.get("full-backing-filename") or info.get("backing-filename")
-        if isinstance(bpath, str):
-            bfmt = info.get("backing-filename-format")
+        if bpath is not None:
             # Resolved, so that the in-use check finds it however the image spells it.
             real = (await trio.to_thread.run_sync(os.path.realpath, bpath)
                     if bpath.startswith("/") else None)
-            backing = BackingStore(bpath, str(bfmt) if bfmt else None, real)
+            backing = BackingStore(bpath, bfmt, real)
         self._probes[vol.name] = _Probe((st.st_ino, st.st_size, st.st_mtime_ns), fmt, capacity,
                                         backing)
         return replace(self._stat_volume(vol.name, st), format=fmt, capacity=capacity,
@@ -590,23 +662,14 @@ class DirBackend(Backend):
 
     async def _create_image(self, vdef: VolumeDef, fmt: str) -> None:
         path, mode, uid, gid = await trio.to_thread.run_sync(self._claim, vdef)
-        argv = ["qemu-img", "create", "-q", "-f", fmt]
-        opts = []
-        if vdef.allocation and vdef.allocation >= vdef.capacity and fmt in ("qcow2", "qed"):
-            opts.append("preallocation=falloc")
-        if vdef.compat:
-            opts.append(f"compat={vdef.compat}")
-        if vdef.lazy_refcounts:
-            opts.append("lazy_refcounts=on")
-        if vdef.cluster_size:
-            opts.append(f"cluster_size={vdef.cluster_size}")
-        if opts:
-            argv += ["-o", ",".join(opts)]
+        backing = None
         if vdef.backing is not None:
-            argv += ["-b", vdef.backing.path, "-F", await self._backing_format(vdef.backing)]
+            backing = (vdef.backing.path, await self._backing_format(vdef.backing))
         # An overlay without a capacity takes its backing file's, as in libvirt.
-        size = [] if vdef.backing is not None and not vdef.capacity else [str(vdef.capacity)]
-        await self._made_by(lambda tmp: [*argv, tmp, *size], path, mode, uid, gid)
+        size = None if vdef.backing is not None and not vdef.capacity else vdef.capacity
+        opts = create_options(vdef, fmt)
+        await self._made_by(lambda tmp: qemu_img_create_argv(fmt, tmp, size, opts, backing),
+                            path, mode, uid, gid)
 
     async def _backing_format(self, backing: BackingStore) -> str:
         """The backing file's format as given, else as qemu-img finds it (as libvirt
@@ -653,20 +716,22 @@ class DirBackend(Backend):
         fmt = vdef.format or src_fmt
         path, mode, uid, gid = await trio.to_thread.run_sync(self._claim, vdef)
         total = source.capacity
+        make: Callable[[str], list[str]]
         if fmt == "raw" and src_fmt == "raw":
             # Shares extents where the filesystem can (xfs, btrfs), else a sparse copy.
-            argv = ["cp", "--reflink=auto", "--sparse=always", "--no-preserve=all", "-T",
-                    source.path]
+            def make(tmp: str) -> list[str]:
+                return ["cp", "--reflink=auto", "--sparse=always", "--no-preserve=all", "-T",
+                        source.path, tmp]
 
             def progress(tmp: str) -> ProgressWatch:
                 return Growth(tmp, total)  # cp says nothing; it writes from start to end
         else:
-            argv = ["qemu-img", "convert", "-U", "-p", "-f", src_fmt, "-O", fmt, source.path]
+            def make(tmp: str) -> list[str]:
+                return qemu_img_convert_argv(src_fmt, fmt, source.path, tmp)
 
             def progress(tmp: str) -> ProgressWatch:
                 return QemuImgProgress(total)
-        await self._made_by(lambda tmp: [*argv, tmp], path, mode, uid, gid, timeout=3600,
-                            progress=progress)
+        await self._made_by(make, path, mode, uid, gid, timeout=3600, progress=progress)
         try:
             vol = await self.volume(vdef.name)
             if vdef.capacity > source.capacity:
@@ -770,11 +835,9 @@ class DirBackend(Backend):
             capacity = -(-capacity // 512) * 512
             if capacity < vol.capacity:
                 await self._check_image_tail_empty(vol, capacity)
-            argv = ["qemu-img", "resize", "-q", "-f", vol.format]
-            if capacity < vol.capacity:
-                argv.append("--shrink")
             try:
-                await run([*argv, vol.path, str(capacity)])
+                await run(qemu_img_resize_argv(vol.format, vol.path, capacity,
+                                               capacity < vol.capacity))
             except BackendFailed as e:
                 if "does not support resize" in e.message:
                     raise Unsupported(f"{vol.format} images cannot be resized") from None
@@ -805,9 +868,8 @@ class DirBackend(Backend):
 
     async def _check_image_tail_empty(self, vol: Volume, capacity: int) -> None:
         out = await run(["qemu-img", "map", "-U", "--output=json", "-f", vol.format, vol.path])
-        for ext in json.loads(out):
-            end = int(ext["start"]) + int(ext["length"])
-            if ext.get("data") and end > capacity:
+        for start, length, data in parse_image_map(out):
+            if data and start + length > capacity:
                 raise Invalid(f"shrinking {vol.name} to {capacity} bytes would discard data")
 
     async def wipe_volume(self, vol: Volume) -> None:
@@ -839,11 +901,12 @@ class DirBackend(Backend):
             raise Unsupported(f"volume {vol.name!r} is encrypted: a fresh image would not be "
                               "(vsfs does not create encrypted volumes)")
         tmp = self.path_of(f"{TEMP_PREFIX}{secrets.token_hex(8)}")
-        argv = ["qemu-img", "create", "-q", "-f", vol.format, *_image_options(info)]
+        backing = None
         if vol.backing is not None:
-            argv += ["-b", vol.backing.path, "-F", await self._backing_format(vol.backing)]
+            backing = (vol.backing.path, await self._backing_format(vol.backing))
+        argv = qemu_img_create_argv(vol.format, tmp, vol.capacity, image_options(info), backing)
         try:
-            await run([*argv, tmp, str(vol.capacity)], umask=0o077, dies_with_daemon=True)
+            await run(argv, umask=0o077, dies_with_daemon=True)
             await trio.to_thread.run_sync(
                 self._set_perms, tmp, vol.mode or DEFAULT_VOL_MODE,
                 vol.owner if vol.owner is not None else -1,

@@ -55,22 +55,45 @@ class Table:
 
 
 def _bytes(text: str) -> int:
-    return int(text.rstrip("B"))
+    if not text.endswith("B") or not text[:-1].isdigit():
+        raise ValueError(text)
+    return int(text[:-1])
 
 
+# parted -s -m DEV unit B print free (parted 3.5): "BYT;", the device (path, size, transport,
+# sector sizes, label, model), then partitions (number, start, end, size, filesystem, name,
+# flags) and free extents (number 1, start, end, size, "free"), all ";"-terminated:
+#   BYT;
+#   /dev/loop0:67108864B:loopback:512:512:gpt:Loopback device:;
+#   1:17408B:1048575B:1031168B:free;
+#   1:1048576B:9437183B:8388608B::data:;
+#   2:9437184B:26214399B:16777216B::my disk:;
+#   1:26214400B:41943039B:15728640B:free;
+# A disk with no label: "Error: ...: unrecognised disk label" on stderr, exit status 1.
 def parse_parted(out: str) -> Table:
     lines = [ln.rstrip(";") for ln in out.splitlines() if ln.strip()]
-    if len(lines) < 2 or lines[0] != "BYT":
+    if len(lines) < 2 or lines[0] != "BYT" or len(dev := lines[1].split(":")) < 6:
         raise BackendFailed(f"parted: unexpected output {out[:80]!r}")
-    dev = lines[1].split(":")
     parts, free = [], []
-    for ln in lines[2:]:
-        f = ln.split(":")
-        if len(f) >= 5 and f[4] == "free":
-            free.append((_bytes(f[1]), _bytes(f[2])))
-        elif len(f) >= 6:
-            parts.append(Partition(int(f[0]), _bytes(f[1]), _bytes(f[2]), f[5]))
-    return Table(_bytes(dev[1]), dev[5], tuple(parts), tuple(free))
+    try:
+        for ln in lines[2:]:
+            f = ln.split(":")
+            if len(f) >= 5 and f[4] == "free":
+                free.append((_bytes(f[1]), _bytes(f[2])))
+            elif len(f) >= 6:
+                parts.append(Partition(int(f[0]), _bytes(f[1]), _bytes(f[2]), f[5]))
+            else:
+                raise ValueError(ln)
+        return Table(_bytes(dev[1]), dev[5], tuple(parts), tuple(free))
+    except ValueError as e:
+        raise BackendFailed(f"parted: unexpected line {str(e)[:80]!r}") from None
+
+
+def mkpart_argv(dev: str, kind: str, start: int, size: int) -> list[str]:
+    """parted making a partition of ``size`` bytes at ``start`` exactly (no alignment of
+    its own: vsfs aligns); ``kind`` is a gpt partition's name, else primary."""
+    return ["parted", "-s", "-a", "none", dev, "unit", "B", "mkpart", kind, str(start),
+            str(start + size - 1)]
 
 
 def partition_node(dev: str, number: int) -> str:
@@ -250,8 +273,7 @@ class DiskBackend(BlockBackend):
         kind = name if table.label == "gpt" else "primary"
         before = {p.number for p in table.partitions}
         try:
-            await run(["parted", "-s", "-a", "none", self.dev, "unit", "B", "mkpart", kind,
-                       str(start), str(start + size - 1)])
+            await run(mkpart_argv(self.dev, kind, start, size))
             table = await self._table_now()
             part = self._made_at(table, before, start, size)
             if part is None:

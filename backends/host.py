@@ -7,6 +7,7 @@ without udevd, so a loop device attached with losetup shows up at once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import pyudev
 import trio
+
+from vsfs.watchdog import read_mountinfo
 
 from .blockdev import read_sysfs
 
@@ -69,14 +72,9 @@ def _parent_attr(dev: pyudev.Device, name: str) -> str:
 def _mounts() -> dict[str, list[str]]:
     """Mount points by "major:minor" of the mounted device."""
     out: dict[str, list[str]] = {}
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split()
-                mnt = fields[4].replace("\\040", " ")
-                out.setdefault(fields[2], []).append(mnt)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        for mount in read_mountinfo():
+            out.setdefault(mount.device, []).append(mount.mount_point)
     return out
 
 

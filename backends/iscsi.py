@@ -99,9 +99,16 @@ async def discover(portal: str, iface: str | None = None,
         out = await run(argv, timeout=60)
     except BackendFailed as e:
         raise _iscsi_error(e, f"discovery at {portal}") from None
+    return parse_sendtargets(out)
+
+
+# iscsiadm --mode discovery --type sendtargets --portal PORTAL (open-iscsi 2.1.8): one
+# "PORTAL,TPGT TARGET" a line; other lines (none seen) are left out:
+#   127.0.0.1:3260,1 iqn.2003-01.org.example:vsfs-t1
+def parse_sendtargets(text: str) -> dict[str, list[str]]:
+    """IQN -> its portals ("addr:port"), in the order listed."""
     targets: dict[str, list[str]] = {}
-    for line in out.splitlines():
-        # "127.0.0.1:3260,1 iqn.2003-01.org.example:t1"
+    for line in text.splitlines():
         parts = line.split()
         if len(parts) == 2 and ISCSI_NAME.match(parts[1]):
             targets.setdefault(parts[1], []).append(parts[0].rsplit(",", 1)[0])

@@ -37,6 +37,40 @@ _TARGET = re.compile(r"^Target:(\S+)\s+Portal:(\S+)")
 _LUN = re.compile(r"^Lun:(\d+)\s+Type:(\S+)")
 
 
+# iscsi-ls -i INITIATOR -s iscsi://PORTAL/ (libiscsi 1.19): each target, then (with -s)
+# its LUNs; without -s only the Target lines:
+#   Target:iqn.2003-01.org.example:vsfs-t1 Portal:127.0.0.1:13260,1
+#   Lun:0    Type:STORAGE_ARRAY_CONTROLLER
+#   Lun:1    Type:DIRECT_ACCESS (Size:15M)
+def parse_iscsi_ls(text: str) -> dict[str, list[int]]:
+    """Target IQN -> its data LUNs (DIRECT_ACCESS), in the order listed."""
+    targets: dict[str, list[int]] = {}
+    current = None
+    for line in text.splitlines():
+        m = _TARGET.match(line.strip())
+        if m:
+            current = m.group(1)
+            targets.setdefault(current, [])
+            continue
+        m = _LUN.match(line.strip())
+        if m and current is not None and m.group(2) == "DIRECT_ACCESS":
+            targets[current].append(int(m.group(1)))
+    return targets
+
+
+# iscsi-readcapacity16 -i INITIATOR iscsi://PORTAL/IQN/LUN (libiscsi 1.19):
+#   RETURNED LOGICAL BLOCK ADDRESS:81919
+#   LOGICAL BLOCK LENGTH IN BYTES:512
+#   ...
+#   Total size:41943040
+def parse_readcapacity(text: str, what: str) -> int:
+    """The LUN's size in bytes."""
+    m = re.search(r"^Total size:\s*(\d+)\s*$", text, re.MULTILINE)
+    if m is None:
+        raise BackendFailed(f"{what}: iscsi-readcapacity16 gave no size")
+    return int(m.group(1))
+
+
 def _libiscsi_error(e: BackendFailed, what: str) -> VsfsError:
     msg = e.stderr or e.message
     if "authentication" in msg.lower() or "Authorization" in msg or "CHAP" in msg:
@@ -130,30 +164,16 @@ class IscsiDirectBackend(ExportingBackend):
         """The data LUNs of our target: one iscsi-ls."""
         out = await self._cli("iscsi-ls", "-s", f"iscsi://{self.portal}/",
                               what=f"listing {self.portal}")
-        luns: list[int] = []
-        offered: list[str] = []
-        current = None
-        for line in out.splitlines():
-            m = _TARGET.match(line.strip())
-            if m:
-                current = m.group(1)
-                offered.append(current)
-                continue
-            m = _LUN.match(line.strip())
-            if m and current == self.iqn and m.group(2) == "DIRECT_ACCESS":
-                luns.append(int(m.group(1)))
-        if self.iqn not in offered:
+        targets = parse_iscsi_ls(out)
+        if self.iqn not in targets:
             raise NotFound(f"portal {self.portal} offers no target {self.iqn} (it offers: "
-                           f"{', '.join(offered) or 'none'})")
-        return luns
+                           f"{', '.join(targets) or 'none'})")
+        return targets[self.iqn]
 
     async def _volume(self, lun: int) -> Volume:
         out = await self._cli("iscsi-readcapacity16", f"iscsi://{self.portal}/{self.iqn}/{lun}",
                               what=f"LUN {lun}")
-        m = re.search(r"Total size:\s*(\d+)", out)
-        if m is None:
-            raise BackendFailed(f"LUN {lun}: iscsi-readcapacity16 gave no size")
-        size = int(m.group(1))
+        size = parse_readcapacity(out, f"LUN {lun}")
         name = f"{PREFIX}{lun}"
         key = f"ip-{self.portal}-iscsi-{self.iqn}-lun-{lun}"
         return Volume(name=name, key=key, path=self.qsd.path_of(name), type="network",
@@ -185,6 +205,6 @@ async def find_sources(spec: PoolSource) -> list[PoolSource]:
                         timeout=60)
     except BackendFailed as e:
         raise _libiscsi_error(e, f"discovery at {portal_of(host)}") from None
-    iqns = sorted({m.group(1) for m in map(_TARGET.match, out.splitlines()) if m})
+    iqns = sorted(parse_iscsi_ls(out))
     return [PoolSource(hosts=(host,), devices=(SourceDevice(iqn),),
                        initiator_iqn=spec.initiator_iqn) for iqn in iqns]

@@ -7,7 +7,6 @@ sizes in bytes); nothing runs per lookup.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from typing import ClassVar
@@ -37,6 +36,7 @@ from vsfs.proc import run
 
 from . import blockdev
 from .base import BlockBackend, Snapshot
+from .cmdout import integer, json_object, objects, string, unexpected
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,120 @@ def _size(n: int) -> str:
     return f"{-(-n // 512) * 512}b"
 
 
+# vgs/lvs/pvs --reportformat json (LVM 2.03.16), sizes with --units b --nosuffix:
+#   {
+#       "report": [
+#           {
+#               "vg": [
+#                   {"vg_name":"vsfsrec", "vg_size":"125829120", "vg_free":"125829120"}
+#               ]
+#           }
+#       ]
+#   }
+# and for `lvs -o LV_FIELDS` rows such as (one line each)
+#   {"lv_name":"plain-snap", "lv_path":"/dev/vsfsvg/plain-snap", "lv_size":"16777216",
+#    "lv_attr":"swi-a-s---", "lv_uuid":"5nXln6-PtpC-g2WI-hMDt-W256-w7QT-fIUz8S",
+#    "pool_lv":"", "origin":"plain", "origin_size":"67108864", "data_percent":"25.15"}
+def parse_report(text: str, kind: str) -> list[dict[str, str]]:
+    """The rows of an LVM JSON report of ``kind`` (vg, lv, pv); every value a string."""
+    what = f"{kind}s report"
+    doc = json_object(text, what)
+    reports = objects(doc.get("report"), what)
+    if not reports:
+        raise unexpected(what, text)
+    rows = objects(reports[0].get(kind), what)
+    for row in rows:
+        if not all(isinstance(v, str) for v in row.values()):
+            raise unexpected(what, row)
+    return rows
+
+
+def parse_vg(text: str, vg: str) -> tuple[int, int]:
+    """Size and free bytes of the group a ``vgs`` report of it shows."""
+    rows = parse_report(text, "vg")
+    if not rows:
+        raise NotFound(f"volume group {vg} does not exist")
+    return integer(rows[0], "vg_size", "vgs"), integer(rows[0], "vg_free", "vgs")
+
+
+def parse_lvs(text: str) -> list[dict[str, str]]:
+    """The rows of an ``lvs -o LV_FIELDS`` report, each with a name and attributes."""
+    rows = parse_report(text, "lv")
+    for row in rows:
+        string(row, "lv_name", "lvs")
+        if len(string(row, "lv_attr", "lvs")) < 5:
+            raise unexpected("lvs", row)
+    return rows
+
+
+def lv_volume(row: dict[str, str]) -> Volume:
+    """The volume an ``lvs`` row describes."""
+    size = integer(row, "lv_size", "lvs")
+    capacity, allocation = size, size
+    if row["lv_attr"][:1] == "s" and row.get("origin_size"):
+        capacity = integer(row, "origin_size", "lvs")  # a snapshot shows its origin's size;
+        # its own LV is the copy-on-write area, which is what it takes
+    elif row["lv_attr"][:1] == "V" and row.get("data_percent"):
+        try:
+            used = float(row["data_percent"])
+        except ValueError:
+            raise unexpected("lvs", row) from None
+        allocation = int(size * used / 100)  # thin: what is used
+    return Volume(name=row["lv_name"], key=string(row, "lv_uuid", "lvs"),
+                  path=string(row, "lv_path", "lvs"), type="block", format="lvm2",
+                  capacity=capacity, allocation=allocation, physical=size)
+
+
+def lv_volumes(rows: list[dict[str, str]]) -> list[Volume]:
+    """The volumes of an ``lvs`` report, by name: thin pools and hidden LVs ("[name]")
+    are LVM's own, not volumes."""
+    vols = [lv_volume(r) for r in rows
+            if r["lv_attr"][:1] != "t" and not r["lv_name"].startswith("[")]
+    return sorted(vols, key=lambda v: v.name)
+
+
+def lvcreate_argv(vg: str, vdef: VolumeDef, thin_pool: bool) -> list[str]:
+    """lvcreate for a new volume: sparse (allocation < capacity) as a thin LV when the
+    group has a THIN_POOL, else as libvirt's snapshot of nothing; else a plain LV."""
+    size = _size(vdef.capacity)
+    if vdef.allocation is not None and vdef.allocation < vdef.capacity:
+        if thin_pool:
+            return ["lvcreate", "-y", "-n", vdef.name, "-V", size, "-T", f"{vg}/{THIN_POOL}"]
+        # libvirt's sparse LV: a snapshot of nothing, grown on write. The type is
+        # explicit, or newer LVM makes a thin pool that outlives the volume.
+        alloc = max(vdef.allocation, SPARSE_MIN)
+        return ["lvcreate", "-y", "--type", "snapshot", "-n", vdef.name, "-s",
+                "-V", size, "-L", _size(alloc), vg]
+    return ["lvcreate", "-y", "-W", "y", "-n", vdef.name, "-L", size, vg]
+
+
+def snapshot_argv(vg: str, origin: Volume, name: str) -> list[str]:
+    """lvcreate of a snapshot with room for 20% of the origin to change, at least 4 MiB."""
+    cow = max(origin.capacity // 5, 4 << 20)
+    return ["lvcreate", "-y", "-s", "-n", name, "-L", _size(cow), f"{vg}/{origin.name}"]
+
+
+def resize_argv(vg: str, name: str, capacity: int, shrink: bool) -> list[str]:
+    return [*(["lvreduce", "-f"] if shrink else ["lvextend"]), "-L", _size(capacity),
+            f"{vg}/{name}"]
+
+
+def parse_groups(text: str) -> list[PoolSource]:
+    """The volume groups a ``pvs -o pv_name,vg_name`` report shows, with their PVs."""
+    groups: dict[str, list[str]] = {}
+    for row in parse_report(text, "pv"):
+        vg, pv = string(row, "vg_name", "pvs"), string(row, "pv_name", "pvs")
+        if vg:
+            groups.setdefault(vg, []).append(pv)
+    return [PoolSource(devices=tuple(SourceDevice(p) for p in pvs), name=vg, format="lvm2")
+            for vg, pvs in sorted(groups.items())]
+
+
+def parse_pv_names(text: str) -> list[str]:
+    """The PVs of a ``pvs -o pv_name`` report."""
+    return [string(row, "pv_name", "pvs") for row in parse_report(text, "pv")]
+
+
 class LogicalBackend(BlockBackend):
     pool_type: ClassVar[str] = "logical"
     owns_source_devices: ClassVar[bool] = True
@@ -81,16 +195,14 @@ class LogicalBackend(BlockBackend):
     def vg(self) -> str:
         return self.vg_of(self.pool)
 
-    async def _vg(self) -> dict[str, str]:
+    async def _vg(self) -> tuple[int, int]:
+        """The group's size and free bytes."""
         try:
             out = await run(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix",
                              "-o", "vg_name,vg_size,vg_free", self.vg])
         except BackendFailed as e:
             raise _lvm_error(e, f"volume group {self.vg}") from None
-        rows: list[dict[str, str]] = json.loads(out)["report"][0]["vg"]
-        if not rows:
-            raise NotFound(f"volume group {self.vg} does not exist")
-        return rows[0]
+        return parse_vg(out, self.vg)
 
     async def _lvs(self) -> list[dict[str, str]]:
         try:
@@ -98,8 +210,7 @@ class LogicalBackend(BlockBackend):
                              "-o", LV_FIELDS, self.vg])
         except BackendFailed as e:
             raise _lvm_error(e, f"volume group {self.vg}") from None
-        rows: list[dict[str, str]] = json.loads(out)["report"][0]["lv"]
-        return rows
+        return parse_lvs(out)
 
     # ---------------------------------------------------------------- pools
 
@@ -146,10 +257,10 @@ class LogicalBackend(BlockBackend):
         try:
             out = await run(["pvs", "--reportformat", "json", "-o", "pv_name",
                              "-S", f"vg_name={self.vg}"])
-            pvs = {pv["pv_name"] for pv in json.loads(out)["report"][0]["pv"]}
+            pvs = set(parse_pv_names(out))
             if pvs and pvs <= set(devices):
                 await run(["vgremove", "-f", self.vg])
-        except (BackendFailed, ValueError, LookupError) as e:
+        except BackendFailed as e:
             log.warning("pool %s: %s may be left half made: %s", self.pool.name, self.vg, e)
 
     async def start(self) -> None:
@@ -165,33 +276,17 @@ class LogicalBackend(BlockBackend):
     async def delete(self) -> None:
         if await self._lvs():
             raise NotEmpty(f"volume group {self.vg} still holds logical volumes")
-        pvs = json.loads(await run(["pvs", "--reportformat", "json", "-o", "pv_name",
-                                    "-S", f"vg_name={self.vg}"]))["report"][0]["pv"]
+        pvs = parse_pv_names(await run(["pvs", "--reportformat", "json", "-o", "pv_name",
+                                        "-S", f"vg_name={self.vg}"]))
         await run(["vgremove", "-f", self.vg])
         for pv in pvs:
-            await run(["pvremove", "-y", pv["pv_name"]])
-
-    @staticmethod
-    def _volume(row: dict[str, str]) -> Volume:
-        size = int(row["lv_size"])
-        capacity, allocation = size, size
-        if row["lv_attr"][:1] == "s" and row.get("origin_size"):
-            capacity = int(row["origin_size"])  # a snapshot shows its origin's size;
-            # its own LV is the copy-on-write area, which is what it takes
-        elif row["lv_attr"][:1] == "V" and row.get("data_percent"):
-            allocation = int(size * float(row["data_percent"]) / 100)  # thin: what is used
-        return Volume(name=row["lv_name"], key=row["lv_uuid"], path=row["lv_path"],
-                      type="block", format="lvm2", capacity=capacity, allocation=allocation,
-                      physical=size)
+            await run(["pvremove", "-y", pv])
 
     async def refresh(self) -> Snapshot:
-        vg = await self._vg()
-        vg_size, vg_free = int(vg["vg_size"]), int(vg["vg_free"])
-        vols = [self._volume(r) for r in await self._lvs()
-                # thin pools and hidden LVs ("[name]") are LVM's own, not volumes
-                if r["lv_attr"][:1] != "t" and not r["lv_name"].startswith("[")]
+        vg_size, vg_free = await self._vg()
+        vols = lv_volumes(await self._lvs())
         status = PoolStatus(capacity=vg_size, allocation=vg_size - vg_free, available=vg_free)
-        return Snapshot(status, tuple(sorted(vols, key=lambda v: v.name)))
+        return Snapshot(status, tuple(vols))
 
     async def status(self) -> PoolStatus:
         return (await self.refresh()).status
@@ -217,19 +312,8 @@ class LogicalBackend(BlockBackend):
     async def create_volume(self, vdef: VolumeDef) -> Volume:
         if vdef.format not in (None, "raw", "lvm2", "none"):
             raise Unsupported(f"logical volumes hold raw data, not {vdef.format}")
-        size = _size(vdef.capacity)
-        if vdef.allocation is not None and vdef.allocation < vdef.capacity:
-            if await self._has_thin_pool():
-                argv = ["lvcreate", "-y", "-n", vdef.name, "-V", size, "-T",
-                        f"{self.vg}/{THIN_POOL}"]
-            else:
-                # libvirt's sparse LV: a snapshot of nothing, grown on write. The type
-                # is explicit, or newer LVM makes a thin pool that outlives the volume.
-                alloc = max(vdef.allocation, SPARSE_MIN)
-                argv = ["lvcreate", "-y", "--type", "snapshot", "-n", vdef.name, "-s",
-                        "-V", size, "-L", _size(alloc), self.vg]
-        else:
-            argv = ["lvcreate", "-y", "-W", "y", "-n", vdef.name, "-L", size, self.vg]
+        sparse = vdef.allocation is not None and vdef.allocation < vdef.capacity
+        argv = lvcreate_argv(self.vg, vdef, sparse and await self._has_thin_pool())
         return await self._make(argv, vdef.name, f"creating {vdef.name}")
 
     async def _make(self, argv: list[str], name: str, what: str) -> Volume:
@@ -281,26 +365,24 @@ class LogicalBackend(BlockBackend):
         if capacity < vol.capacity:
             raise Unsupported("shrinking a logical volume destroys its end: use "
                               "'shrink SIZE' in volinfo/V/ctl to do it anyway")
-        return await self._resize(vol, capacity, ["lvextend"])
+        return await self._resize(vol, capacity, shrink=False)
 
     async def shrink_volume(self, vol: Volume, capacity: int) -> Volume:
         if capacity >= vol.capacity:
             raise Invalid(f"{capacity} is not smaller than {vol.capacity}")
-        return await self._resize(vol, capacity, ["lvreduce", "-f"])
+        return await self._resize(vol, capacity, shrink=True)
 
-    async def _resize(self, vol: Volume, capacity: int, argv: list[str]) -> Volume:
+    async def _resize(self, vol: Volume, capacity: int, shrink: bool) -> Volume:
         try:
-            await run([*argv, "-L", _size(capacity), f"{self.vg}/{vol.name}"])
+            await run(resize_argv(self.vg, vol.name, capacity, shrink))
         except BackendFailed as e:
             raise _lvm_error(e, f"resizing {vol.name}") from None
         return await self.volume(vol.name)
 
 
     async def snapshot_volume(self, vol: Volume, name: str) -> Volume:
-        # Room for 20% of the origin to change, at least 4 MiB.
-        cow = max(vol.capacity // 5, 4 << 20)
-        return await self._make(["lvcreate", "-y", "-s", "-n", name, "-L", _size(cow),
-                                 f"{self.vg}/{vol.name}"], name, f"snapshot of {vol.name}")
+        return await self._make(snapshot_argv(self.vg, vol, name), name,
+                                f"snapshot of {vol.name}")
 
     async def wipe_volume(self, vol: Volume) -> None:
         await blockdev.zero_out(vol.path, vol.capacity)
@@ -311,10 +393,4 @@ async def find_sources(spec: PoolSource) -> list[PoolSource]:
 
     Every group on the host: ``spec`` has nothing that narrows it.
     """
-    out = await run(["pvs", "--reportformat", "json", "-o", "pv_name,vg_name"])
-    groups: dict[str, list[str]] = {}
-    for row in json.loads(out)["report"][0]["pv"]:
-        if row["vg_name"]:
-            groups.setdefault(row["vg_name"], []).append(row["pv_name"])
-    return [PoolSource(devices=tuple(SourceDevice(p) for p in pvs), name=vg, format="lvm2")
-            for vg, pvs in sorted(groups.items())]
+    return parse_groups(await run(["pvs", "--reportformat", "json", "-o", "pv_name,vg_name"]))

@@ -22,6 +22,8 @@ import trio
 from vsfs.errors import BackendFailed, Busy, NoSpace
 from vsfs.proc import run
 
+from .cmdout import json_object
+
 log = logging.getLogger(__name__)
 
 QMP_TIMEOUT = 60.0
@@ -200,5 +202,13 @@ class _Lines:
                 raise BackendFailed("qemu-storage-daemon closed its monitor")
             self.buf += chunk
         line, _, self.buf = self.buf.partition(b"\n")
-        msg: dict[str, Any] = json.loads(line)
-        return msg
+        return parse_qmp(line)
+
+
+# QMP, one JSON object a line (qemu-storage-daemon 7.2):
+#   {"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": ...},
+#    "capabilities": ["oob"]}}
+#   {"return": {}}
+#   {"error": {"class": "GenericError", "desc": "Export 'nosuch' is not found"}}
+def parse_qmp(line: bytes) -> dict[str, Any]:
+    return json_object(line.decode(errors="replace"), "qemu-storage-daemon's monitor")

@@ -14,7 +14,6 @@ deleted with ``rm``; ``snapshot NEW`` makes one.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -38,6 +37,7 @@ from vsfs.proc import ProgressWatch, RbdProgress, run
 from vsfs.state import atomic_write
 
 from .base import Services, Snapshot
+from .cmdout import integer, json_list, json_object, objects, string, unexpected
 from .exports import ExportingBackend
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,91 @@ def _mon_address(name: str, port: int | None) -> str:
     if port is None:
         return host  # Ceph tries msgr2 on 3300, then msgr1 on 6789
     return f"{'v1' if port == MSGR1_PORT else 'v2'}:{host}:{port}"
+
+
+# rados df --format json (Ceph 16), one line; total_* in KiB, a pool's size_bytes in bytes:
+#   {"pools":[{"name":"vsfs","id":1,"size_bytes":19,"size_kb":1,"num_objects":1,...}],
+#    "total_objects":1,"total_used":17,"total_avail":1048558,"total_space":1048576}
+def parse_df(text: str, rados_pool: str) -> PoolStatus:
+    """The pool's status as libvirt gives it: the cluster's raw size and room, the pool's
+    own bytes."""
+    what = "rados df"
+    df = json_object(text, what)
+    used = next((integer(p, "size_bytes", what) for p in objects(df.get("pools", []), what)
+                 if p.get("name") == rados_pool), 0)
+    return PoolStatus(capacity=integer(df, "total_space", what) * 1024, allocation=used,
+                      available=integer(df, "total_avail", what) * 1024)
+
+
+# rbd ls -l --format json (Ceph 16): images, and each snapshot after its image; nothing
+# printed (or []) for an empty pool:
+#   [{"image":"big","id":"10798ae0ff4","size":1073741824,"format":2},
+#    {"image":"disk1","id":"10773c4212ca","snapshot":"s1","snapshot_id":4,
+#     "size":67108864,"format":2,"protected":"false"}]
+def parse_ls(text: str) -> list[dict[str, Any]]:
+    """Rows of image (str), size (int) and, for a snapshot, snapshot (str)."""
+    if not text.strip():
+        return []
+    what = "rbd ls"
+    rows = objects(json_list(text, what), what)
+    return [_row(string(r, "image", what), integer(r, "size", what), r.get("snapshot"), what)
+            for r in rows]
+
+
+def _row(image: str, size: int, snap: object, what: str) -> dict[str, Any]:
+    if snap is not None and not isinstance(snap, str):
+        raise unexpected(what, f"snapshot={snap!r}")
+    return {"image": image, "size": size, **({"snapshot": snap} if snap else {})}
+
+
+# rbd info --format json IMAGE[@SNAP] (Ceph 16), one line:
+#   {"name":"disk1","id":"10773c4212ca","size":67108864,"objects":16,"order":22,...}
+def parse_info(text: str, name: str) -> dict[str, Any]:
+    """The one row of ``name`` (IMAGE or IMAGE@SNAP), as parse_ls gives it."""
+    what = f"rbd info {name}"
+    image, _, snap = name.partition("@")
+    return _row(image, integer(json_object(text, what), "size", what), snap or None, what)
+
+
+# rbd du --format json [IMAGE] (Ceph 16), one line; a snapshot's row names it:
+#   {"images":[{"name":"disk1","id":"10773c4212ca","snapshot":"s1","snapshot_id":4,
+#     "provisioned_size":67108864,"used_size":67108864},
+#    {"name":"disk1","id":"10773c4212ca","provisioned_size":67108864,"used_size":0}]}
+def parse_du(text: str) -> dict[tuple[str, str], int]:
+    """(image, snapshot or "") -> the bytes it has allocated."""
+    what = "rbd du"
+    rows = objects(json_object(text, what).get("images", []), what)
+    return {(string(r, "name", what), str(r.get("snapshot") or "")): integer(r, "used_size", what)
+            for r in rows}
+
+
+# rados lock info OBJECT NAME --format json (Ceph 16), one line:
+#   {"name":"vsfs","type":"exclusive","tag":"","lockers":[{"name":"client.4258",
+#    "cookie":"host1/abc","description":"vsfs on host1/abc","expiration":"0.000000",
+#    "addr":"127.0.0.1:0/2848129643"}]}
+def parse_lockers(text: str) -> list[dict[str, str]]:
+    """Each holder of the lock: its client name and cookie."""
+    if not text:
+        return []
+    what = "rados lock info"
+    return [{"name": string(r, "name", what), "cookie": string(r, "cookie", what)}
+            for r in objects(json_object(text, what).get("lockers", []), what)]
+
+
+# rbd snap ls --format json IMAGE (Ceph 16), one line; [] when there are none:
+#   [{"id":4,"name":"s1","size":67108864,"protected":"false","timestamp":"Wed Dec  2..."}]
+def parse_snapshots(text: str) -> list[str]:
+    what = "rbd snap ls"
+    return [string(r, "name", what) for r in objects(json_list(text or "[]", what), what)]
+
+
+# rbd status --format json IMAGE (Ceph 16): {"watchers":[]}; a watcher is an object with
+# its client's "address".
+def parse_watchers(text: str) -> list[str]:
+    """The addresses of the clients that watch an image."""
+    what = "rbd status"
+    watchers = objects(json_object(text or "{}", what).get("watchers", []), what)
+    return [a for w in watchers if isinstance(a := w.get("address"), str) and a]
 
 
 class RbdBackend(ExportingBackend):
@@ -184,12 +269,7 @@ class RbdBackend(ExportingBackend):
             out = await run(["rados", *self._cli(), "df", "--format", "json"], timeout=60)
         except BackendFailed as e:
             raise _rbd_error(e, "rados df") from None
-        df = json.loads(out)
-        used = next((int(p.get("size_bytes", 0)) for p in df.get("pools", [])
-                     if p.get("name") == self.rados_pool), 0)
-        # As libvirt: the cluster's raw size and room, the pool's own bytes.
-        return PoolStatus(capacity=int(df.get("total_space", 0)) * 1024, allocation=used,
-                          available=int(df.get("total_avail", 0)) * 1024)
+        return parse_df(out, self.rados_pool)
 
     async def status(self) -> PoolStatus:
         return await self._status()
@@ -200,17 +280,14 @@ class RbdBackend(ExportingBackend):
         if image is None:
             out = await self._rbd("ls", "-l", "--format", "json",
                                   what=f"listing {self.rados_pool}")
-            rows: list[dict[str, Any]] = json.loads(out) if out.strip() else []
+            rows = parse_ls(out)
         else:
-            name, _, snap = image.partition("@")
-            info = json.loads(await self._rbd("info", "--format", "json", image,
-                                              what=f"image {image}"))
-            rows = [{"image": name, "size": info["size"], **({"snapshot": snap} if snap else {})}]
+            rows = [parse_info(await self._rbd("info", "--format", "json", image,
+                                               what=f"image {image}"), image)]
         try:
             out = await self._rbd("du", "--format", "json", *([image] if image else []),
                                   what="allocation", timeout=300)
-            used = {(r["name"], r.get("snapshot") or ""): int(r["used_size"])
-                    for r in json.loads(out).get("images", [])}
+            used = parse_du(out)
         except VsfsError as e:
             # rbd du fails on an image of size 0 (Ceph 16): count images as allocated.
             log.debug("pool %s: rbd du: %s", self.pool.name, e.message)
@@ -261,8 +338,7 @@ class RbdBackend(ExportingBackend):
                                     "--format", "json", what=f"lock of {image}")
         except NotFound:
             return []
-        lockers: list[dict[str, str]] = json.loads(out).get("lockers", []) if out else []
-        return lockers
+        return parse_lockers(out)
 
     async def claim(self, name: str) -> None:
         if "@" not in name:
@@ -308,7 +384,7 @@ class RbdBackend(ExportingBackend):
             return False
         self._next_poll = trio.current_time() + POLL_EVERY
         out = await self._rbd("ls", "-l", "--format", "json", what="listing images")
-        now = {self._name_of(r): int(r["size"]) for r in (json.loads(out) if out.strip() else [])}
+        now = {self._name_of(r): int(r["size"]) for r in parse_ls(out)}
         return now != self._seen
 
     async def volume(self, name: str) -> Volume:
@@ -352,7 +428,7 @@ class RbdBackend(ExportingBackend):
         if not snap:
             out = await self._rbd("snap", "ls", "--format", "json", image,
                                   what=f"image {image}")
-            if json.loads(out or "[]"):
+            if parse_snapshots(out):
                 raise NotEmpty(f"image {image!r} has snapshots; remove them first "
                                "(rm IMAGE@SNAP)")
         await self._remove(vol.name)
@@ -418,13 +494,10 @@ class RbdBackend(ExportingBackend):
         try:
             out = await self._rbd("status", "--format", "json", image, what=f"image {image}",
                                   timeout=30)
-            watchers = json.loads(out or "{}").get("watchers", [])
-        except (VsfsError, ValueError, AttributeError):
+            watchers = parse_watchers(out)
+        except VsfsError:
             return
-        for watcher in watchers:
-            addr = watcher.get("address") if isinstance(watcher, dict) else None
-            if not isinstance(addr, str) or not addr:
-                continue
+        for addr in watchers:
             try:
                 await run(["ceph", *self._cli(), "osd", "blocklist", "add", addr],
                           timeout=30)

@@ -23,12 +23,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+from vsfs.errors import BackendFailed
 
 log = logging.getLogger("vsfs.watchdog")
 
@@ -37,20 +41,55 @@ CONNECTIONS = Path("/sys/fs/fuse/connections")
 GRACE = 1.0
 
 
-def _unescape(field: str) -> str:
+class MountEntry(NamedTuple):
+    """One line of /proc/self/mountinfo: what the mount shows (``root``, a path of its
+    filesystem) where (``mount_point``), its device number, type and source."""
+
+    device: str  # MAJOR:MINOR
+    root: str
+    mount_point: str
+    fstype: str
+    source: str
+
+
+def unescape(field: str) -> str:
     """A path as /proc/self/mountinfo writes it (space, tab, newline, backslash octal)."""
-    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            .replace("\\134", "\\"))
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+# /proc/self/mountinfo (Linux 6.18), one mount a line; optional fields (shared:N ...)
+# end at "-", then come the type, the source and the super block's options:
+#   27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard,resv_strict
+#   48 27 0:43 / /tmp/rec/with\040space rw,relatime - tmpfs vsfs-record rw,size=1024k
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """Every mount of a mountinfo text, in its order (the later of two at one place is on
+    top). A line not in the kernel's format is a BackendFailed naming it."""
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        sep = fields.index("-", 6) if "-" in fields[6:] else 0
+        if not sep or len(fields) < sep + 3 or ":" not in fields[2]:
+            raise BackendFailed(f"mountinfo line {number} is not a mount: {line[:80]!r}")
+        out.append(MountEntry(fields[2], unescape(fields[3]), unescape(fields[4]),
+                              fields[sep + 1], unescape(fields[sep + 2])))
+    return out
+
+
+def read_mountinfo() -> list[MountEntry]:
+    """This process's mounts. Blocking."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        return parse_mountinfo(f.read())
 
 
 def mount_device(mountpoint: str) -> str | None:
     """The device (MAJOR:MINOR) of the topmost mount at ``mountpoint``, if mounted."""
     found = None
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
-                found = fields[2]
+    with contextlib.suppress(OSError, BackendFailed):
+        for mount in read_mountinfo():
+            if mount.mount_point == mountpoint:
+                found = mount.device
     return found
 
 
