@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from support import (
     FUSE_OK,
     IN_GUEST,
     Mount,
+    MountFactory,
     abort_connection,
     free_port,
     loops_of,
@@ -44,7 +45,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture
-def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
+def mount_factory(tmp_path: Path) -> Iterator[MountFactory]:
     mounts: list[Mount] = []
     public: list[Path] = []
 
@@ -89,7 +90,7 @@ def mount_factory(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
 
 
 @pytest.fixture
-def vsfs(mount_factory: Callable[..., Mount]) -> Mount:
+def vsfs(mount_factory: MountFactory) -> Mount:
     return mount_factory()
 
 

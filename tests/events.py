@@ -171,7 +171,7 @@ def wait_opened(proc: subprocess.Popen[bytes], path: Path, timeout: float = 10.0
     while True:
         if proc.poll() is not None:
             err = proc.stderr.read().decode() if proc.stderr else ""
-            raise AssertionError(f"{proc.args} exited {proc.returncode}: {err}")
+            raise AssertionError(f"{proc.args!r} exited {proc.returncode}: {err}")
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 with contextlib.suppress(OSError):

@@ -66,7 +66,8 @@ def main() -> int:
             raise OSError(errno.EAGAIN, "Resource temporarily unavailable (injected)")
         return popen(argv, *args, **kwargs)
 
-    cli.subprocess.Popen = faulty_popen  # type: ignore[misc]
+    # cli starts the watchdog with subprocess.Popen: the module cli imported.
+    subprocess.Popen = faulty_popen  # type: ignore[misc,assignment]  # a function for the class
     tree.Tree.children = faulty_children  # type: ignore[method-assign]
     manager.Manager.refresh_volume = faulty_refresh_volume  # type: ignore[method-assign]
     manager.Manager.poll = fail_first(manager.Manager.poll, "the poll")  # type: ignore[method-assign]

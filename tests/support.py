@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from lxml import etree
 
@@ -172,3 +173,10 @@ class Mount:
 def loops_of(path: Path) -> list[str]:
     out = sh(f"losetup -j {path} -O NAME -n", check=True).stdout
     return [ln.strip() for ln in out.splitlines() if ln.strip()]
+
+
+class MountFactory(Protocol):
+    """What the ``mount_factory`` fixture gives: starts a mount (torn down after the test)."""
+
+    def __call__(self, extra_args: list[str] | None = None, name: str = "mnt",
+                 state: Path | None = None, command: list[str] | None = None) -> Mount: ...

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import Mount, abort_connection, sh
+from support import Mount, MountFactory, abort_connection, sh
 
 pytestmark = pytest.mark.fuse
 
@@ -27,7 +27,7 @@ def wait_for(check: Callable[[], bool], what: str, bound: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def test_a_failing_handler_costs_one_request(mount_factory: Callable[..., Mount]) -> None:
+def test_a_failing_handler_costs_one_request(mount_factory: MountFactory) -> None:
     m = mount_factory(command=FAULTY)
     m.tracebacks_expected = True
     target = m.dir_pool("p")
@@ -69,7 +69,7 @@ def test_a_failing_handler_costs_one_request(mount_factory: Callable[..., Mount]
         assert "forget failed" in log
 
 
-def test_killed_daemon_frees_its_mount(mount_factory: Callable[..., Mount]) -> None:
+def test_killed_daemon_frees_its_mount(mount_factory: MountFactory) -> None:
     """kill -9 under load: the daemon dies, its watchdog aborts the connection (no
     caller stays in D state) and detaches the mount, and the next mount works."""
     m = mount_factory()
@@ -163,7 +163,7 @@ def test_a_daemon_killed_as_its_watchdog_starts_frees_its_mount(tmp_path: Path) 
                            capture_output=True)
 
 
-def test_sigterm_under_load_unmounts_cleanly(mount_factory: Callable[..., Mount]) -> None:
+def test_sigterm_under_load_unmounts_cleanly(mount_factory: MountFactory) -> None:
     """SIGTERM while 40 creators take turns at the volumes/ directory's lock: the
     notifier's last invalidation may wait for it, held by a request that only the
     running loop answers. The daemon must still unmount by itself (not leave its mount

@@ -17,7 +17,8 @@ def test_listings_share_one_udev_context(monkeypatch: pytest.MonkeyPatch) -> Non
 
     def counting(name: str) -> str | None:
         looked_up.append(name)
-        return real(name)
+        found: str | None = real(name)
+        return found
 
     monkeypatch.setattr(udev_utils, "find_library", counting)
     first = host.list_host_devices()

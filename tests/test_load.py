@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import Mount, abort_connection, sh
+from support import Mount, MountFactory, abort_connection, sh
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
@@ -111,7 +111,7 @@ def _round(m: Mount, target: Path, r: int) -> None:
         assert n not in on_disk and n not in listed, f"round {r}: {n} was not removed"
 
 
-def test_busy_host(mount_factory: type[Mount]) -> None:
+def test_busy_host(mount_factory: MountFactory) -> None:
     m = mount_factory()
     target = m.dir_pool("lp")
     for r in range(ROUNDS):

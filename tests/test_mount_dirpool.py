@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from holders import holding
 from rng import assert_valid
-from support import Mount, sh
+from support import Mount, MountFactory, sh
 
 from vsfs.tree import readme_text
 
@@ -221,7 +221,7 @@ def test_volume_xml_define(vsfs: Mount) -> None:
     assert "already exists" in vsfs.error()
 
 
-def test_resize_clone_snapshot_wipe(mount_factory) -> None:
+def test_resize_clone_snapshot_wipe(mount_factory: MountFactory) -> None:
     vsfs = mount_factory()
     target = vsfs.dir_pool()
     target2 = vsfs.dir_pool("q")

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from holders import holding, still_works
 from rng import assert_valid
-from support import Mount, loops_of, sh
+from support import Mount, MountFactory, loops_of, sh
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -169,7 +169,7 @@ def test_three_levels_of_pools(vsfs: Mount) -> None:
             subprocess.run(["losetup", "-d", loop], check=False)
 
 
-def test_disk_pool_on_a_file_is_adopted_after_a_crash(mount_factory) -> None:
+def test_disk_pool_on_a_file_is_adopted_after_a_crash(mount_factory: MountFactory) -> None:
     m = mount_factory()
     images = m.dir_pool()
     p = m.path / "pools" / "p"
@@ -234,8 +234,8 @@ def test_partitions_opened_are_in_use(vsfs: Mount, loopdev: str) -> None:
         assert (d / "state").read_text() == "running\n"
         assert still_works(pid)[:16] == data[:16]
     sh(f"echo wipe > {d}/volinfo/a/ctl", check=True)
-    with open(part, "rb") as f:
-        assert f.read(MiB) == bytes(MiB)
+    with open(part, "rb") as wiped:
+        assert wiped.read(MiB) == bytes(MiB)
     sh(f"rm {d}/volumes/a", check=True)
     assert not os.path.exists(part)
     sh(f"echo stop > {d}/ctl", check=True)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import Mount, free_port, sh
+from support import Mount, MountFactory, free_port, sh
 
 from vsfs.watchdog import mount_device
 
@@ -225,7 +225,7 @@ def test_eio_from_backend(vsfs: Mount) -> None:
 
 
 @pytest.mark.root
-def test_access_for_other_users(mount_factory) -> None:
+def test_access_for_other_users(mount_factory: MountFactory) -> None:
     vsfs = mount_factory(["--allow-other"])
     target = vsfs.dir_pool()
     p = vsfs.path / "pools" / "p"

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import Mount, loops_of, sh
+from support import Mount, MountFactory, loops_of, sh
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -85,7 +85,7 @@ def test_pools_nest_and_clone_with_reflinks(vsfs: Mount) -> None:
     sh(f"rm {p}/volumes/xfs.img", check=True)
 
 
-def test_running_fs_pool_is_adopted_after_a_crash(mount_factory) -> None:
+def test_running_fs_pool_is_adopted_after_a_crash(mount_factory: MountFactory) -> None:
     m = mount_factory()
     images = m.dir_pool()
     sh(f"truncate -s 64M {m.path}/pools/p/volumes/e.img", check=True)

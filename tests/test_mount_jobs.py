@@ -856,9 +856,16 @@ def test_events_select_poll_and_epoll_sleep_until_a_change(vsfs: Mount) -> None:
     ep = select.epoll()
     ep.register(fd, select.EPOLLIN)
     try:
-        for n, wait in enumerate((lambda t: select.select([fd], [], [], t)[0],
-                                  lambda t: poller.poll(t * 1000),
-                                  ep.poll)):
+        def by_select(t: float) -> list[object]:
+            return list(select.select([fd], [], [], t)[0])
+
+        def by_poll(t: float) -> list[object]:
+            return list(poller.poll(t * 1000))
+
+        def by_epoll(t: float) -> list[object]:
+            return list(ep.poll(t))
+
+        for n, wait in enumerate((by_select, by_poll, by_epoll)):
             # Nothing changes: it sleeps (not ready after 0.5 s).
             assert wait(0.5) == [], f"ready with nothing to read ({n})"
             # A change from another thread wakes it.

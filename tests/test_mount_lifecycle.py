@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import Mount, sh
+from support import Mount, MountFactory, sh
 
 pytestmark = pytest.mark.fuse
 
@@ -39,7 +39,7 @@ def check_populated(m: Mount, target: Path) -> None:
     assert (p / "volinfo/a.img/capacity").read_text() == f"{5 << 20}\n"
 
 
-def test_state_survives_unmount(mount_factory) -> None:
+def test_state_survives_unmount(mount_factory: MountFactory) -> None:
     m = mount_factory()
     target = populate(m)
     uuid = (m.path / "pools/p/uuid").read_text()
@@ -53,7 +53,7 @@ def test_state_survives_unmount(mount_factory) -> None:
     assert (m.path / "pools/p/uuid").read_text() == uuid
 
 
-def test_kill9_then_remount(mount_factory) -> None:
+def test_kill9_then_remount(mount_factory: MountFactory) -> None:
     m = mount_factory()
     target = populate(m)
     m.kill9()
@@ -64,7 +64,7 @@ def test_kill9_then_remount(mount_factory) -> None:
     assert leftovers == []
 
 
-def test_sigterm_unmounts_cleanly(mount_factory) -> None:
+def test_sigterm_unmounts_cleanly(mount_factory: MountFactory) -> None:
     m = mount_factory()
     assert m.proc is not None
     m.proc.send_signal(signal.SIGTERM)
@@ -122,7 +122,7 @@ def test_mount_failures_say_why(tmp_path: Path, case: str) -> None:
     assert not os.path.ismount(mnt)
 
 
-def test_mount_over_dead_mount_says_so(mount_factory) -> None:
+def test_mount_over_dead_mount_says_so(mount_factory: MountFactory) -> None:
     m = mount_factory()
     assert m.proc is not None
     # The daemon's watchdog would detach the dead mount (test_faults.py): end it first,
@@ -147,7 +147,7 @@ def test_mount_over_dead_mount_says_so(mount_factory) -> None:
     assert not os.path.ismount(m.path)
 
 
-def test_one_daemon_per_state_directory(mount_factory, tmp_path: Path) -> None:
+def test_one_daemon_per_state_directory(mount_factory: MountFactory, tmp_path: Path) -> None:
     """A second daemon on the same state directory would take the first one's files in
     flight for litter: it is refused, naming the first, and mounts nothing."""
     m = mount_factory()
@@ -165,7 +165,7 @@ def test_one_daemon_per_state_directory(mount_factory, tmp_path: Path) -> None:
     assert (again.path / "pools").is_dir()
 
 
-def test_copied_libvirt_state_dir(mount_factory, tmp_path: Path) -> None:
+def test_copied_libvirt_state_dir(mount_factory: MountFactory, tmp_path: Path) -> None:
     """A copy of /etc/libvirt/storage, as libvirt writes it, is a valid state directory."""
     state = tmp_path / "state"
     (state / "autostart").mkdir(parents=True)
@@ -238,7 +238,7 @@ def test_read_spin_out_of_range_is_refused(tmp_path: Path, value: str) -> None:
 
 
 @pytest.mark.parametrize("spin", ["0", "3000"])
-def test_read_spin_off_or_long_serves_as_usual(mount_factory, spin: str) -> None:
+def test_read_spin_off_or_long_serves_as_usual(mount_factory: MountFactory, spin: str) -> None:
     """The read spin only changes when the daemon sleeps: none, or a long one (3 ms,
     longer than the gaps between a shell's requests), serves the same files."""
     m = mount_factory(extra_args=["--read-spin", spin])

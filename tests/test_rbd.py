@@ -18,7 +18,7 @@ import pytest
 from ceph_cluster import CephCluster
 from holders import holding, still_works
 from rng import assert_valid
-from support import Mount, sh
+from support import Mount, MountFactory, sh
 
 from vsfs.paths import runtime_dir
 
@@ -198,7 +198,7 @@ def test_rbd_pool_lifecycle(vsfs: Mount, ceph: CephCluster,
     assert os.stat(p / "volumes" / "last").st_size == 8 * MiB
 
 
-def test_rbd_two_hosts(mount_factory: Callable[..., Mount], ceph: CephCluster,
+def test_rbd_two_hosts(mount_factory: MountFactory, ceph: CephCluster,
                        rbd_pool: Callable[[Mount, str], Path], tmp_path: Path) -> None:
     """Two mounts with their own state directories, as two hosts, on one cluster."""
     a = mount_factory(name="host-a", state=tmp_path / "state-a")
@@ -255,7 +255,7 @@ def test_rbd_refusals(vsfs: Mount, ceph: CephCluster) -> None:
     assert "Invalid argument" in res.stderr and "ceph" in vsfs.error()
 
 
-def test_rbd_local_paths_on_demand(mount_factory: Callable[..., Mount], ceph: CephCluster,
+def test_rbd_local_paths_on_demand(mount_factory: MountFactory, ceph: CephCluster,
                                    rbd_pool: Callable[[Mount, str], Path],
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A local path appears when asked for, and goes (releasing the image and its lock)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from holders import holding, still_works
 from rng import assert_sources_make_pools, assert_valid
-from support import Mount, sh
+from support import Mount, MountFactory, sh
 
 pytestmark = [pytest.mark.guest, pytest.mark.fuse, pytest.mark.root]
 
@@ -170,7 +170,7 @@ def test_iscsi_pool_lifecycle(vsfs: Mount, target: Callable[..., list[Path]]) ->
     assert (p / "state").read_text() == "inactive\n"
 
 
-def test_iscsi_session_survives_remount(mount_factory: Callable[..., Mount],
+def test_iscsi_session_survives_remount(mount_factory: MountFactory,
                                         target: Callable[..., list[Path]]) -> None:
     """A pool whose session exists when vsfs mounts is adopted as running; this one logs in
     with its own initiator IQN."""
