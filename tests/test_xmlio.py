@@ -1360,13 +1360,17 @@ def test_a_document_cut_anywhere_is_read_the_same() -> None:
     # inside, before and after the root element's end; every cut into three writes.
     doc = (b"<volume><!-- </volume> --><?note a>b?><name>v</name>"
            b"<capacity><![CDATA[1]]></capacity></volume>\n<!-- </volume> -->\n<?pi x?>\n")
+    capacity: dict[bytes, int] = {}  # each distinct document parsed once
     for a in range(1, len(doc)):
         for b in range(a, len(doc) + 1):
             f = DocumentFeeder()
             done = [f.feed(doc[:a]), f.feed(doc[a:b]), f.feed(doc[b:])]
             f.finish()
             assert done[-1]
-            assert parse_volume(bytes(f.data)).capacity == 1
+            data = bytes(f.data)
+            if data not in capacity:
+                capacity[data] = parse_volume(data).capacity
+            assert capacity[data] == 1
     f = DocumentFeeder()
     f.feed(doc)
     f.feed(b"<!-- never closed")
