@@ -104,10 +104,20 @@ async def find_sources(spec: PoolSource) -> list[PoolSource]:
     except BackendFailed as e:
         raise BackendFailed(f"cannot list the exports of {host} (its mountd answers over "
                             f"rpcbind; an NFSv4-only server has none): {e.message}") from None
-    sources = []
-    for line in out.splitlines():
-        # "/srv/export  client1,client2": the clients never hold white space, a path may.
+    return [PoolSource(hosts=(SourceHost(host),), dir=path, format="nfs")
+            for path in parse_showmount(out)]
+
+
+# showmount --no-headers --exports HOST (nfs-common 2.6.2): each export and its clients
+# (comma-separated), which never hold white space; a path may:
+#   /run/vsfs-nfs/a          *
+#   /run/vsfs-nfs/c          10.0.0.0/8
+#   /run/vsfs-nfs/with space 127.0.0.1
+def parse_showmount(text: str) -> list[str]:
+    """The exported paths, in the order listed."""
+    paths = []
+    for line in text.splitlines():
         path = line.strip().rsplit(None, 1)[0] if line.strip() else ""
         if path.startswith("/"):
-            sources.append(PoolSource(hosts=(SourceHost(host),), dir=path, format="nfs"))
-    return sources
+            paths.append(path)
+    return paths

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vsfs.backends import blockdev, disk, iscsi, iscsi_direct, logical, qsd, rbd
+from vsfs.backends import blockdev, disk, iscsi, iscsi_direct, logical, netfs, qsd, rbd
 from vsfs.backends import dir as dirpool
 from vsfs.errors import (
     BackendFailed,
@@ -524,11 +524,20 @@ def test_sendtargets() -> None:
     assert iscsi.parse_sendtargets("") == {}
 
 
+def test_iscsiadm_exit_statuses_recorded() -> None:
+    # the statuses _iscsi_error tells apart, as iscsiadm really returned them (a refused
+    # portal is 11, ISCSI_ERR_PDU_TIMEOUT: told by its stderr, not its status)
+    assert [int(rec(f"iscsiadm/{case}.rc")) for case in (
+        "node-missing", "login-badchap", "discovery-noiscsid", "discovery-refused")] == [
+        iscsi.ERR_NO_OBJS_FOUND, iscsi.ERR_LOGIN_AUTH_FAILED, iscsi.ERR_ISCSID_NOTCONN, 11]
+
+
 @pytest.mark.parametrize(("case", "rc", "error", "says"), [
     ("iscsiadm/discovery-refused.stderr.txt", 11, BackendFailed, "cannot reach the portal"),
     ("iscsiadm/node-missing.stderr.txt", 21, NotFound, "No records found"),
     ("iscsiadm/login-again.stderr.txt", 15, BackendFailed, "1 already present"),
     ("iscsiadm/login-badchap.stderr.txt", 24, Denied, "authorization failure"),
+    ("iscsiadm/discovery-noiscsid.stderr.txt", 20, BackendFailed, "iscsid is not running"),
 ])
 def test_iscsiadm_errors(case: str, rc: int, error: type[VsfsError], says: str) -> None:
     e = iscsi._iscsi_error(failed(rec(case), rc), "x")
@@ -570,3 +579,26 @@ def test_qmp() -> None:
     for bad in (b"", b"[]", b"\xff{", lines[0][:20]):
         with pytest.raises(BackendFailed, match="monitor: unexpected output"):
             qsd.parse_qmp(bad)
+
+
+# ---------------------------------------------------------------- showmount (netfs.py)
+
+EXPORTS = ["/run/vsfs-nfs/a", "/run/vsfs-nfs/c", "/run/vsfs-nfs", "/run/vsfs-nfs/with space"]
+
+
+@pytest.mark.parametrize(("case", "paths"), [
+    ("exports.txt", EXPORTS),
+    ("exports-headers.txt", EXPORTS),  # without --no-headers: the header is left out
+])
+def test_showmount(case: str, paths: list[str]) -> None:
+    assert netfs.parse_showmount(rec(f"showmount/{case}")) == paths
+
+
+@pytest.mark.parametrize(("text", "paths"), [
+    ("", []),
+    (rec("showmount/no-mountd.stderr.txt"), []),
+    ("/lonely\n", ["/lonely"]),  # no clients column: the whole line
+    ("\n\n/a b c\n", ["/a b"]),
+])
+def test_showmount_odd(text: str, paths: list[str]) -> None:
+    assert netfs.parse_showmount(text) == paths
