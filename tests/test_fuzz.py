@@ -25,12 +25,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pyfuse3
 import pytest
-import trio
-from conftest import Mount, free_port
+from support import Mount, free_port
 from test_mount_errors import state_bytes
 
 from vsfs.fuse_ops import Operations
@@ -335,14 +334,8 @@ def check_refusal(case: Case, err: int, before: Any, after: Any, error_text: Cal
 # ---------------------------------------------------------------- the adapter, no mount
 
 
-class Ctx(SimpleNamespace):
-    uid: int
-    gid: int
-    pid: int
-    umask: int
-
-
-CTX = Ctx(uid=0, gid=0, pid=1, umask=0o22)
+# Stands in for a request's pyfuse3.RequestContext, whose fields only pyfuse3 can set.
+CTX = cast(pyfuse3.RequestContext, SimpleNamespace(uid=0, gid=0, pid=1, umask=0o22))
 
 
 class AdapterWorld:
@@ -443,7 +436,7 @@ class AdapterWorld:
 
 
 @pytest.mark.parametrize("count", [400, pytest.param(15000, marks=pytest.mark.slow)])
-def test_refused_writes_change_nothing_through_the_adapter(
+async def test_refused_writes_change_nothing_through_the_adapter(
         tmp_path: Path, listener: Listener, caplog: pytest.LogCaptureFixture,
         count: int) -> None:
     caplog.set_level(logging.INFO)
@@ -452,22 +445,18 @@ def test_refused_writes_change_nothing_through_the_adapter(
     refused = 0
     succeeded: Counter[str] = Counter()
 
-    async def main() -> None:
-        nonlocal refused
-        world = AdapterWorld(tmp_path)
-        await world.setup()
-        for _ in range(count):
-            case = corpus.case()
-            err, before = await world.write(case, world.snapshot)
-            if err is None:
-                succeeded[f"{case.target} {case.what}"] += 1
-                await world.restore()
-                continue
-            refused += 1
-            check_refusal(case, err, before, world.snapshot(), world.error, marker)
-        await world.restore()
-
-    trio.run(main)
+    world = AdapterWorld(tmp_path)
+    await world.setup()
+    for _ in range(count):
+        case = corpus.case()
+        err, before = await world.write(case, world.snapshot)
+        if err is None:
+            succeeded[f"{case.target} {case.what}"] += 1
+            await world.restore()
+            continue
+        refused += 1
+        check_refusal(case, err, before, world.snapshot(), world.error, marker)
+    await world.restore()
     assert not listener.connections
     assert "internal error" not in caplog.text
     assert not any(r.exc_info for r in caplog.records)
@@ -488,7 +477,7 @@ class MountWorld:
 
     def setup(self) -> None:
         for name in ("P", "Q"):
-            self.vsfs.define_pool(name, self.vsfs.pool_xml(name, self.targets / name))
+            self.vsfs.define(self.vsfs.pool_xml(name, self.targets / name))
             self._line(("pools", name, "ctl"), b"build\n")
         self._line(("pools", "P", "ctl"), b"start\n")
         self._create_v()
