@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Mount, abort_connection, sh
 from crash_load import MiB, Model, Vol, replay, resolve, sha256
+from support import Mount, abort_connection, sh
 
 from vsfs.manager import Manager
 from vsfs.paths import runtime_dir
@@ -298,10 +298,9 @@ def test_kill9_while_a_redirection_writes_leaves_no_volume(vsfs: Mount) -> None:
 def fs_pool(m: Mount, dev: str, name: str = "f") -> Path:
     """An autostart fs pool on ``dev`` (ext4, made by build), started; its mount point."""
     target = m.base / f"{name}-mnt"
-    m.define_pool(name, f"<pool type='fs'><name>{name}</name><source><device path='{dev}'/>"
-                  f"<format type='ext4'/></source><target><path>{target}</path></target>"
-                  "</pool>")
-    f = m.path / "pools" / name
+    f = m.define(f"<pool type='fs'><name>{name}</name><source><device path='{dev}'/>"
+                 f"<format type='ext4'/></source><target><path>{target}</path></target>"
+                 "</pool>")
     sh(f"echo build > {f}/ctl && echo start > {f}/ctl && echo yes > {f}/autostart",
        check=True)
     return target
@@ -417,8 +416,8 @@ class Crashes:
         deadline = time.monotonic() + READY_BOUND
         for proc, log in writers:
             while not (log.exists() and log.read_text().startswith('{"t": "ready"}')):
-                assert proc.poll() is None, f"writer {proc.args} exited {proc.returncode}"
-                assert time.monotonic() < deadline, f"writer {proc.args} did not start"
+                assert proc.poll() is None, f"writer {proc.args!r} exited {proc.returncode}"
+                assert time.monotonic() < deadline, f"writer {proc.args!r} did not start"
                 time.sleep(0.02)
 
     def _wait_writers(self, writers: list[tuple[subprocess.Popen[bytes], Path]]) -> None:
@@ -430,7 +429,7 @@ class Crashes:
                 stack = _stacks(proc.pid)
                 pytest.fail(f"writer {proc.pid} still runs {WRITER_BOUND:g} s after the "
                             f"daemon was killed; it waits in:\n{stack}")
-            assert rc == 0, f"writer {proc.args} failed: see {self.m.base}/writer*.err"
+            assert rc == 0, f"writer {proc.args!r} failed: see {self.m.base}/writer*.err"
 
     def check(self, logs: list[Path]) -> None:
         """What the remounted filesystem must show."""
