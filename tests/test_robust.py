@@ -12,16 +12,16 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
-from test_tree_manager import Ctx, adapter_with_pool, make
+from test_tree_manager import adapter_with_pool, make, request
 
 from vsfs.cli import keep_running
-from vsfs.fuse_ops import Notifier, Operations
+from vsfs.fuse_ops import Notifier, Operations, ReadHandle
 from vsfs.tree import Tree
 
 
 async def test_unexpected_errors_answer_one_request(tmp_path: Path,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    ctx = Ctx(uid=1234, gid=1234, pid=1, umask=0o22)
+    ctx = request(uid=1234, gid=1234, pid=1, umask=0o22)
     with caplog.at_level(logging.ERROR):
         tree, ops, pools = await adapter_with_pool(tmp_path, ctx)
         resolve = Tree.resolve
@@ -51,13 +51,15 @@ async def test_unexpected_errors_answer_one_request(tmp_path: Path,
 
 async def test_read_of_a_handle_names_its_user(tmp_path: Path) -> None:
     """Requests without a context (read, write, flush) report to the handle's user."""
-    ctx = Ctx(uid=4321, gid=4321, pid=1, umask=0o22)
+    ctx = request(uid=4321, gid=4321, pid=1, umask=0o22)
     m, tree = make(tmp_path)
     await m.load()
     ops = Operations(tree, 0, 0)
     readme = await ops.lookup(pyfuse3.ROOT_INODE, b"README", ctx)
     fi = await ops.open(readme.st_ino, 0, ctx)
-    ops._handles[fi.fh].content = None  # type: ignore[assignment]
+    handle = ops._handles[fi.fh]
+    assert isinstance(handle, ReadHandle)
+    handle.content = None  # type: ignore[assignment]
     with pytest.raises(pyfuse3.FUSEError) as e:
         await ops.read(fi.fh, 0, 10)
     assert e.value.errno == errno.EIO

@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
+from typing import cast
 
 import pyfuse3
 import pytest
@@ -170,14 +171,13 @@ def test_docs_and_readme_name_every_file() -> None:
         assert pattern in readme
 
 
-class Ctx(SimpleNamespace):
-    uid: int
-    gid: int
-    pid: int
-    umask: int
+def request(uid: int, gid: int, pid: int, umask: int) -> pyfuse3.RequestContext:
+    """Stands in for a request's pyfuse3.RequestContext, whose fields only pyfuse3 itself
+    can set (cdef readonly)."""
+    return cast(pyfuse3.RequestContext, SimpleNamespace(uid=uid, gid=gid, pid=pid, umask=umask))
 
 
-async def adapter_with_pool(tmp_path: Path, ctx: Ctx
+async def adapter_with_pool(tmp_path: Path, ctx: pyfuse3.RequestContext
                             ) -> tuple[Tree, Operations, pyfuse3.EntryAttributes]:
     """The adapter over a tree with pool p defined (inactive), and the entry of pools/."""
     m, tree = make(tmp_path)
@@ -188,7 +188,7 @@ async def adapter_with_pool(tmp_path: Path, ctx: Ctx
 
 
 async def test_adapter_maps_errors_and_records_them(tmp_path: Path) -> None:
-    ctx = Ctx(uid=1234, gid=1234, pid=1, umask=0o22)
+    ctx = request(uid=1234, gid=1234, pid=1, umask=0o22)
 
     tree, ops, pools = await adapter_with_pool(tmp_path, ctx)
     p = await ops.lookup(pools.st_ino, b"p", ctx)
