@@ -23,6 +23,7 @@ from vsfs.errors import (
 )
 from vsfs.model import Volume, VolumeDef
 from vsfs.watchdog import MountEntry, parse_mountinfo, unescape
+from vsfs.xmlio import parse_pool
 
 DATA = Path(__file__).with_name("data") / "cmd"
 MiB = 1 << 20
@@ -602,3 +603,35 @@ def test_showmount(case: str, paths: list[str]) -> None:
 ])
 def test_showmount_odd(text: str, paths: list[str]) -> None:
     assert netfs.parse_showmount(text) == paths
+
+
+# ---------------------------------------------------------------- argv built from pool XML
+
+NFS = ("<pool type='netfs'><name>n</name><source><host name='nfs.example'{port}/>"
+       "<dir path='/srv/x'/><format type='{fmt}'/>{ver}</source>"
+       "<target><path>/mnt/n</path></target></pool>")
+
+
+@pytest.mark.parametrize(("fmt", "port", "ver", "argv"), [
+    ("auto", "", "", ["mount", "-t", "nfs", "nfs.example:/srv/x", "/mnt/n"]),
+    ("nfs", " port='2049'", "<protocol ver='4.2'/>",
+     ["mount", "-t", "nfs4", "-o", "vers=4.2,port=2049", "nfs.example:/srv/x", "/mnt/n"]),
+    ("nfs", "", "<protocol ver='3'/>",
+     ["mount", "-t", "nfs", "-o", "vers=3", "nfs.example:/srv/x", "/mnt/n"]),
+])
+def test_netfs_mount_argv(fmt: str, port: str, ver: str, argv: list[str]) -> None:
+    pool = parse_pool(NFS.format(fmt=fmt, port=port, ver=ver).encode())
+    assert netfs.NetfsBackend(pool)._argv() == argv
+
+
+def test_iscsiadm_node_argv() -> None:
+    xml = ("<pool type='iscsi'><name>s</name><source><host name='127.0.0.1'/>"
+           "<device path='iqn.2003-01.org.example:vsfs-t1'/>{init}</source>"
+           "<target><path>/dev/disk/by-path</path></target></pool>")
+    plain = iscsi.IscsiBackend(parse_pool(xml.format(init="").encode()))
+    assert plain._node_argv("127.0.0.1:3260") == [
+        "iscsiadm", "--mode", "node", "--targetname", "iqn.2003-01.org.example:vsfs-t1",
+        "--portal", "127.0.0.1:3260"]
+    named = iscsi.IscsiBackend(parse_pool(xml.format(
+        init="<initiator><iqn name='iqn.2003-01.org.example:me'/></initiator>").encode()))
+    assert named._node_argv("127.0.0.1:3260")[-2:] == ["--interface", named.iface]
