@@ -826,16 +826,12 @@ class Operations(pyfuse3.Operations):
         append = bool(flags & os.O_APPEND)
         fh = self._fh()
         if isinstance(node, UploadFile):
-            if node.upload is None:  # not an upload (tree's type allows it; none is)
-                raise pyfuse3.FUSEError(errno.ENOENT)
             self._handles[fh] = UploadHandle(ctx.uid, node.upload, inode, append)
             self._upload_inos.setdefault(inode, node)
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if isinstance(node, Stream):
             if writing:
                 self._refuse(ctx, errno.EACCES, f"{_shown(path)} is read-only")
-            if node.feed is None:  # a stream of nothing (tree's type allows it; none is)
-                raise pyfuse3.FUSEError(errno.ENOENT)
             # Its own cursor, from the moment it opened.
             self._handles[fh] = EventsHandle(ctx.uid, ctx.pid, node.feed, node.feed.cursor(),
                                              bool(flags & os.O_NONBLOCK))

@@ -175,14 +175,14 @@ class Link(Node):
 class Stream(Node):
     """A file whose reads wait for the next change (MNT/events)."""
 
-    feed: Feed | None = None
+    feed: Feed
 
 
 @dataclass
 class UploadFile(Node):
     """A volume being created through a file handle: a regular file until closed."""
 
-    upload: Upload | None = None
+    upload: Upload
 
 
 @dataclass
