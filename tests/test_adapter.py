@@ -98,8 +98,8 @@ async def adapter(tmp_path: Path) -> Adapter:
     await m.load()
     await m.define_pool(f"<pool type='dir'><name>p</name><target><path>{tmp_path / 'img'}"
                         "</path></target></pool>".encode())
-    await m.pool_command("p", "build")
-    await m.pool_command("p", "start")
+    await m.build_pool("p")
+    await m.start_pool("p")
     await m.create_volume("p", VolumeDef("v", 1 << 20))
     return Adapter(m, tree, Operations(tree, 0, 0))
 

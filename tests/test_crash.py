@@ -74,8 +74,8 @@ async def autostarted(tmp_path: Path) -> Manager:
     m = Manager(StateDir(tmp_path / "state"))
     await m.load()
     await m.define_pool(_pool_xml("p", tmp_path / "img"))
-    await m.pool_command("p", "build")
-    await m.pool_command("p", "start")
+    await m.build_pool("p")
+    await m.start_pool("p")
     await m.set_autostart("p", True)
     return m
 

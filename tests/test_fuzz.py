@@ -356,8 +356,8 @@ class AdapterWorld:
             await m.define_pool(b"<pool type='dir'><name>%s</name><target><path>%s/%s</path>"
                                 b"</target></pool>" % (name.encode(), bytes(self.targets),
                                                        name.encode()))
-            await m.pool_command(name, "build")
-        await m.pool_command("P", "start")
+            await m.build_pool(name)
+        await m.start_pool("P")
         await m.create_volume("P", VolumeDef("V", VOL_SIZE))
         self.q_pool = m.entry("Q").pool
 
@@ -409,20 +409,20 @@ class AdapterWorld:
         for name, e in list(m.pools.items()):
             if name not in ("P", "Q"):
                 if e.running:
-                    await m.pool_command(name, "stop")
+                    await m.stop_pool(name)
                 await m.undefine_pool(name)
         q = m.entry("Q")
         if q.running:
-            await m.pool_command("Q", "stop")
+            await m.stop_pool("Q")
         if q.pool != self.q_pool:
             await m.redefine_pool("Q", format_pool(self.q_pool))
         if not (self.targets / "Q").exists():
-            await m.pool_command("Q", "build")
+            await m.build_pool("Q")
         p = m.entry("P")
         if not p.running:
             if not (self.targets / "P").exists():
-                await m.pool_command("P", "build")
-            await m.pool_command("P", "start")
+                await m.build_pool("P")
+            await m.start_pool("P")
         # V last: while a snapshot of it is there, it is a backing store, in use.
         for name in sorted(p.volumes, key=lambda n: n == "V"):
             vol = p.volumes[name]

@@ -47,8 +47,8 @@ async def running_pool(tmp_path: Path, manager: tuple[Manager, Tree]) -> tuple[M
     """A manager and tree with dir pool p over tmp_path/img, built and started."""
     m, tree = manager
     await m.define_pool(pool_xml("p", tmp_path / "img"))
-    await m.pool_command("p", "build")
-    await m.pool_command("p", "start")
+    await m.build_pool("p")
+    await m.start_pool("p")
     return m, tree
 
 
@@ -60,8 +60,8 @@ async def test_manager_pool_and_volume_rules(tmp_path: Path,
         await m.define_pool(pool_xml("p", tmp_path / "img2"))
     with pytest.raises(Invalid, match="not active"):
         await m.create_volume("p", VolumeDef("v", 1024))
-    await m.pool_command("p", "build")
-    await m.pool_command("p", "start")
+    await m.build_pool("p")
+    await m.start_pool("p")
     with pytest.raises(Busy):
         await m.undefine_pool("p")
     vol = await m.create_volume("p", VolumeDef("v", 1 << 20))
@@ -76,14 +76,14 @@ async def test_manager_pool_and_volume_rules(tmp_path: Path,
         await m.create_volume("p", VolumeDef("../escape", 1024))
     assert m.by_path(vol.path) == ("p", vol)
     assert m.by_key(vol.key) == ("p", vol)
-    await m.volume_command("p", "v", "snapshot s")
+    await m.snapshot_volume("p", "v", "s")
     with pytest.raises(Busy, match="backing store"):
         await m.delete_volume("p", "v")
     await m.delete_volume("p", "s")
     await m.delete_volume("p", "v")
     with pytest.raises(NotFound):
         await m.delete_volume("p", "v")
-    await m.pool_command("p", "stop")
+    await m.stop_pool("p")
     await m.undefine_pool("p")
     assert list((tmp_path / "state").glob("*.xml")) == []
 
@@ -106,7 +106,7 @@ async def test_volume_listing_matches_lookups(tmp_path: Path,
     assert [node.target for _, node in listed if isinstance(node, Link)] == [
         str(tmp_path / "img" / "a"), str(tmp_path / "img" / "b")]
     await m.uploads.close(upload)
-    await m.pool_command("p", "stop")
+    await m.stop_pool("p")
     assert tree.children(vols) == []
 
 
@@ -114,7 +114,7 @@ async def test_autostart_pool_starts_on_load(tmp_path: Path,
                                              manager: tuple[Manager, Tree]) -> None:
     m, _ = manager
     await m.define_pool(pool_xml("a", tmp_path / "img"))
-    await m.pool_command("a", "build")
+    await m.build_pool("a")
     await m.set_autostart("a", True)
     (tmp_path / "img" / "disk").write_bytes(b"x")
     m2, _ = make(tmp_path)
@@ -279,8 +279,8 @@ async def test_volumes_made_by_commands_are_private_until_done(
     assert os.listdir(target) == ["v"]
     # What a daemon that died left half made goes at the pool's next start.
     (target / ".vsfs-new-0123456789abcdef").write_text("half")
-    await m.pool_command("p", "stop")
-    await m.pool_command("p", "start")
+    await m.stop_pool("p")
+    await m.start_pool("p")
     assert os.listdir(target) == ["v"]
 
 
@@ -342,7 +342,7 @@ async def test_a_raw_wipe_keeps_the_size_throughout(tmp_path: Path,
         truncate(fd, length)
 
     monkeypatch.setattr(os, "ftruncate", recorded)
-    await m.volume_command("p", "v", "wipe")
+    await m.wipe_volume("p", "v")
     monkeypatch.setattr(os, "ftruncate", truncate)
     assert 0 not in sizes
     assert path.read_bytes() == bytes(4 << 20)

@@ -902,15 +902,6 @@ class Manager:
         log.info("volume %s/%s shrunk to %d bytes", pool, name, capacity)
         return vol
 
-    # Kept while tests still speak the ctl languages to the manager (vsfs.commands).
-    async def pool_command(self, name: str, line: str) -> None:
-        from .commands import pool_command  # noqa: PLC0415 (temporary, circular)
-        await pool_command(self, name, line)
-
-    async def volume_command(self, pool: str, name: str, line: str) -> None:
-        from .commands import volume_command  # noqa: PLC0415 (temporary, circular)
-        await volume_command(self, pool, name, line)
-
     async def wipe_volume(self, pool: str, name: str) -> None:
         """Zero a volume: a job holding it alone (a cancelled wipe leaves it partly
         zeroed, which is what was asked of its data anyway)."""
