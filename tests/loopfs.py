@@ -1,8 +1,8 @@
 """A tiny pyfuse3 filesystem for tests/test_fuse_loop.py (run as a script:
-loopfs.py MNT [SPIN_US], SPIN_US being the read spin, pyfuse3.set_read_spin).
+loopfs.py MNT).
 
-It checks the request loop of the pyfuse3 that vsfs runs on (built with
-.ci/patches/pyfuse3-fast-loop.patch and pyfuse3-read-spin.patch), not vsfs:
+It checks the request loop of the pyfuse3 that vsfs runs on (stock, or built with
+.ci/patches/pyfuse3-fast-loop.patch), not vsfs:
 handlers that wait must not hold up others, and trio locks must pass between
 handlers. The root holds only symlinks, whose readlink handlers behave as their
 names say:
@@ -117,8 +117,6 @@ async def serve() -> None:
 def main() -> None:
     options = set(pyfuse3.default_options) | {"fsname=loopfs"}
     pyfuse3.init(LoopFs(), sys.argv[1], options)
-    if len(sys.argv) > 2 and int(sys.argv[2]):
-        pyfuse3.set_read_spin(int(sys.argv[2]) * 1000)  # type: ignore[attr-defined]
     clean = False
     try:
         trio.run(serve)

@@ -5,10 +5,8 @@ reads the next one at once; only a handler that waits gets another task to read
 meanwhile. These tests mount tests/loopfs.py, a tiny filesystem whose handlers
 wait on each other, and read it with readlink and ls: if a waiting handler held
 up the loop, or a lock could not pass between handlers, they would time out or
-the filesystem would die. Each test runs twice: without and with the read spin
-(.ci/patches/pyfuse3-read-spin.patch), which keeps a reader polling the descriptor
-for a moment after each request before it waits through trio. On the stock
-pyfuse3 (.venv-stock) they check the same properties of pyfuse3's own loop.
+the filesystem would die. On the stock pyfuse3 (.venv-stock) they check the same
+properties of pyfuse3's own loop.
 """
 
 from __future__ import annotations
@@ -45,17 +43,12 @@ def answer(proc: subprocess.Popen[str]) -> str:
     return out.strip()
 
 
-# The stock pyfuse3 (.venv-stock) has no read spin: there the loop runs as it is.
-SPINS = ([0, 50, 5000], ["no-spin", "spin-50us", "spin-5ms"]) if hasattr(
-    pyfuse3, "set_read_spin") else ([0], ["no-spin"])
-
-
-@pytest.fixture(params=SPINS[0], ids=SPINS[1])
-def loopfs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LoopMount]:
+@pytest.fixture
+def loopfs(tmp_path: Path) -> Iterator[LoopMount]:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     err = open(tmp_path / "stderr", "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([sys.executable, str(LOOPFS), str(mnt), str(request.param)],
+    proc = subprocess.Popen([sys.executable, str(LOOPFS), str(mnt)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 20
@@ -128,7 +121,8 @@ def test_parallel_readers(loopfs: LoopMount) -> None:
 def test_read_spin_is_set_on_either_build(monkeypatch: pytest.MonkeyPatch) -> None:
     """vsfs's set_read_spin hands pyfuse3 the spin in nanoseconds, and none when the
     daemon may use only one CPU (polling there would keep the client from running).
-    On a stock pyfuse3, which has no set_read_spin, it does nothing and does not fail."""
+    On a pyfuse3 without set_read_spin (stock, and .ci/patches since the read-spin patch
+    was dropped: docs/performance.md, "pyfuse3 builds") it does nothing and does not fail."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     setter = getattr(pyfuse3, "set_read_spin", None)
     if setter is None:
