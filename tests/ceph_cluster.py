@@ -19,6 +19,8 @@ from pathlib import Path
 from support import free_port
 
 DAEMONS = ("osd.0", "mgr.x", "mon.a")
+# What the Ceph tier needs on PATH (.ci/setup --test installs it).
+CEPH_TOOLS = ("ceph-mon", "ceph-osd", "ceph-mgr", "rbd", "rados", "qemu-storage-daemon")
 
 
 class CephCluster:
@@ -112,3 +114,8 @@ keyring = /dev/null
                     time.sleep(0.1)
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def rbd_export(ceph: CephCluster, image: str) -> bytes:
+    """An image's bytes, as Ceph's own `rbd export` reads them."""
+    return ceph.cli("rbd", "export", "--no-progress", f"{ceph.pool}/{image}", "-").stdout

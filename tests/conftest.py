@@ -13,10 +13,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from ceph_cluster import CEPH_TOOLS, CephCluster
 from support import (
     FUSE_OK,
     IN_GUEST,
@@ -24,9 +25,12 @@ from support import (
     MountFactory,
     abort_connection,
     free_port,
+    guest_disks,
     loops_of,
     sh,
 )
+
+from vsfs.paths import runtime_dir
 
 # Kept until test_crash.py and test_fuzz.py import them from support.py.
 __all__ = ["Mount", "abort_connection", "free_port", "loops_of", "sh"]
@@ -111,3 +115,57 @@ def loopdev(tmp_path: Path) -> Iterator[str]:
                 subprocess.run(["umount", "-l", mnt], check=False)
         subprocess.run(["partx", "-d", dev], check=False, capture_output=True)
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+# The Ceph tier (tests/test_rbd.py, tests/test_rbd_jobs.py): a cluster per module.
+@pytest.fixture(scope="module")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    missing = [t for t in CEPH_TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: run .ci/setup --test")
+    cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def rbd_pool(ceph: CephCluster) -> Iterator[Callable[[Mount, str], Path]]:
+    """Defines and starts an rbd pool on a mount; stops every such pool and empties the
+    RADOS pool afterwards."""
+    started: list[tuple[Mount, Path]] = []
+
+    def make(m: Mount, name: str = "r") -> Path:
+        p = m.define(f"<pool type='rbd'><name>{name}</name><source>"
+                     f"<name>{ceph.pool}</name><host name='127.0.0.1' port='{ceph.port}'/>"
+                     "</source></pool>")
+        sh(f"echo start > {p}/ctl", check=True)
+        started.append((m, p))
+        return p
+
+    yield make
+    for m, p in started:
+        if m.proc is not None and (p / "state").exists() and \
+                (p / "state").read_text() == "running\n":
+            sh(f"echo stop > {p}/ctl")
+        # a daemon left behind (the mount died) is ended by its pid file
+        for pidfile in runtime_dir(m.state).glob("*/qsd.pid"):
+            subprocess.run(["kill", pidfile.read_text().strip()], check=False)
+    for line in ceph.cli("rbd", "ls", ceph.pool).stdout.decode().split():
+        ceph.cli("rbd", "snap", "purge", f"{ceph.pool}/{line}", check=False)
+        ceph.cli("rbd", "rm", f"{ceph.pool}/{line}", check=False)
+
+
+# In the QEMU guest (tests/guest/): its three test disks, left without LVM or signatures.
+@pytest.fixture
+def disks() -> Iterator[list[str]]:
+    """The guest's test disks; afterwards no volume group is left and they are wiped."""
+    devs = guest_disks()
+    yield devs
+    for vg in sh("vgs --noheadings -o vg_name").stdout.split():
+        sh(f"vgremove -f {vg}")
+    for dev in devs:
+        sh(f"pvremove -ff -y {dev}")
+        sh(f"wipefs -a -q {dev}")

@@ -175,6 +175,20 @@ def loops_of(path: Path) -> list[str]:
     return [ln.strip() for ln in out.splitlines() if ln.strip()]
 
 
+def guest_disks() -> list[str]:
+    """The guest's test disks, found by the serial numbers the VM tier gives them."""
+    found = {}
+    for blk in Path("/sys/block").iterdir():
+        serial_file = blk / "serial"
+        if serial_file.exists():
+            serial = serial_file.read_text().strip()
+            if serial.startswith("VSFSDISK"):
+                found[serial] = f"/dev/{blk.name}"
+    wanted = int(os.environ.get("VSFS_VM_DISKS", "3"))
+    assert len(found) >= wanted, f"the guest lacks its test disks: {found}"
+    return [found[k] for k in sorted(found)]
+
+
 class MountFactory(Protocol):
     """What the ``mount_factory`` fixture gives: starts a mount (torn down after the test)."""
 

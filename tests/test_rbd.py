@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from ceph_cluster import CephCluster
+from ceph_cluster import CephCluster, rbd_export
 from holders import holding, still_works
 from rng import assert_valid
 from support import Mount, MountFactory, sh
@@ -25,53 +23,6 @@ from vsfs.paths import runtime_dir
 pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.ceph]
 
 MiB = 1 << 20
-REQUIRED = ("ceph-mon", "ceph-osd", "ceph-mgr", "rbd", "rados", "qemu-storage-daemon")
-
-
-@pytest.fixture(scope="module")
-def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
-    missing = [t for t in REQUIRED if shutil.which(t) is None]
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)}: run .ci/setup --test")
-    cluster = CephCluster(tmp_path_factory.mktemp("ceph"))
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture
-def rbd_pool(ceph: CephCluster) -> Iterator[Callable[[Mount, str], Path]]:
-    """Defines and starts an rbd pool on a mount; stops every such pool and empties the
-    RADOS pool afterwards."""
-    started: list[tuple[Mount, Path]] = []
-
-    def make(m: Mount, name: str = "r") -> Path:
-        p = m.define(f"<pool type='rbd'><name>{name}</name><source>"
-                     f"<name>{ceph.pool}</name><host name='127.0.0.1' port='{ceph.port}'/>"
-                     "</source></pool>")
-        sh(f"echo start > {p}/ctl", check=True)
-        started.append((m, p))
-        return p
-
-    yield make
-    for m, p in started:
-        if m.proc is not None and (p / "state").exists() and \
-                (p / "state").read_text() == "running\n":
-            sh(f"echo stop > {p}/ctl")
-        # a daemon left behind (the mount died) is ended by its pid file
-        for pidfile in runtime_dir(m.state).glob("*/qsd.pid"):
-            subprocess.run(["kill", pidfile.read_text().strip()], check=False)
-    for line in ceph.cli("rbd", "ls", ceph.pool).stdout.decode().split():
-        ceph.cli("rbd", "snap", "purge", f"{ceph.pool}/{line}", check=False)
-        ceph.cli("rbd", "rm", f"{ceph.pool}/{line}", check=False)
-
-
-def rbd_export(ceph: CephCluster, image: str) -> bytes:
-    return ceph.cli("rbd", "export", "--no-progress", f"{ceph.pool}/{image}", "-").stdout
-
-
 def lockers(ceph: CephCluster, image: str) -> list[dict[str, str]]:
     """Who holds vsfs's advisory lock on an image (a RADOS lock beside it)."""
     res = ceph.cli("rados", "-p", ceph.pool, "lock", "info", f"vsfs_lock.{image}", "vsfs",

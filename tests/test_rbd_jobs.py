@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from ceph_cluster import CephCluster
+from ceph_cluster import CephCluster, rbd_export
 from events import EventReader
 from jobwatch import (
     CANCELED,
@@ -39,13 +39,10 @@ from jobwatch import (
 )
 from support import Mount, sh
 from test_mount_jobs import jobs_doing, jobs_text, state, value, wait_ended
-from test_rbd import ceph, rbd_export, rbd_pool
 
 from vsfs.backends.rbd import POLL_EVERY
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.ceph]
-
-__all__ = ["ceph", "rbd_pool"]  # the fixtures, imported for this module's tests
 
 MiB = 1 << 20
 # The cloned image: random data (the cluster's OSD keeps it in RAM, 1 GiB in all: the

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from crash_load import MiB, Vol
-from support import Mount, sh
+from support import Mount, guest_disks, sh
 from test_crash import Crashes
 
 pytestmark = [pytest.mark.guest, pytest.mark.fuse, pytest.mark.root, pytest.mark.slow]
@@ -27,17 +26,9 @@ CYCLES = int(os.environ.get("VSFS_CRASH_CYCLES_GUEST", "8"))
 VG = "vsfscrash"
 
 
-def _guest_disk() -> str:
-    for blk in sorted(Path("/sys/block").iterdir()):
-        serial = blk / "serial"
-        if serial.exists() and serial.read_text().strip().startswith("VSFSDISK"):
-            return f"/dev/{blk.name}"
-    raise AssertionError("the guest lacks its test disks (VSFSDISK*)")
-
-
 @pytest.fixture
 def disk() -> Iterator[str]:
-    dev = _guest_disk()
+    dev = guest_disks()[0]
     yield dev
     sh(f"vgremove -f {VG}")
     sh(f"pvremove -ff -y {dev}")

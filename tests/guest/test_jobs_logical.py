@@ -40,12 +40,10 @@ from jobwatch import (
     timed_alone,
 )
 from support import Mount, sh
-from test_logical import define_vg, disks
+from test_logical import define_vg
 from test_mount_jobs import jobs_doing, jobs_text, state, value, wait_ended
 
 pytestmark = [pytest.mark.guest, pytest.mark.fuse, pytest.mark.root]
-
-__all__ = ["disks"]  # the fixture, imported for this module's tests
 
 MiB = 1 << 20
 # The cloned volume: random data, as big as the test disks allow (three of 512 MiB, one

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,31 +14,6 @@ from support import Mount, sh
 pytestmark = [pytest.mark.guest, pytest.mark.fuse, pytest.mark.root]
 
 MiB = 1 << 20
-
-
-def guest_disks() -> list[str]:
-    """The guest's test disks, found by the serial numbers the VM tier gives them."""
-    found = {}
-    for blk in Path("/sys/block").iterdir():
-        serial_file = blk / "serial"
-        if serial_file.exists():
-            serial = serial_file.read_text().strip()
-            if serial.startswith("VSFSDISK"):
-                found[serial] = f"/dev/{blk.name}"
-    wanted = int(os.environ.get("VSFS_VM_DISKS", "3"))
-    assert len(found) >= wanted, f"the guest lacks its test disks: {found}"
-    return [found[k] for k in sorted(found)]
-
-
-@pytest.fixture
-def disks() -> Iterator[list[str]]:
-    devs = guest_disks()
-    yield devs
-    for vg in sh("vgs --noheadings -o vg_name").stdout.split():
-        sh(f"vgremove -f {vg}")
-    for dev in devs:
-        sh(f"pvremove -ff -y {dev}")
-        sh(f"wipefs -a -q {dev}")
 
 
 def define_vg(m: Mount, name: str, devices: list[str], vg: str = "vsfsvg") -> Path:
