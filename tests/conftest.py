@@ -23,17 +23,11 @@ from support import (
     IN_GUEST,
     Mount,
     MountFactory,
-    abort_connection,
-    free_port,
     guest_disks,
-    loops_of,
     sh,
 )
 
 from vsfs.paths import runtime_dir
-
-# Kept until test_crash.py and test_fuzz.py import them from support.py.
-__all__ = ["Mount", "abort_connection", "free_port", "loops_of", "sh"]
 
 # tests/guest/ runs inside the QEMU guest (tests/test_vm_tier.py boots it); on the host
 # it is not collected at all, so nothing there shows up as skipped.

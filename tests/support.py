@@ -148,12 +148,6 @@ class Mount:
         sh(f"cat > {self.path}/pools/{pool}/define", check=True, input=xml)
         return self.path / "pools" / pool / "volinfo" / name
 
-    def define_pool(self, name: str, xml: str) -> Path:
-        """Kept until test_crash.py and test_fuzz.py move over to ``define``."""
-        p = self.define(xml)
-        assert p.name == name
-        return p
-
     def dir_pool(self, name: str = "p", start: bool = True) -> Path:
         """Define, build and start a dir pool the way a user would; its target."""
         target = self.base / f"images-{name}"
